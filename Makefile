@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install test-deps lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the control plane (API, proxy, dashboard) with a demo job that migrates.
+run: $(STAMP)
+	$(BIN)/gpuscout up --demo
+
+## Everything the tests need (apt packages included), then all the tests.
+test-deps: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@[ -x node_modules/.bin/s3rver ] || npm install --silent --no-audit --no-fund s3rver@3 >/dev/null
+
+test: test-deps
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
+
+bench: $(STAMP)
+	$(BIN)/python bench/migration.py
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache

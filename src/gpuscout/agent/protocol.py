@@ -1,0 +1,104 @@
+"""The wire contract between the control plane, the agent and the workload.
+
+One instance runs one agent (``python -m gpuscout.agent``), started by the
+bootstrap script with the environment below. The agent starts the job's
+command as a child process and talks to it over loopback HTTP; the training
+script never sees this: it uses ``gpuscout.workload``.
+
+Steps are counted as *completed* steps: progress ``step = s`` means s steps
+are done, a checkpoint at step s holds the state after s steps, and a job
+restored from it runs step s+1 first. Timestamps are Unix seconds (float).
+
+Control plane -> agent (``http://<instance address>``; calls that change
+state need ``Authorization: Bearer <GPUSCOUT_AGENT_TOKEN>`` when a token is
+set):
+
+GET  /agent/health
+     -> {"instance_id", "job_id", "state", "step", "total_steps", "loss",
+         "last_checkpoint_step", "last_checkpoint_key", "first_step",
+         "first_step_at", "last_step_at", "exit_code", "error",
+         "interruption_notice"}
+     ``state`` is one of AgentState. ``first_step``/``first_step_at`` are the
+     first step this instance completed and when; ``last_step_at`` when the
+     latest step completed.
+POST /agent/checkpoint {"pause": bool, "timeout_s": float}
+     -> 200 {"step", "key", "last_step_at"} once the workload has saved a
+     verified checkpoint at its next step boundary; with ``pause`` the
+     workload then waits before running another step. 504 on timeout,
+     409 if the workload is not running.
+POST /agent/resume  -> 200; a paused workload goes on training.
+POST /agent/restore {"step": int | null}
+     -> 202; a standby workload restores the checkpoint of that step (or the
+     latest verified one) and starts training. The caller polls health until
+     ``state == "running"`` and ``step > restored step``.
+POST /agent/stop    -> 202; the workload is stopped (SIGTERM, then SIGKILL).
+Any other path is forwarded to the workload's own HTTP server (its /status,
+/predict, ...), so the job's endpoint is served through the agent.
+
+Agent -> workload: environment of the job's command:
+    GPUSCOUT_AGENT_URL          http://127.0.0.1:<agent port>
+    GPUSCOUT_WORKLOAD_PORT      a free loopback port for the workload's server
+    GPUSCOUT_STORE_URL          object store (file://... or s3://...)
+    GPUSCOUT_JOB_ID, GPUSCOUT_INSTANCE_ID
+    GPUSCOUT_CHECKPOINT_PREFIX  jobs/<job id>/checkpoints
+    GPUSCOUT_ARTIFACTS_PREFIX   jobs/<job id>/artifacts
+
+Workload -> agent (loopback, no token):
+GET  /workload/restore-target -> {"step": int | null}; blocks while the
+     agent is in standby (a replacement waiting for /agent/restore).
+POST /workload/progress {"step", "loss", "total_steps", "time"}
+     -> {"action": "continue" | "checkpoint"}; "checkpoint" asks the
+     workload to save now, at this step boundary.
+POST /workload/checkpointed {"step", "key"} -> {"action": "continue" | "pause"}
+GET  /workload/wait-resume -> 200 when the agent resumes a paused workload
+     (blocks; the workload polls it again on timeout).
+"""
+
+from __future__ import annotations
+
+import enum
+
+AGENT_PREFIX = "/agent"
+WORKLOAD_PREFIX = "/workload"
+
+
+class AgentState(enum.StrEnum):
+    STARTING = "starting"  # agent up, workload process not yet reporting
+    STANDBY = "standby"  # replacement: workload waits for /agent/restore
+    RESTORING = "restoring"  # restore released, first step not done yet
+    RUNNING = "running"  # steps are being completed
+    PAUSED = "paused"  # checkpointed and waiting (old side of a move)
+    COMPLETED = "completed"  # command exited 0
+    FAILED = "failed"  # command exited non-zero or could not start
+
+
+class ProgressAction(enum.StrEnum):
+    CONTINUE = "continue"
+    CHECKPOINT = "checkpoint"
+    PAUSE = "pause"
+
+
+# Environment the bootstrap script gives the agent.
+ENV_INSTANCE_ID = "GPUSCOUT_INSTANCE_ID"
+ENV_JOB_ID = "GPUSCOUT_JOB_ID"
+ENV_AGENT_HOST = "GPUSCOUT_AGENT_HOST"
+ENV_AGENT_PORT = "GPUSCOUT_AGENT_PORT"
+ENV_AGENT_TOKEN = "GPUSCOUT_AGENT_TOKEN"
+ENV_STORE_URL = "GPUSCOUT_STORE_URL"
+ENV_COMMAND = "GPUSCOUT_JOB_COMMAND"
+ENV_STANDBY = "GPUSCOUT_STANDBY"
+ENV_WORKDIR = "GPUSCOUT_WORKDIR"
+ENV_CONTROL_URL = "GPUSCOUT_CONTROL_URL"
+# Environment the agent gives the workload.
+ENV_AGENT_URL = "GPUSCOUT_AGENT_URL"
+ENV_WORKLOAD_PORT = "GPUSCOUT_WORKLOAD_PORT"
+ENV_CHECKPOINT_PREFIX = "GPUSCOUT_CHECKPOINT_PREFIX"
+ENV_ARTIFACTS_PREFIX = "GPUSCOUT_ARTIFACTS_PREFIX"
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints"
+
+
+def artifacts_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/artifacts"
