@@ -1,0 +1,69 @@
+"""One settings object, read from GPUSCOUT_* environment variables.
+
+CLI flags of ``gpuscout up`` override the environment. Validators fail fast
+with a message that names the variable.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    return Path.home() / ".gpuscout"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPUSCOUT_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    database_url: str | None = None  # default: sqlite file under home
+    store_url: str | None = None  # default: file store under home
+    api_token: str | None = None  # default: generated into home on first `up`
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    scout_interval_s: float = Field(default=120.0, gt=0)
+    savings_threshold: float = Field(default=0.20, ge=0, lt=1)
+    provider: Literal["local", "aws"] = "local"
+    market: str = "manual"  # manual | trace:PATH[@SPEED] | aws
+    boot_delay_s: float = Field(default=5.0, ge=0)  # local provider only
+    reconcile_interval_s: float = Field(default=0.5, gt=0)
+    reaper_interval_s: float = Field(default=30.0, gt=0)
+    health_timeout_s: float = Field(default=120.0, gt=0)
+    checkpoint_timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("market")
+    @classmethod
+    def _market_kind(cls, value: str) -> str:
+        kind = value.split(":", 1)[0]
+        if kind not in ("manual", "trace", "aws"):
+            raise ValueError("GPUSCOUT_MARKET must be manual, trace:PATH[@SPEED] or aws")
+        if kind == "trace" and not value.partition(":")[2]:
+            raise ValueError("GPUSCOUT_MARKET=trace needs a path: trace:PATH[@SPEED]")
+        return value
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'gpuscout.db'}"
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"file://{self.home / 'store'}"
+
+    def ensure_token(self) -> str:
+        """The API token: from the environment, else read or made in home."""
+        if self.api_token:
+            return self.api_token
+        path = self.home / "api_token"
+        if path.exists():
+            token = path.read_text().strip()
+        else:
+            self.home.mkdir(parents=True, exist_ok=True)
+            token = secrets.token_urlsafe(24)
+            path.write_text(token + "\n")
+            path.chmod(0o600)
+        self.api_token = token
+        return token
