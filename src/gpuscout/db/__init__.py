@@ -1,7 +1,9 @@
 from gpuscout.db.engine import make_engine, migrate
 from gpuscout.db.repo import ConcurrentChange, Event, NotFound, Repository, new_id
 
-__all__ = ["ConcurrentChange", "Event", "NotFound", "Repository", "make_engine", "migrate", "new_id"]
+__all__ = [
+    "ConcurrentChange", "Event", "NotFound", "Repository", "make_engine", "migrate", "new_id",
+]
 
 
 def open_repository(url: str) -> Repository:
