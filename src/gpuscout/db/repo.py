@@ -244,6 +244,26 @@ class Repository:
         with self.session() as s:
             s.execute(update(InstanceRow).where(InstanceRow.id == instance_id).values(**fields))
 
+    def bill_instance(self, instance_id: str, now: datetime) -> None:
+        """Accrue a live instance's cost up to ``now`` at its offer's current
+        price (spot prices move while it runs)."""
+        with self.session() as s:
+            row = s.get(InstanceRow, instance_id)
+            if row is None or InstanceStatus(row.status).is_terminal():
+                return
+            since = utc(row.billed_until) or utc(row.created_at)
+            assert since is not None
+            offer = s.get(OfferRow, row.offer_id)
+            price = offer.price_per_hour if offer is not None else row.price_per_hour
+            hours = max(0.0, (now - since).total_seconds()) / 3600.0
+            row.cost_usd = (row.cost_usd or 0.0) + price * hours
+            row.billed_until = now
+
+    def job_instance_cost(self, job_id: str) -> float:
+        with self.session() as s:
+            rows = s.scalars(select(InstanceRow.cost_usd).where(InstanceRow.job_id == job_id))
+            return float(sum(c or 0.0 for c in rows))
+
     def get_instance(self, instance_id: str) -> Instance:
         with self.session() as s:
             row = s.get(InstanceRow, instance_id)

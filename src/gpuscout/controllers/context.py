@@ -1,0 +1,135 @@
+"""What every controller is handed: collaborators and shared helpers.
+
+Controllers read snapshots from the repository, call the pure policy, and
+carry out what it returns through these collaborators. Nothing here decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from gpuscout.clock import Clock
+from gpuscout.controllers.agent_client import Agents
+from gpuscout.db import NotFound, Repository, new_id
+from gpuscout.domain import Instance, InstanceStatus, Job, Offer
+from gpuscout.metrics import Metrics
+from gpuscout.providers.base import LaunchRequest, Provider, ProviderInstance
+from gpuscout.routing.router import Router
+from gpuscout.store.base import ObjectStore
+
+log = logging.getLogger("gpuscout.controllers")
+
+
+class Conflict(RuntimeError):
+    """The request is valid but the job's state does not allow it now."""
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    health_s: float = 120.0  # a new instance's agent must answer within this
+    checkpoint_s: float = 120.0
+    resume_s: float = 60.0  # restore to first step on the replacement
+    drain_s: float = 30.0  # requests in flight to an old instance
+    lost_s: float = 20.0  # an unreachable running agent counts as lost after
+
+
+@dataclass
+class Context:
+    repo: Repository
+    provider: Provider
+    agents: Agents
+    router: Router
+    store: ObjectStore
+    clock: Clock
+    metrics: Metrics
+    store_url: str
+    control_url: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    poll_interval_s: float = 0.05
+    # Offers that just failed to launch are skipped for a while.
+    offer_backoff_s: float = 300.0
+    _unavailable_until: dict[str, datetime] = field(default_factory=dict)
+    billing_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # --- events --------------------------------------------------------------
+
+    def event(self, job_id: str | None, kind: str, message: str, **data: Any) -> None:
+        log.info("%s %s: %s", job_id or "-", kind, message)
+        self.repo.add_event(job_id, kind, message, self.clock.now(), data or None)
+
+    # --- offers ----------------------------------------------------------------
+
+    def offers(self) -> list[Offer]:
+        now = self.clock.now()
+        blocked = {k for k, until in self._unavailable_until.items() if until > now}
+        return [o.with_(available=False) if o.id in blocked else o
+                for o in self.repo.list_offers()]
+
+    def mark_unavailable(self, offer_id: str) -> None:
+        self._unavailable_until[offer_id] = self.clock.now() + timedelta(
+            seconds=self.offer_backoff_s)
+
+    # --- instances -------------------------------------------------------------
+
+    def launch(self, job: Job, offer: Offer, *, standby: bool) -> tuple[Instance, ProviderInstance]:
+        """Record a new instance, then ask the provider for it.
+
+        The row is written first so that a crash between the two leaves a
+        record the reaper and the restart repair can act on.
+        """
+        instance = Instance(
+            id=new_id("i"), job_id=job.id, offer_id=offer.id, provider=self.provider.name,
+            status=InstanceStatus.PROVISIONING,
+        )
+        now = self.clock.now()
+        self.repo.add_instance(instance, offer.price_per_hour, now)
+        self.repo.update_instance(instance.id, billed_until=now)
+        request = LaunchRequest(
+            instance_id=instance.id, job_id=job.id, offer=offer, command=job.spec.command,
+            store_url=self.store_url, control_url=self.control_url, standby=standby,
+            workdir=job.spec.workdir,
+        )
+        try:
+            launched = self.provider.launch(request)
+        except Exception as err:
+            self.repo.update_instance(instance.id, status=InstanceStatus.FAILED,
+                                      terminated_at=self.clock.now())
+            raise err
+        self.repo.update_instance(instance.id, address=launched.address,
+                                  provider_ref=launched.provider_ref)
+        self.metrics.instances_launched.inc()
+        return self.repo.get_instance(instance.id), launched
+
+    def terminate(self, instance_id: str, *, failed: bool = False) -> None:
+        """Terminate an instance (idempotent): bill it, persist, then act."""
+        try:
+            instance = self.repo.get_instance(instance_id)
+        except NotFound:
+            return
+        if instance.status.is_terminal():
+            return
+        self.bill_instance(instance_id)
+        self.repo.update_instance(instance_id, status=InstanceStatus.TERMINATING)
+        self.provider.terminate(instance_id)
+        self.repo.update_instance(
+            instance_id,
+            status=InstanceStatus.FAILED if failed else InstanceStatus.TERMINATED,
+            terminated_at=self.clock.now(),
+        )
+
+    # --- billing ---------------------------------------------------------------
+
+    def bill_instance(self, instance_id: str) -> None:
+        with self.billing_lock:
+            self.repo.bill_instance(instance_id, self.clock.now())

@@ -1,0 +1,216 @@
+"""Job lifecycle: one reconcile step per live job per tick.
+
+pending -> scouting -> provisioning -> running -> completed, and recovery
+when an instance is lost. A job that is migrating belongs to the migration
+executor; here it only has its progress and cost kept up to date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from gpuscout.agent.protocol import AgentState
+from gpuscout.clock import utc
+from gpuscout.controllers.agent_client import AgentError, AgentHealth
+from gpuscout.controllers.context import Context, log
+from gpuscout.db import ConcurrentChange, NotFound
+from gpuscout.domain import InstanceStatus, Job, JobStatus, MigrationReason
+from gpuscout.domain.states import IllegalTransition
+from gpuscout.policy import choose_offer
+from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
+
+S = JobStatus
+
+# Called with (job, reason) when a running job must move now (a preemption
+# notice); the control plane starts a make-before-break migration.
+UrgentMove = Callable[[Job, MigrationReason], None]
+
+
+class Lifecycle:
+    def __init__(self, ctx: Context, urgent_move: UrgentMove) -> None:
+        self.ctx = ctx
+        self.urgent_move = urgent_move
+        # When each running agent last answered (monotonic bookkeeping of
+        # the loop; losing it on restart only delays loss detection).
+        self._last_seen: dict[str, datetime] = {}
+
+    def reconcile(self, job: Job) -> None:
+        try:
+            handler = {
+                S.PENDING: self._pending,
+                S.SCOUTING: self._place,
+                S.RECOVERING: self._place,
+                S.PROVISIONING: self._provisioning,
+                S.RUNNING: self._running,
+                S.MIGRATING: self._migrating,
+            }.get(job.status)
+            if handler is not None:
+                handler(job)
+            self.bill(job)
+        except (ConcurrentChange, IllegalTransition) as err:
+            # Someone else (a cancel, the executor) moved the job first.
+            log.debug("job %s changed under reconcile: %s", job.id, err)
+
+    # --- states ------------------------------------------------------------
+
+    def _pending(self, job: Job) -> None:
+        self.ctx.repo.transition(job.id, S.SCOUTING, expect={S.PENDING})
+
+    def _place(self, job: Job) -> None:
+        placement = choose_offer(job.spec.resources, self.ctx.offers())
+        if placement is None:
+            return  # keep scouting; the market may change
+        offer = placement.offer
+        self.ctx.event(job.id, "placement", placement.reason, offer_id=offer.id)
+        try:
+            instance, _ = self.ctx.launch(job, offer, standby=False)
+        except CapacityError as err:
+            self.ctx.mark_unavailable(offer.id)
+            self.ctx.event(job.id, "capacity", str(err), offer_id=offer.id)
+            return
+        except ProviderError as err:
+            self.ctx.event(job.id, "launch_failed", str(err), offer_id=offer.id)
+            return
+        fields = {"offer_id": offer.id, "instance_id": instance.id}
+        if job.started_at is None:
+            fields["baseline_price_per_hour"] = offer.price_per_hour  # type: ignore[assignment]
+        try:
+            self.ctx.repo.transition(job.id, S.PROVISIONING, expect={job.status}, **fields)
+        except (ConcurrentChange, IllegalTransition):
+            self.ctx.terminate(instance.id)  # cancelled meanwhile: leave nothing behind
+            raise
+
+    def _provisioning(self, job: Job) -> None:
+        instance_id = job.instance_id
+        if instance_id is None:
+            self.ctx.repo.transition(job.id, S.SCOUTING, expect={S.PROVISIONING})
+            return
+        instance = self.ctx.repo.get_instance(instance_id)
+        health = self._health(instance.address)
+        now = self.ctx.clock.now()
+        if health is not None and health.state not in (AgentState.FAILED,):
+            self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now)
+            self._last_seen[instance_id] = now
+            fields = {"started_at": job.started_at or now, "cost_updated_at": now}
+            self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)
+            self.ctx.router.switch(job.id, instance.address)
+            self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
+                           instance_id=instance_id)
+            return
+        gone = self._provider_gone(instance_id)
+        waited = (now - (instance.created_at or now)).total_seconds()
+        if gone or waited > self.ctx.timeouts.health_s or (
+            health is not None and health.state == AgentState.FAILED
+        ):
+            why = "instance is gone" if gone else (
+                f"agent failed: {health.error}" if health else f"not healthy after {waited:.0f}s")
+            self.ctx.event(job.id, "boot_failed", f"{instance_id}: {why}")
+            self.ctx.terminate(instance_id, failed=True)
+            if job.offer_id:
+                self.ctx.mark_unavailable(job.offer_id)
+            self.ctx.repo.transition(job.id, S.RECOVERING, expect={S.PROVISIONING},
+                                     instance_id=None)
+
+    def _running(self, job: Job) -> None:
+        if job.instance_id is None:
+            self.ctx.repo.transition(job.id, S.RECOVERING, expect={S.RUNNING})
+            return
+        instance = self.ctx.repo.get_instance(job.instance_id)
+        health = self._health(instance.address)
+        if health is None:
+            self._maybe_lost(job, instance.id)
+            return
+        self._last_seen[instance.id] = self.ctx.clock.now()
+        self._record_progress(job, health)
+        if health.state == AgentState.COMPLETED:
+            self._finish(job, instance.id, S.COMPLETED, None)
+        elif health.state == AgentState.FAILED:
+            self._finish(job, instance.id, S.FAILED,
+                         health.error or f"command exited with code {health.exit_code}")
+        elif health.interruption_notice or self._provider_notice(instance.id):
+            self.ctx.event(job.id, "interruption",
+                           f"{instance.id} got a spot interruption notice")
+            self.urgent_move(job, MigrationReason.PREEMPTION)
+
+    def _migrating(self, job: Job) -> None:
+        if job.instance_id is None:
+            return
+        instance = self.ctx.repo.get_instance(job.instance_id)
+        health = self._health(instance.address)
+        if health is not None:
+            self._record_progress(job, health)
+
+    # --- helpers -----------------------------------------------------------
+
+    def _health(self, address: str | None) -> AgentHealth | None:
+        if not address:
+            return None
+        try:
+            return self.ctx.agents.health(address)
+        except AgentError:
+            return None
+
+    def _provider_gone(self, instance_id: str) -> bool:
+        try:
+            return self.ctx.provider.get(instance_id).state == ProviderState.TERMINATED
+        except InstanceNotFound:
+            return True
+
+    def _provider_notice(self, instance_id: str) -> bool:
+        try:
+            return self.ctx.provider.get(instance_id).interruption_notice
+        except ProviderError:
+            return False
+
+    def _maybe_lost(self, job: Job, instance_id: str) -> None:
+        now = self.ctx.clock.now()
+        last = self._last_seen.setdefault(instance_id, now)
+        gone = self._provider_gone(instance_id)
+        if not gone and (now - last).total_seconds() < self.ctx.timeouts.lost_s:
+            return
+        why = "terminated by the provider" if gone else "agent unreachable"
+        self.ctx.event(job.id, "instance_lost", f"{instance_id} {why}; recovering from the "
+                       "last verified checkpoint", instance_id=instance_id)
+        self.ctx.terminate(instance_id, failed=True)
+        self.ctx.router.switch(job.id, None)
+        self.ctx.repo.transition(job.id, S.RECOVERING, expect={S.RUNNING}, instance_id=None)
+
+    def _record_progress(self, job: Job, health: AgentHealth) -> None:
+        if (health.step, health.loss, health.total_steps) != (
+            job.progress.step, job.progress.loss, job.progress.total_steps
+        ):
+            self.ctx.repo.update_job(job.id, step=health.step, loss=health.loss,
+                                     total_steps=health.total_steps)
+
+    def _finish(self, job: Job, instance_id: str, status: JobStatus, error: str | None) -> None:
+        now = self.ctx.clock.now()
+        self.bill(job)
+        self.ctx.repo.transition(job.id, status, expect={S.RUNNING}, finished_at=now,
+                                 error=error)
+        self.ctx.terminate(instance_id)
+        self.ctx.router.switch(job.id, None)
+        self.bill(self.ctx.repo.get_job(job.id))
+        self.ctx.event(job.id, status.value, error or f"job {status.value}")
+
+    def bill(self, job: Job) -> None:
+        """Accrue every live instance of the job, and the baseline: what the
+        job would cost on its first offer over the same time."""
+        now = self.ctx.clock.now()
+        for instance in self.ctx.repo.list_instances(job_id=job.id, live_only=True):
+            self.ctx.bill_instance(instance.id)
+        try:
+            row = self.ctx.repo.job_row_fields(
+                job.id, "baseline_price_per_hour", "cost_updated_at", "baseline_cost_usd")
+        except NotFound:
+            return
+        since = utc(row["cost_updated_at"])
+        baseline = row["baseline_cost_usd"] or 0.0
+        if since is not None and row["baseline_price_per_hour"] and not job.status.is_terminal():
+            baseline += row["baseline_price_per_hour"] * max(
+                0.0, (now - since).total_seconds()) / 3600.0
+        self.ctx.repo.update_job(
+            job.id, cost_usd=self.ctx.repo.job_instance_cost(job.id),
+            baseline_cost_usd=baseline,
+            cost_updated_at=now if since is not None else None,
+        )

@@ -1,0 +1,93 @@
+"""The user proxy: ``/endpoints/{job_id}/...`` forwarded to the job's current
+instance, streaming both ways, with timeouts.
+
+A request resolves the route once, holds a lease on that address until its
+response has been streamed out, and so completes on the instance it started
+on even if the route is switched meanwhile (the old instance is terminated
+only after its leases drain). A job with no route answers 503 with a JSON
+error, an unknown job 404: a missing value is an answer, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from gpuscout.routing.router import NoRoute, Router
+
+# Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+})
+
+
+def _forward_headers(headers: httpx.Headers | dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def proxy_router(
+    router: Router, job_exists: Callable[[str], bool], *,
+    connect_timeout_s: float = 5.0, read_timeout_s: float = 60.0,
+) -> APIRouter:
+    api = APIRouter(tags=["endpoints"])
+    timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+    client_holder: dict[str, httpx.AsyncClient] = {}
+
+    def client() -> httpx.AsyncClient:
+        # Created lazily inside the server's event loop.
+        if "c" not in client_holder:
+            client_holder["c"] = httpx.AsyncClient(timeout=timeout)
+        return client_holder["c"]
+
+    @api.api_route("/endpoints/{job_id}/{path:path}",
+                   methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                   include_in_schema=True, summary="Forward to the job's current instance")
+    async def forward(job_id: str, path: str, request: Request) -> Response:
+        if not job_exists(job_id):
+            return JSONResponse({"detail": f"job {job_id} not found"}, status_code=404)
+        stack = ExitStack()
+        try:
+            address = stack.enter_context(router.lease(job_id))
+        except NoRoute:
+            return JSONResponse(
+                {"detail": f"job {job_id} has no running instance to serve it right now"},
+                status_code=503, headers={"Retry-After": "2"})
+        url = f"http://{address}/{path}"
+        if request.url.query:
+            url += f"?{request.url.query}"
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in request.stream():
+                yield chunk
+
+        upstream_request = client().build_request(
+            request.method, url, headers=_forward_headers(dict(request.headers)),
+            content=body())
+        try:
+            upstream = await client().send(upstream_request, stream=True)
+        except httpx.TimeoutException:
+            stack.close()
+            return JSONResponse({"detail": f"instance of job {job_id} timed out"},
+                                status_code=504)
+        except httpx.HTTPError as err:
+            stack.close()
+            return JSONResponse(
+                {"detail": f"instance of job {job_id} is unreachable: {type(err).__name__}"},
+                status_code=502)
+
+        async def close() -> None:
+            await upstream.aclose()
+            stack.close()  # release the lease only when the response is out
+
+        headers = _forward_headers(upstream.headers)
+        headers["x-gpuscout-instance"] = address
+        return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
+                                 headers=headers, background=BackgroundTask(close))
+
+    return api
