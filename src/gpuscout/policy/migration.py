@@ -16,6 +16,10 @@ from gpuscout.domain import Job, JobStatus, Offer
 from gpuscout.policy.placement import Offers
 
 
+# Prices are decimals in binary floats: 1 - 0.8/1.0 is 0.19999999999999996.
+_EPS = 1e-9
+
+
 @dataclass(frozen=True, slots=True)
 class MovePolicy:
     savings_threshold: float = 0.20
@@ -70,7 +74,7 @@ def decide_move(
         "target_cost_per_work_hour": best.cost_per_work_hour,
         "savings": savings,
     }
-    if savings < threshold:
+    if savings < threshold - _EPS:
         return MoveDecision(
             job_id=job.id, move=False, current_offer_id=current.id, target=best,
             reason=(
