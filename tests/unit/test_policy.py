@@ -19,8 +19,11 @@ def offer(name: str, price: float, *, speed: float = 1.0, gpus: int = 1, gpu_typ
                  relative_speed=speed)
 
 
+ONE_GPU = Resources(gpus=1)
+
+
 def job(offer_id: str = "cur", *, status: JobStatus = JobStatus.RUNNING,
-        resources: Resources = Resources(gpus=1), threshold: float | None = None,
+        resources: Resources = ONE_GPU, threshold: float | None = None,
         last_migration_at: datetime | None = None) -> Job:
     return Job(id="job-1", spec=JobSpec(name="j", command="true", resources=resources,
                                         savings_threshold=threshold),

@@ -1,0 +1,107 @@
+"""In-memory agents for unit tests of the controllers (the real agent is
+tested with real processes in tests/integration and tests/e2e).
+
+Each agent completes one step per ``health`` call while running, so tests
+advance training by polling, deterministically."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from gpuscout.agent.protocol import AgentState
+from gpuscout.controllers.agent_client import AgentError, AgentHealth, CheckpointResult
+
+
+@dataclass
+class FakeAgent:
+    state: AgentState
+    step: int = 0
+    total_steps: int = 1000
+    first_step: int | None = None
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    reachable: bool = True
+    notice: bool = False
+
+
+class FakeAgents:
+    def __init__(self) -> None:
+        self.agents: dict[str, FakeAgent] = {}
+        self.clock = 1000.0  # fake agent-side time, seconds
+        self.checkpoints: dict[int, str] = {}  # step -> key (the job's store)
+        self.fail_restore: set[str] = set()
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.RLock()
+
+    def agent(self, address: str) -> FakeAgent:
+        with self._lock:
+            if address not in self.agents:
+                standby = "standby" in address
+                self.agents[address] = FakeAgent(
+                    state=AgentState.STANDBY if standby else AgentState.RUNNING)
+                if not standby and self.checkpoints:
+                    # A fresh (recovery) instance restores the latest checkpoint.
+                    self.agents[address].step = max(self.checkpoints)
+            return self.agents[address]
+
+    def _advance(self, a: FakeAgent) -> None:
+        if a.state in (AgentState.RUNNING, AgentState.RESTORING) and a.step < a.total_steps:
+            self.clock += 0.1
+            a.step += 1
+            a.state = AgentState.RUNNING
+            if a.first_step is None:
+                a.first_step, a.first_step_at = a.step, self.clock
+            a.last_step_at = self.clock
+            if a.step >= a.total_steps:
+                a.state = AgentState.COMPLETED
+                a.exit_code = 0
+
+    def health(self, address: str) -> AgentHealth:
+        with self._lock:
+            self.calls.append(("health", address))
+            a = self.agent(address)
+            if not a.reachable:
+                raise AgentError(f"{address} unreachable")
+            self._advance(a)
+            return AgentHealth(
+                state=a.state, step=a.step, total_steps=a.total_steps, loss=1.0 / (1 + a.step),
+                first_step=a.first_step, first_step_at=a.first_step_at,
+                last_step_at=a.last_step_at,
+                last_checkpoint_step=max(self.checkpoints, default=None),
+                exit_code=a.exit_code, error=a.error, interruption_notice=a.notice)
+
+    def checkpoint(self, address: str, *, pause: bool, timeout_s: float) -> CheckpointResult:
+        with self._lock:
+            self.calls.append(("checkpoint", address))
+            a = self.agent(address)
+            if not a.reachable or a.state != AgentState.RUNNING:
+                raise AgentError(f"{address} cannot checkpoint in state {a.state}")
+            self._advance(a)  # the next step boundary
+            key = f"jobs/j/checkpoints/{a.step:012d}-v"
+            self.checkpoints[a.step] = key
+            if pause:
+                a.state = AgentState.PAUSED
+            return CheckpointResult(step=a.step, key=key, last_step_at=a.last_step_at)
+
+    def resume(self, address: str) -> None:
+        with self._lock:
+            self.calls.append(("resume", address))
+            a = self.agent(address)
+            if not a.reachable:
+                raise AgentError(f"{address} unreachable")
+            if a.state == AgentState.PAUSED:
+                a.state = AgentState.RUNNING
+
+    def restore(self, address: str, step: int | None) -> None:
+        with self._lock:
+            self.calls.append(("restore", address))
+            a = self.agent(address)
+            if address in self.fail_restore:
+                a.state = AgentState.FAILED
+                a.error = "checkpoint could not be restored"
+                return
+            a.step = step if step is not None else max(self.checkpoints)
+            a.state = AgentState.RESTORING

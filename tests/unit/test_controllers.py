@@ -1,0 +1,358 @@
+"""The controllers over a fake provider and in-memory agents: placement,
+make-before-break moves, every rollback path, restart repair, cancel,
+recovery and the reaper. Real processes are in tests/e2e."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpuscout.agent.protocol import AgentState, checkpoint_prefix
+from gpuscout.config import Settings
+from gpuscout.controllers.context import Timeouts
+from gpuscout.controllers.plane import Conflict, InvalidRequest, ManualMarketOnly
+from gpuscout.domain import (
+    InstanceStatus,
+    JobSpec,
+    JobStatus,
+    MigrationPhase,
+    MigrationReason,
+    MigrationStatus,
+    Resources,
+)
+from gpuscout.market.feeds import TraceFeed
+from gpuscout.providers.base import CapacityError, LaunchRequest
+from gpuscout.providers.fake import FakeProvider
+from gpuscout.service import Service, build_service
+from tests.unit.fake_agents import FakeAgents
+
+P3_SPOT_A = "local:us-east-1a:p3.2xlarge:spot"
+G4_SPOT_B = "local:us-east-1b:g4dn.xlarge:spot"
+
+
+def address_for(request: LaunchRequest, n: int) -> str:
+    return f"{'standby' if request.standby else 'run'}-{request.instance_id}"
+
+
+@pytest.fixture
+def agents() -> FakeAgents:
+    return FakeAgents()
+
+
+@pytest.fixture
+def provider() -> FakeProvider:
+    return FakeProvider(address_for=address_for)
+
+
+@pytest.fixture
+def service(tmp_path: Path, provider: FakeProvider, agents: FakeAgents) -> Iterator[Service]:
+    settings = Settings(home=tmp_path, scout_interval_s=120, api_token="t")
+    svc = build_service(settings, provider=provider, agents=agents)
+    svc.ctx.timeouts = Timeouts(health_s=0.5, checkpoint_s=1, resume_s=0.5, drain_s=0.5,
+                                lost_s=0.0)
+    svc.ctx.poll_interval_s = 0.005
+    svc.plane.feed.start(svc.repo, svc.ctx.clock.now())
+    yield svc
+    svc.plane.stop()
+
+
+SPEC = JobSpec(name="train", command="python train.py", resources=Resources(gpus=1))
+
+
+def run_until(service: Service, job_id: str, status: JobStatus, passes: int = 20) -> None:
+    for _ in range(passes):
+        if service.repo.get_job(job_id).status == status:
+            return
+        service.plane.reconcile_once()
+    assert service.repo.get_job(job_id).status == status
+
+
+def running_job(service: Service) -> str:
+    # Make p3.2xlarge spot in us-east-1a the cheapest by taking away g4dn.
+    for offer in service.repo.list_offers():
+        if offer.instance_type == "g4dn.xlarge" and offer.capacity.value == "spot":
+            service.plane.update_offer(offer.id, available=False)
+    job = service.plane.submit(SPEC)
+    run_until(service, job.id, JobStatus.RUNNING)
+    return job.id
+
+
+def test_job_starts_on_the_cheapest_available_compatible_offer(service: Service) -> None:
+    job_id = running_job(service)
+    job = service.repo.get_job(job_id)
+    assert job.offer_id == P3_SPOT_A
+    instance = service.repo.get_instance(job.instance_id or "")
+    assert instance.status == InstanceStatus.RUNNING
+    assert service.ctx.router.resolve(job_id) == instance.address
+
+
+def test_price_drop_migrates_make_before_break(service: Service, provider: FakeProvider,
+                                                agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id)
+    service.plane.update_offer(G4_SPOT_B, available=True)
+    decisions = service.plane.scout_once(force=True)
+    assert decisions[0].move and decisions[0].target and decisions[0].target.id == G4_SPOT_B
+    service.plane.wait_for_migrations()
+
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert m.status == MigrationStatus.COMPLETED, m.error
+    assert m.reason == MigrationReason.PRICE
+    assert m.resume_step == (m.checkpoint_step or 0) + 1
+    assert m.downtime_s is not None and m.downtime_s >= 0
+    assert m.expected_savings == pytest.approx(1 - 0.1578 / 0.5 / 0.918)
+    for stamp in (m.started_at, m.replacement_ready_at, m.checkpointed_at, m.resumed_at,
+                  m.switched_at, m.finished_at):
+        assert stamp is not None
+    assert (m.started_at <= m.replacement_ready_at <= m.checkpointed_at  # type: ignore[operator]
+            <= m.resumed_at <= m.switched_at <= m.finished_at)
+    job = service.repo.get_job(job_id)
+    assert (job.status, job.offer_id, job.instance_id) == (
+        JobStatus.RUNNING, G4_SPOT_B, m.to_instance_id)
+    # Make before break: the replacement launched before the old one was
+    # checkpointed, and the old one was terminated only after the new resumed.
+    order = [c for c in agents.calls if c[0] != "health"]
+    assert order == [("checkpoint", f"run-{old.instance_id}"),
+                     ("restore", f"standby-{m.to_instance_id}")]
+    assert provider.terminate_calls == [old.instance_id]
+    assert service.repo.get_instance(old.instance_id or "").status == InstanceStatus.TERMINATED
+    assert service.ctx.router.resolve(job_id) == f"standby-{m.to_instance_id}"
+
+
+def assert_rolled_back(service: Service, provider: FakeProvider, job_id: str,
+                       old_instance: str) -> None:
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert m.status == MigrationStatus.FAILED
+    assert m.phase == MigrationPhase.ROLLED_BACK
+    job = service.repo.get_job(job_id)
+    assert job.status == JobStatus.RUNNING
+    assert job.instance_id == old_instance
+    assert m.to_instance_id is not None
+    assert m.to_instance_id in provider.terminate_calls
+    assert old_instance not in provider.terminate_calls
+    assert provider.running_ids() == [old_instance]
+    assert service.ctx.router.resolve(job_id) == f"run-{old_instance}"
+
+
+def test_boot_failure_keeps_the_job_on_the_old_instance(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    # The replacement's agent never comes up in standby.
+    original = agents.agent
+
+    def never_ready(address: str):  # type: ignore[no-untyped-def]
+        a = original(address)
+        if address.startswith("standby-"):
+            a.reachable = False
+        return a
+
+    agents.agent = never_ready  # type: ignore[method-assign]
+    step_before = agents.agents[f"run-{old}"].step
+    service.plane.migrate(job_id, G4_SPOT_B)
+    service.plane.wait_for_migrations()
+    assert_rolled_back(service, provider, job_id, old)
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert "did not come up" in (m.error or "")
+    assert m.checkpoint_step is None  # the old instance never stopped
+    assert agents.agents[f"run-{old}"].step >= step_before
+    assert agents.agents[f"run-{old}"].state == AgentState.RUNNING
+
+
+def test_restore_failure_resumes_the_old_instance_with_no_step_lost(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    original = agents.restore
+
+    def failing_restore(address: str, step: int | None) -> None:
+        agents.fail_restore.add(address)
+        original(address, step)
+
+    agents.restore = failing_restore  # type: ignore[method-assign]
+    # A checkpoint newer than the one handed over, as if the replacement had
+    # written it before failing, must not survive the rollback.
+    service.plane.migrate(job_id, G4_SPOT_B)
+    service.plane.wait_for_migrations()
+    assert_rolled_back(service, provider, job_id, old)
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert m.checkpoint_step is not None
+    old_agent = agents.agents[f"run-{old}"]
+    assert old_agent.state == AgentState.RUNNING  # resumed
+    assert old_agent.step == m.checkpoint_step  # paused there, nothing lost or redone
+    assert ("resume", f"run-{old}") in agents.calls
+
+
+def test_rollback_deletes_checkpoints_written_by_the_replacement(
+        service: Service, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    store = service.ctx.store
+    prefix = checkpoint_prefix(job_id)
+    original = agents.restore
+
+    def restore_then_fail(address: str, step: int | None) -> None:
+        assert step is not None
+        store.put(f"{prefix}/{step + 10:012d}-replacement/MANIFEST.json", b"{}")
+        agents.fail_restore.add(address)
+        original(address, step)
+
+    agents.restore = restore_then_fail  # type: ignore[method-assign]
+    store.put(f"{prefix}/{1:012d}-old/MANIFEST.json", b"{}")
+    service.plane.migrate(job_id, G4_SPOT_B)
+    service.plane.wait_for_migrations()
+    keys = list(store.list(prefix + "/"))
+    assert keys == [f"{prefix}/{1:012d}-old/MANIFEST.json"]
+
+
+def test_capacity_error_on_the_target_keeps_the_job_and_marks_the_offer(
+        service: Service, provider: FakeProvider) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    provider.unavailable_offers.add(G4_SPOT_B)
+    service.plane.migrate(job_id, G4_SPOT_B)
+    service.plane.wait_for_migrations()
+    job = service.repo.get_job(job_id)
+    assert (job.status, job.instance_id) == (JobStatus.RUNNING, old)
+    assert next(o for o in service.ctx.offers() if o.id == G4_SPOT_B).available is False
+    # ... so the scout does not try it again at once.
+    assert not service.plane.scout_once(force=True)[0].move
+
+
+@pytest.mark.parametrize("phase", [MigrationPhase.BOOTING, MigrationPhase.CHECKPOINTING,
+                                   MigrationPhase.RESTORING])
+def test_restart_rolls_back_a_move_left_before_the_switch(
+        service: Service, provider: FakeProvider, agents: FakeAgents,
+        phase: MigrationPhase) -> None:
+    job_id = running_job(service)
+    job = service.repo.get_job(job_id)
+    old = job.instance_id or ""
+    target = service.repo.get_offer(G4_SPOT_B)
+    m = service.plane.executor.begin(job, target, MigrationReason.MANUAL, 0.5)
+    new, _ = service.ctx.launch(job, target, standby=True)
+    fields: dict[str, object] = {"phase": phase, "to_instance_id": new.id}
+    if phase != MigrationPhase.BOOTING:
+        result = agents.checkpoint(f"run-{old}", pause=True, timeout_s=1)
+        fields["checkpoint_step"] = result.step
+    service.repo.update_migration(m.id, **fields)
+    # The control plane dies here; a new one repairs on start.
+    service.plane.repair()
+    assert_rolled_back(service, provider, job_id, old)
+    assert agents.agents[f"run-{old}"].state == AgentState.RUNNING
+
+
+def test_restart_rolls_forward_a_move_left_after_the_switch(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    job = service.repo.get_job(job_id)
+    old = job.instance_id or ""
+    target = service.repo.get_offer(G4_SPOT_B)
+    m = service.plane.executor.begin(job, target, MigrationReason.MANUAL, 0.5)
+    new, _ = service.ctx.launch(job, target, standby=True)
+    service.repo.update_migration(m.id, phase=MigrationPhase.SWITCHING, to_instance_id=new.id,
+                                  checkpoint_step=5, resume_step=6)
+    service.plane.repair()
+    m = service.repo.get_migration(m.id)
+    assert m.status == MigrationStatus.COMPLETED
+    job = service.repo.get_job(job_id)
+    assert (job.status, job.instance_id, job.offer_id) == (JobStatus.RUNNING, new.id, G4_SPOT_B)
+    assert provider.terminate_calls == [old]
+    assert service.ctx.router.resolve(job_id) == new.address
+
+
+def test_cancel_terminates_everything(service: Service, provider: FakeProvider) -> None:
+    job_id = running_job(service)
+    job = service.plane.cancel(job_id)
+    assert job.status == JobStatus.CANCELLED
+    assert provider.running_ids() == []
+    assert all(i.status.is_terminal() for i in service.repo.list_instances(job_id=job_id))
+    with pytest.raises(Conflict):
+        service.plane.cancel(job_id)
+    with pytest.raises(Conflict):
+        service.plane.migrate(job_id)
+
+
+def test_lost_instance_recovers_on_a_new_one(service: Service, provider: FakeProvider,
+                                             agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    agents.checkpoints[7] = "k"
+    agents.agents[f"run-{old}"].reachable = False
+    provider.die(old)
+    run_until(service, job_id, JobStatus.RECOVERING, passes=3)
+    run_until(service, job_id, JobStatus.RUNNING)
+    job = service.repo.get_job(job_id)
+    assert job.instance_id != old
+    assert service.repo.get_instance(old).status == InstanceStatus.FAILED
+    events = [e.kind for e in service.repo.list_events(job_id)]
+    assert "instance_lost" in events
+
+
+def test_interruption_notice_moves_the_job_out_of_the_zone(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    provider.notify_interruption(old)
+    service.plane.reconcile_once()
+    service.plane.wait_for_migrations()
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert m.reason == MigrationReason.PREEMPTION
+    assert m.status == MigrationStatus.COMPLETED, m.error
+    assert not m.to_offer_id.startswith("local:us-east-1a:p3.2xlarge:spot")
+
+
+def test_completed_job_terminates_its_instance(service: Service, provider: FakeProvider,
+                                               agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    instance = service.repo.get_job(job_id).instance_id or ""
+    agents.agents[f"run-{instance}"].total_steps = agents.agents[f"run-{instance}"].step + 1
+    run_until(service, job_id, JobStatus.COMPLETED)
+    assert provider.running_ids() == []
+    job = service.repo.get_job(job_id)
+    assert job.finished_at is not None and job.cost_usd > 0
+
+
+def test_capacity_error_at_placement_tries_the_next_offer(
+        service: Service, provider: FakeProvider) -> None:
+    provider.next_launch_error = CapacityError(G4_SPOT_B, "InsufficientInstanceCapacity")
+    job = service.plane.submit(SPEC)
+    run_until(service, job.id, JobStatus.RUNNING)
+    first = provider.launch_calls[0].offer.id
+    assert service.repo.get_job(job.id).offer_id != first
+
+
+def test_reaper_terminates_unowned_instances(service: Service, provider: FakeProvider) -> None:
+    job_id = running_job(service)
+    job = service.repo.get_job(job_id)
+    stray = LaunchRequest(instance_id="i-stray", job_id="nobody",
+                          offer=service.repo.get_offer(P3_SPOT_A), command="x", store_url="")
+    provider.launch(stray)
+    reaped = service.plane.reaper.reap()
+    assert reaped == ["i-stray"]
+    assert provider.running_ids() == [job.instance_id]
+
+
+def test_manual_migrate_validates_the_target(service: Service) -> None:
+    job_id = running_job(service)
+    with pytest.raises(InvalidRequest) as err:
+        service.plane.migrate(job_id, "local:nowhere:x:spot")
+    assert err.value.field == "offer_id"
+    with pytest.raises(InvalidRequest, match="already runs"):
+        service.plane.migrate(job_id, P3_SPOT_A)
+    cpu = next(o for o in service.repo.list_offers() if o.gpus == 0)
+    with pytest.raises(InvalidRequest, match="does not fit"):
+        service.plane.migrate(job_id, cpu.id)
+
+
+def test_offers_are_read_only_unless_the_market_is_manual(
+        service: Service, tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("timestamp,provider,region,zone,instance_type,capacity,price_per_hour,"
+                     "available\n2021-01-01T00:00:00Z,local,us-east-1,us-east-1a,p3.2xlarge,"
+                     "spot,0.5,1\n")
+    service.plane.feed = TraceFeed.from_spec(str(trace), service.plane.ctx.provider.offers())
+    service.plane.feed.start(service.repo, service.ctx.clock.now())
+    assert service.repo.get_offer(P3_SPOT_A).price_per_hour == 0.5
+    with pytest.raises(ManualMarketOnly):
+        service.plane.update_offer(P3_SPOT_A, price_per_hour=0.1)
