@@ -1,0 +1,289 @@
+"""The agent's decisions, as pure functions over an immutable status.
+
+Every event the agent sees (a progress report, a checkpoint request, the
+child exiting, ...) is a function ``(AgentStatus, event) -> (AgentStatus,
+decision)``. The HTTP server only serialises calls to these functions and
+wakes whoever waits on the result; it decides nothing itself. That keeps the
+answer to "what does a progress report get while a pause is pending?" in one
+table-testable place.
+
+Checkpoint requests. A request made while ``checkpoints_reported == n`` is
+answered by the next checkpoint the workload reports (the n+1-th), whatever
+made the workload save it (the agent asking, or its own ``checkpoint_every``):
+that checkpoint holds every step completed when it was reported, which is all
+the caller needs. If any request answered by a checkpoint asked to pause, the
+workload is told to pause before it runs another step, so a paused workload's
+step equals its last checkpoint's step: no step is lost on a planned move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gpuscout.agent.protocol import AgentState, ProgressAction
+
+LIVE_STATES = frozenset(
+    {AgentState.STARTING, AgentState.STANDBY, AgentState.RESTORING, AgentState.RUNNING,
+     AgentState.PAUSED}
+)
+# States in which the workload will reach a step boundary without outside
+# help, so a checkpoint request can be queued. STANDBY waits for
+# /agent/restore and has no state of its own to save.
+CHECKPOINTABLE_STATES = frozenset(
+    {AgentState.STARTING, AgentState.RESTORING, AgentState.RUNNING, AgentState.PAUSED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    id: int
+    pause: bool
+    # The request is answered by the first checkpoint reported after this
+    # many had been reported.
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointAnswer:
+    """A verified checkpoint that answers a request (the 200 body)."""
+
+    step: int
+    key: str
+    last_step_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "key": self.key, "last_step_at": self.last_step_at}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request that cannot be served in this state (HTTP 409)."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    instance_id: str
+    job_id: str
+    state: AgentState
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    last_checkpoint_step: int | None = None
+    last_checkpoint_key: str | None = None
+    checkpoints_reported: int = 0
+    first_step: int | None = None
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    interruption_notice: str | None = None
+    # The step /agent/restore named (None: the latest verified checkpoint).
+    restore_step: int | None = None
+    restore_requested: bool = False
+    pending: tuple[CheckpointRequest, ...] = ()
+    next_request_id: int = 1
+    # Set by /agent/stop or SIGTERM: the exit that follows is not the job's.
+    stopping: bool = False
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def health(self) -> dict[str, Any]:
+        """The body of GET /agent/health (see protocol.py)."""
+        return {
+            "instance_id": self.instance_id,
+            "job_id": self.job_id,
+            "state": self.state.value,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loss": self.loss,
+            "last_checkpoint_step": self.last_checkpoint_step,
+            "last_checkpoint_key": self.last_checkpoint_key,
+            "first_step": self.first_step,
+            "first_step_at": self.first_step_at,
+            "last_step_at": self.last_step_at,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "interruption_notice": self.interruption_notice,
+        }
+
+
+def initial(instance_id: str, job_id: str, *, standby: bool) -> AgentStatus:
+    state = AgentState.STANDBY if standby else AgentState.STARTING
+    return AgentStatus(instance_id=instance_id, job_id=job_id, state=state)
+
+
+# --- control plane -> agent ------------------------------------------------
+
+
+def request_checkpoint(
+    status: AgentStatus, *, pause: bool
+) -> tuple[AgentStatus, CheckpointRequest | CheckpointAnswer | Refusal]:
+    """Queue a checkpoint request, answer it at once, or refuse it.
+
+    A paused workload already sits on a verified checkpoint of its current
+    step, so a request then is answered immediately (and it stays paused).
+    """
+    if status.state not in CHECKPOINTABLE_STATES:
+        return status, Refusal(f"workload is not running (state {status.state.value})")
+    if (
+        status.state is AgentState.PAUSED
+        and status.last_checkpoint_key is not None
+        and status.last_checkpoint_step == status.step
+    ):
+        assert status.last_checkpoint_step is not None
+        answer = CheckpointAnswer(
+            status.last_checkpoint_step, status.last_checkpoint_key, status.last_step_at
+        )
+        return status, answer
+    request = CheckpointRequest(status.next_request_id, pause, status.checkpoints_reported)
+    return (
+        replace(status, pending=(*status.pending, request),
+                next_request_id=status.next_request_id + 1),
+        request,
+    )
+
+
+def checkpoint_outcome(
+    status: AgentStatus, request: CheckpointRequest
+) -> CheckpointAnswer | Refusal | None:
+    """What a waiting request gets now: an answer, a refusal, or None (wait)."""
+    if status.checkpoints_reported > request.after:
+        assert status.last_checkpoint_step is not None
+        assert status.last_checkpoint_key is not None
+        return CheckpointAnswer(
+            status.last_checkpoint_step, status.last_checkpoint_key, status.last_step_at
+        )
+    if not status.live:
+        return Refusal(f"workload ended before checkpointing (state {status.state.value})")
+    return None
+
+
+def withdraw_checkpoint(status: AgentStatus, request_id: int) -> AgentStatus:
+    """Drop a request whose caller gave up (timeout), so a pause nobody waits
+    for any more cannot freeze the workload later."""
+    pending = tuple(r for r in status.pending if r.id != request_id)
+    return replace(status, pending=pending)
+
+
+def resume(status: AgentStatus) -> AgentStatus:
+    """Let a paused workload go on; pending requests no longer pause it.
+
+    Idempotent: resuming a workload that is not paused changes nothing else.
+    """
+    pending = tuple(replace(r, pause=False) for r in status.pending)
+    state = AgentState.RUNNING if status.state is AgentState.PAUSED else status.state
+    return replace(status, state=state, pending=pending)
+
+
+def request_restore(status: AgentStatus, step: int | None) -> tuple[AgentStatus, Refusal | None]:
+    """Release a standby workload to restore ``step`` (None: latest verified).
+
+    Repeating the same call is accepted (a control plane that restarted
+    mid-move may send it twice); anything else outside standby is refused.
+    """
+    if status.state is AgentState.STANDBY:
+        new = replace(status, state=AgentState.RESTORING, restore_step=step, restore_requested=True)
+        return new, None
+    if status.restore_requested and status.live and status.restore_step == step:
+        return status, None
+    return status, Refusal(f"agent is not in standby (state {status.state.value})")
+
+
+def restore_released(status: AgentStatus) -> bool:
+    """Whether GET /workload/restore-target may answer (not in standby)."""
+    return status.state is not AgentState.STANDBY
+
+
+def begin_stop(status: AgentStatus) -> AgentStatus:
+    return replace(status, stopping=True)
+
+
+# --- workload -> agent -----------------------------------------------------
+
+
+def on_progress(
+    status: AgentStatus,
+    *,
+    step: int,
+    loss: float | None,
+    total_steps: int | None,
+    at: float,
+) -> tuple[AgentStatus, ProgressAction]:
+    """A step completed at ``at``: record it and tell the workload what next.
+
+    - a pending request -> CHECKPOINT (save at this boundary);
+    - PAUSED (a workload that ran a step anyway) -> PAUSE again;
+    - otherwise CONTINUE, and the agent is RUNNING.
+    """
+    first_step = status.first_step if status.first_step is not None else step
+    first_step_at = status.first_step_at if status.first_step_at is not None else at
+    new = replace(
+        status,
+        step=step,
+        loss=loss,
+        total_steps=total_steps if total_steps is not None else status.total_steps,
+        last_step_at=at,
+        first_step=first_step,
+        first_step_at=first_step_at,
+    )
+    if not status.live:
+        return new, ProgressAction.CONTINUE
+    if status.state is AgentState.PAUSED:
+        return new, ProgressAction.PAUSE
+    new = replace(new, state=AgentState.RUNNING)
+    if status.pending:
+        return new, ProgressAction.CHECKPOINT
+    return new, ProgressAction.CONTINUE
+
+
+def on_checkpointed(
+    status: AgentStatus, *, step: int, key: str
+) -> tuple[AgentStatus, ProgressAction]:
+    """The workload saved a verified checkpoint of ``step`` under ``key``.
+
+    It answers every pending request; the workload pauses if any of them asked.
+    """
+    pause = any(r.pause for r in status.pending)
+    new = replace(
+        status,
+        last_checkpoint_step=step,
+        last_checkpoint_key=key,
+        checkpoints_reported=status.checkpoints_reported + 1,
+        pending=(),
+    )
+    if status.state is AgentState.PAUSED or (pause and status.live):
+        return replace(new, state=AgentState.PAUSED), ProgressAction.PAUSE
+    return new, ProgressAction.CONTINUE
+
+
+def resume_released(status: AgentStatus) -> bool:
+    """Whether GET /workload/wait-resume may answer (not paused)."""
+    return status.state is not AgentState.PAUSED
+
+
+# --- the child process -----------------------------------------------------
+
+
+def on_exit(status: AgentStatus, exit_code: int) -> AgentStatus:
+    """The job's command exited: 0 is COMPLETED, anything else FAILED.
+
+    A negative code is death by that signal (subprocess convention).
+    """
+    if exit_code == 0:
+        return replace(status, state=AgentState.COMPLETED, exit_code=0, pending=())
+    if exit_code < 0:
+        reason = f"command killed by signal {-exit_code}"
+    else:
+        reason = f"command exited with code {exit_code}"
+    if status.stopping:
+        reason = f"stopped on request ({reason})"
+    return replace(status, state=AgentState.FAILED, exit_code=exit_code, error=reason, pending=())
+
+
+def on_start_failed(status: AgentStatus, error: str) -> AgentStatus:
+    return replace(status, state=AgentState.FAILED, error=f"command could not start: {error}")

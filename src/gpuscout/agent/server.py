@@ -1,0 +1,440 @@
+"""The agent's HTTP server: protocol.py's /agent/* and /workload/* endpoints,
+and a reverse proxy to the workload's own server for every other path.
+
+Concurrency model: one asyncio loop, async handlers only. The status is
+changed only through the pure functions of ``core`` (``Agent.apply``), each
+change wakes every waiter (``asyncio.Condition``), and long polls wait on
+that condition with a timeout, so they never block another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, TypeVar
+
+import httpx
+import uvicorn
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from gpuscout.agent import core
+from gpuscout.agent.config import AgentConfig
+from gpuscout.agent.protocol import AGENT_PREFIX, WORKLOAD_PREFIX
+from gpuscout.agent.supervisor import Supervisor
+
+log = logging.getLogger("gpuscout.agent")
+
+T = TypeVar("T")
+
+# How long the workload's long polls are held before "ask again" (204).
+DEFAULT_LONG_POLL_S = 25.0
+MAX_LONG_POLL_S = 300.0
+# Forwarding to the workload's server: connecting is loopback, so a slow
+# connect means it is not up; a slow answer is the workload's business.
+FORWARD_TIMEOUT = httpx.Timeout(60.0, connect=2.0, pool=5.0)
+# Headers that describe one hop, not the message (RFC 9110, 7.6.1).
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "host",
+})
+
+
+def error(status_code: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status_code)
+
+
+class Agent:
+    """The running agent: its status, the child process, the forwarding client."""
+
+    def __init__(self, config: AgentConfig, supervisor: Supervisor, workload_port: int) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.workload_port = workload_port
+        self.status = core.initial(config.instance_id, config.job_id, standby=config.standby)
+        self.closing = False
+        self._cond = asyncio.Condition()
+        self.client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{workload_port}", timeout=FORWARD_TIMEOUT
+        )
+
+    async def apply(self, change: Callable[[core.AgentStatus], tuple[core.AgentStatus, T]]) -> T:
+        """Apply one pure transition and wake every waiter."""
+        async with self._cond:
+            before = self.status
+            self.status, result = change(before)
+            if self.status.state is not before.state:
+                log.info("state %s -> %s (step %s)", before.state.value,
+                         self.status.state.value, self.status.step)
+            self._cond.notify_all()
+        return result
+
+    async def update(self, change: Callable[[core.AgentStatus], core.AgentStatus]) -> None:
+        await self.apply(lambda s: (change(s), None))
+
+    async def wait_until(self, ready: Callable[[core.AgentStatus], bool], timeout: float) -> bool:
+        """Wait until ``ready(status)`` or the agent closes; False on timeout."""
+        async with self._cond:
+            try:
+                await asyncio.wait_for(
+                    self._cond.wait_for(lambda: self.closing or ready(self.status)), timeout
+                )
+            except TimeoutError:
+                return False
+        return ready(self.status)
+
+    async def close(self) -> None:
+        """Wake every long poll so the server can shut down."""
+        async with self._cond:
+            self.closing = True
+            self._cond.notify_all()
+
+    async def watch_child(self) -> None:
+        code = await self.supervisor.wait()
+        await self.update(lambda s: core.on_exit(s, code))
+
+    async def stop_child(self) -> None:
+        await self.update(core.begin_stop)
+        await self.supervisor.stop()
+
+
+# --- request bodies --------------------------------------------------------
+
+
+class CheckpointBody(BaseModel):
+    pause: bool = False
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+
+
+class RestoreBody(BaseModel):
+    step: int | None = Field(default=None, ge=0)
+
+
+class ProgressBody(BaseModel):
+    step: int = Field(ge=0)
+    loss: float | None = None
+    total_steps: int | None = Field(default=None, ge=0)
+    time: float | None = None
+
+
+class CheckpointedBody(BaseModel):
+    step: int = Field(ge=0)
+    key: str = Field(min_length=1)
+
+
+# --- the app ---------------------------------------------------------------
+
+
+def create_app(agent: Agent) -> FastAPI:
+    app = FastAPI(title="GPU Scout agent", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def require_token(request: Request) -> None:
+        """Calls that change state need the bearer token when one is set."""
+        token = agent.config.token
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            raise _Unauthorized()
+
+    def require_loopback(request: Request) -> None:
+        """/workload/* is for the job's own process on this machine only."""
+        host = request.client.host if request.client else ""
+        if not _is_loopback(host):
+            raise _Forbidden()
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(_: Request, __: Exception) -> JSONResponse:
+        response = error(401, "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(_Forbidden)
+    async def _forbidden(_: Request, __: Exception) -> JSONResponse:
+        return error(403, "workload endpoints answer loopback clients only")
+
+    authorized = [Depends(require_token)]
+    loopback = [Depends(require_loopback)]
+
+    @app.get(f"{AGENT_PREFIX}/health")
+    async def health() -> dict[str, Any]:
+        body = agent.status.health()
+        if body["loss"] is not None and not math.isfinite(body["loss"]):
+            body["loss"] = None  # JSON has no NaN/inf; a diverged loss reads as unknown
+        return body
+
+    @app.post(f"{AGENT_PREFIX}/checkpoint", dependencies=authorized)
+    async def checkpoint(body: CheckpointBody | None = None) -> Response:
+        body = body or CheckpointBody()
+        started = time.monotonic()
+        decision = await agent.apply(lambda s: core.request_checkpoint(s, pause=body.pause))
+        if isinstance(decision, core.Refusal):
+            return error(409, decision.message)
+        if isinstance(decision, core.CheckpointAnswer):
+            return JSONResponse(decision.to_json())
+        request = decision
+        await agent.wait_until(
+            lambda s: core.checkpoint_outcome(s, request) is not None, body.timeout_s
+        )
+        outcome = core.checkpoint_outcome(agent.status, request)
+        if outcome is None:
+            await agent.update(lambda s: core.withdraw_checkpoint(s, request.id))
+            return error(504, f"no checkpoint within {body.timeout_s} s",
+                         step=agent.status.step)
+        if isinstance(outcome, core.Refusal):
+            return error(409, outcome.message)
+        log.info("checkpoint at step %d answered in %.3f s (pause=%s)",
+                 outcome.step, time.monotonic() - started, body.pause)
+        return JSONResponse(outcome.to_json())
+
+    @app.post(f"{AGENT_PREFIX}/resume", dependencies=authorized)
+    async def resume() -> dict[str, Any]:
+        await agent.update(core.resume)
+        return {"state": agent.status.state.value}
+
+    @app.post(f"{AGENT_PREFIX}/restore", dependencies=authorized, status_code=202)
+    async def restore(body: RestoreBody | None = None) -> Response:
+        step = (body or RestoreBody()).step
+        refusal = await agent.apply(lambda s: core.request_restore(s, step))
+        if refusal is not None:
+            return error(409, refusal.message)
+        log.info("restore released (step %s)", "latest" if step is None else step)
+        return JSONResponse({"state": agent.status.state.value, "step": step}, status_code=202)
+
+    @app.post(f"{AGENT_PREFIX}/stop", dependencies=authorized, status_code=202)
+    async def stop() -> Response:
+        _background(agent.stop_child())
+        return JSONResponse({"state": agent.status.state.value}, status_code=202)
+
+    @app.get(f"{WORKLOAD_PREFIX}/restore-target", dependencies=loopback)
+    async def restore_target(
+        timeout_s: Annotated[float, Query(gt=0, le=MAX_LONG_POLL_S)] = DEFAULT_LONG_POLL_S,
+    ) -> Response:
+        if not await agent.wait_until(core.restore_released, timeout_s):
+            return Response(status_code=204)  # still in standby: ask again
+        return JSONResponse({"step": agent.status.restore_step})
+
+    @app.post(f"{WORKLOAD_PREFIX}/progress", dependencies=loopback)
+    async def progress(body: ProgressBody) -> dict[str, str]:
+        at = body.time if body.time is not None else time.time()
+        action = await agent.apply(lambda s: core.on_progress(
+            s, step=body.step, loss=body.loss, total_steps=body.total_steps, at=at))
+        return {"action": action.value}
+
+    @app.post(f"{WORKLOAD_PREFIX}/checkpointed", dependencies=loopback)
+    async def checkpointed(body: CheckpointedBody) -> dict[str, str]:
+        action = await agent.apply(lambda s: core.on_checkpointed(s, step=body.step, key=body.key))
+        return {"action": action.value}
+
+    @app.get(f"{WORKLOAD_PREFIX}/wait-resume", dependencies=loopback)
+    async def wait_resume(
+        timeout_s: Annotated[float, Query(gt=0, le=MAX_LONG_POLL_S)] = DEFAULT_LONG_POLL_S,
+    ) -> Response:
+        if not await agent.wait_until(core.resume_released, timeout_s):
+            return Response(status_code=204)  # still paused: ask again
+        return JSONResponse({"resumed": True})
+
+    @app.api_route(
+        "/{path:path}",
+        methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        include_in_schema=False,
+    )
+    async def forward(request: Request, path: str) -> Response:
+        if _is_reserved(request.url.path):
+            return error(404, f"no such endpoint: {request.method} {request.url.path}")
+        return await _forward(agent, request)
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+class _Forbidden(Exception):
+    pass
+
+
+def _is_reserved(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/")
+               for prefix in (AGENT_PREFIX, WORKLOAD_PREFIX))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+async def _forward(agent: Agent, request: Request) -> Response:
+    """Forward to the workload's server, streaming the answer back.
+
+    The request body is read whole (the workload's endpoints take small JSON
+    bodies, and its stdlib server needs a Content-Length); the response is
+    streamed, so a large or slow answer is not buffered here.
+    """
+    raw_path = request.scope.get("raw_path") or request.url.path.encode()
+    target = raw_path.decode("latin-1")
+    if request.url.query:
+        target += "?" + request.url.query
+    headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower()
+               not in _HOP_BY_HOP and k.lower() != b"content-length"]
+    upstream = agent.client.build_request(
+        request.method, target, headers=headers, content=await request.body()
+    )
+    try:
+        answer = await agent.client.send(upstream, stream=True)
+    except httpx.ConnectError:
+        return error(503, "the workload's server is not up", state=agent.status.state.value)
+    except httpx.TimeoutException:
+        return error(504, "the workload's server did not answer in time")
+    except httpx.HTTPError as exc:
+        return error(502, f"forwarding to the workload failed: {exc}")
+    response = StreamingResponse(
+        answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
+    )
+    response.raw_headers = [
+        (k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP
+    ] + [(b"x-gpuscout-instance-id", agent.config.instance_id.encode())]
+    return response
+
+
+_background_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(coro: Any) -> None:
+    """Run ``coro`` without awaiting it, keeping a reference until it ends."""
+    task = asyncio.ensure_future(coro)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+
+# --- sockets and the main loop ---------------------------------------------
+
+
+def bind_sockets(host: str, port: int) -> tuple[list[socket.socket], int, str]:
+    """Listen on ``host:port``; return the sockets, the port, and the loopback
+    URL under which the workload reaches the agent.
+
+    When ``host`` is one specific non-loopback address, 127.0.0.1 on the
+    same port is bound too, because the workload talks to the agent over
+    loopback whatever address the control plane uses.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    main = socket.socket(family, kind, proto)
+    main.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        main.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    main.bind(address)
+    bound_port = main.getsockname()[1]
+    sockets = [main]
+    ip = ipaddress.ip_address(address[0])
+    if ip.is_loopback and ip.version == 6:
+        return sockets, bound_port, f"http://[::1]:{bound_port}"
+    if not (ip.is_loopback or ip.is_unspecified):
+        extra = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        extra.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        extra.bind(("127.0.0.1", bound_port))
+        sockets.append(extra)
+    return sockets, bound_port, f"http://127.0.0.1:{bound_port}"
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its signal handling: the agent stops the job first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_agent(config: AgentConfig) -> int:
+    """Serve until SIGTERM/SIGINT; stop the job's command before exiting.
+
+    Returns the process exit code (0 after an orderly stop).
+    """
+    sockets, port, agent_url = bind_sockets(config.host, config.port)
+    workload_port = free_loopback_port()
+    env = config.workload_env(os.environ, agent_url=agent_url, workload_port=workload_port)
+    supervisor = Supervisor(
+        config.command, workdir=config.workdir, env=env, grace_s=config.stop_grace_s
+    )
+    agent = Agent(config, supervisor, workload_port)
+    server = _Server(uvicorn.Config(
+        create_app(agent), log_level="warning", access_log=False, lifespan="off",
+        timeout_graceful_shutdown=2,
+    ))
+
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    async def shut_down() -> None:
+        await agent.stop_child()
+        await agent.close()
+        server.should_exit = True
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("%s: stopping the job, then the agent", sig.name)
+            _background(shut_down())
+        else:  # asked twice: do not wait for the grace period
+            log.warning("%s again: killing the job now", sig.name)
+            _background(supervisor.kill())
+            server.force_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    serving = asyncio.create_task(server.serve(sockets=sockets))
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.01)
+    if serving.done():
+        await serving  # re-raises what kept the server from starting
+        return 1
+    log.info("agent %s (job %s) listening on %s:%d%s", config.instance_id, config.job_id,
+             config.host, port, " in standby" if config.standby else "")
+
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await supervisor.start()
+    except OSError as exc:
+        reason = str(exc)
+        log.error("the command could not start: %s", reason)
+        await agent.update(lambda s: core.on_start_failed(s, reason))
+    else:
+        watcher = asyncio.create_task(agent.watch_child())
+    try:
+        await serving
+    finally:
+        await agent.stop_child()
+        if watcher is not None:
+            await watcher
+        await agent.client.aclose()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("agent stopped")
+    return 0
