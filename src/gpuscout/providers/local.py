@@ -13,15 +13,18 @@ instances another one launched.
 
 How a process is recognised as the instance's (pids and process groups are
 reused by the OS once free): every process of the tree inherits
-``GPUSCOUT_INSTANCE_ID=<id>`` in its environment, and the group leader's
+``GPUSCOUT_LOCAL_INSTANCE=<absolute instance folder>`` in its environment
+(unique even when two roots reuse an instance id), and the group leader's
 start time is recorded. A process group counts as the instance's only while
 one of its live members carries the marker or is the recorded leader;
 zombies do not count as live. Linux reads this from /proc; elsewhere the
 provider trusts the process group id alone.
 
-Limits, by design of a local stand-in: a job process that leaves the process
-group (setsid) *and* clears its environment is not found; ``terminate`` does
-kill processes that left the group but kept the marker.
+The agent runs the job's command in a session of its own, so an instance is
+its process group *plus* the processes elsewhere that carry its marker;
+``terminate`` signals both, and the instance is TERMINATED only when neither
+is left. A job process that leaves its group *and* clears its environment is
+not found (a limit of this local stand-in).
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gpuscout.agent import protocol
 from gpuscout.domain import Offer
 from gpuscout.market.catalog import default_local_catalog
 from gpuscout.providers.base import (
@@ -67,6 +69,8 @@ _LAUNCH_IN_FLIGHT_S = 30.0
 # the kernel (uninterruptible I/O) and terminate reports an error.
 _KILL_WAIT_S = 10.0
 _POLL_S = 0.05
+# The ownership marker every process of an instance inherits (see above).
+MARKER_ENV = "GPUSCOUT_LOCAL_INSTANCE"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _LINUX_PROC = Path("/proc")
 
@@ -101,6 +105,7 @@ class _Record:
     pid: int | None = None  # the boot shell, later the agent (exec keeps the pid)
     pgid: int | None = None  # == pid: the shell leads its own session and group
     start_ticks: int | None = None  # the leader's start time, /proc/<pid>/stat field 22
+    marker: str = ""  # MARKER_ENV's value in the instance's processes
     interruption_notice: bool = False
     interruption_at: float | None = None
     terminate_requested_at: float | None = None
@@ -140,7 +145,7 @@ class LocalProvider:
     ) -> None:
         if boot_delay_s < 0:
             raise ValueError("boot_delay_s must be >= 0")
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self.boot_delay_s = boot_delay_s
         self.python = python
         self.host = host
@@ -194,10 +199,11 @@ class LocalProvider:
                 port=port,
                 launched_at=time.time(),
                 boot_delay_s=self.boot_delay_s,
+                marker=str(folder),
             )
             self._write(folder, record)
             try:
-                proc = self._start(folder, request.instance_id)
+                proc = self._start(folder, record.marker)
             except OSError as err:
                 self._write(
                     folder,
@@ -391,12 +397,12 @@ class LocalProvider:
                 return port
         raise LaunchError("no free port found")
 
-    def _start(self, folder: Path, instance_id: str) -> subprocess.Popen[bytes]:
+    def _start(self, folder: Path, marker: str) -> subprocess.Popen[bytes]:
         # The instance sees the machine's environment but none of the control
         # plane's own GPUSCOUT_* settings (tokens, database): like an EC2
         # machine, it gets only what bootstrap.sh exports.
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSCOUT_")}
-        env[protocol.ENV_INSTANCE_ID] = instance_id  # the ownership marker, from the first process
+        env[MARKER_ENV] = marker  # from the very first process on
         if self.boot_delay_s > 0:
             argv = ["bash", "-c", 'sleep "$1"; exec bash ./' + BOOTSTRAP_FILE, "gpuscout-boot",
                     f"{self.boot_delay_s:.3f}"]
@@ -419,12 +425,17 @@ class LocalProvider:
         _signal_tree(record, signal.SIGCONT)
         if _wait_gone(record, self.terminate_grace_s):
             return
-        _signal_tree(record, signal.SIGKILL)
-        if not _wait_gone(record, _KILL_WAIT_S):
-            raise ProviderError(
-                f"instance {record.instance_id}: processes survive SIGKILL: "
-                f"{_scan(record, hunt_escapees=True)}"
-            )
+        # SIGKILL in rounds: each round also reaches what was forked since the last.
+        deadline = time.monotonic() + _KILL_WAIT_S
+        while True:
+            _signal_tree(record, signal.SIGKILL)
+            if _wait_gone(record, 0.2):
+                return
+            if time.monotonic() >= deadline:
+                raise ProviderError(
+                    f"instance {record.instance_id}: processes survive SIGKILL: "
+                    f"{_scan(record, hunt_escapees=True)}"
+                )
 
 
 # --- processes ---------------------------------------------------------------
@@ -455,12 +466,14 @@ def _start_ticks(pid: int) -> int | None:
     return proc.start_ticks if proc else None
 
 
-def _has_marker(pid: int, instance_id: str) -> bool:
+def _has_marker(pid: int, marker: str) -> bool:
+    if not marker:
+        return False
     try:
         environ = (_LINUX_PROC / str(pid) / "environ").read_bytes()
     except OSError:
         return False
-    return f"{protocol.ENV_INSTANCE_ID}={instance_id}".encode() in environ.split(b"\0")
+    return f"{MARKER_ENV}={marker}".encode() in environ.split(b"\0")
 
 
 def _live_procs() -> Iterator[_Proc]:
@@ -476,7 +489,7 @@ def _group_owned(record: _Record, members: builtins.list[_Proc]) -> bool:
     for proc in members:
         if proc.pid == record.pid and proc.start_ticks == record.start_ticks:
             return True
-        if _has_marker(proc.pid, record.instance_id):
+        if _has_marker(proc.pid, record.marker):
             return True
     return False
 
@@ -513,20 +526,25 @@ def _scan(record: _Record, *, hunt_escapees: bool = False) -> _Tree:
         escapees = frozenset(
             p.pid
             for p in procs
-            if p.pgid != record.pgid and p.pid != me and _has_marker(p.pid, record.instance_id)
+            if p.pgid != record.pgid and p.pid != me and _has_marker(p.pid, record.marker)
         )
     return _Tree(group, escapees)
 
 
 def _tree_alive(record: _Record) -> bool:
-    """Whether any process of the instance's group is alive (zombies are not)."""
+    """Whether any process of the instance is alive (zombies are not).
+
+    The common answer is cheap (a live process of its group). Only when the
+    group is gone are all processes searched for the marker: the agent runs
+    the job in a session of its own, which may outlive a crashed agent.
+    """
     if record.pgid is None:
         return False
-    try:
-        os.killpg(record.pgid, 0)  # cheap first answer: nothing at all in the group
-    except (ProcessLookupError, PermissionError):  # gone, or another user's now
-        return False
-    return bool(_scan(record))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(record.pgid, 0)  # raises if nothing at all is left in the group
+        if _scan(record).group:
+            return True
+    return bool(_scan(record, hunt_escapees=True))
 
 
 def _signal_tree(record: _Record, sig: signal.Signals) -> None:
