@@ -171,14 +171,17 @@ class LocalProvider:
             raise CapacityError(request.offer.id, "offer is not available")
         if not _SAFE_ID.match(request.instance_id):
             raise LaunchError(f"instance id {request.instance_id!r} is not a safe folder name")
+        folder = self._folder(request.instance_id)
         with self._launch_lock:
-            folder = self._folder(request.instance_id)
             folder.parent.mkdir(parents=True, exist_ok=True)
             try:
                 folder.mkdir(mode=0o700)
             except FileExistsError:
                 raise LaunchError(f"instance {request.instance_id} was already launched") from None
             port = self._free_port()
+        # Held until the pid is recorded, so a concurrent terminate waits for
+        # the process to exist instead of being overwritten by this write.
+        with self._locked(request.instance_id):
             script = render_bootstrap(
                 request,
                 agent_host=self.host,
@@ -220,8 +223,7 @@ class LocalProvider:
             record = replace(
                 record, pid=proc.pid, pgid=proc.pid, start_ticks=_start_ticks(proc.pid)
             )
-            with self._locked(request.instance_id):
-                self._write(folder, record)
+            self._write(folder, record)
         return self._view(record)
 
     def get(self, instance_id: str) -> ProviderInstance:
@@ -235,10 +237,12 @@ class LocalProvider:
         out: list[ProviderInstance] = []
         for instance_id in self._instance_ids():
             try:
+                if self._read(instance_id).cluster != self.cluster:
+                    continue
                 record = self._observe(instance_id)
             except InstanceNotFound:
-                continue  # removed, or not an instance folder
-            if record.cluster == self.cluster and record.state != ProviderState.TERMINATED:
+                continue  # removed meanwhile
+            if record.state != ProviderState.TERMINATED:
                 out.append(self._view(record))
         return out
 
@@ -253,6 +257,8 @@ class LocalProvider:
         try:
             with self._locked(instance_id):
                 record = self._read(instance_id)
+                if record.state == ProviderState.TERMINATED:
+                    return  # seen gone before: nothing of it can be found any more
                 if record.terminate_requested_at is None:
                     # Persisted before the signals it announces.
                     record = replace(record, terminate_requested_at=time.time())
@@ -263,12 +269,12 @@ class LocalProvider:
             self._kill_tree(record)
         with self._locked(instance_id):
             record = self._read(instance_id)
-            if record.state != ProviderState.TERMINATED or record.end_reason is None:
+            if record.state != ProviderState.TERMINATED:
                 record = replace(
                     record,
                     state=ProviderState.TERMINATED.value,
-                    terminated_at=record.terminated_at or time.time(),
-                    end_reason=record.end_reason or "terminated",
+                    terminated_at=time.time(),
+                    end_reason="terminated",
                 )
                 self._write(self._folder(instance_id), record)
 
