@@ -1,0 +1,34 @@
+"""``/api/v1/offers``: the market as the scout sees it, and manual changes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from gpuscout.api.deps import PlaneDep, Reader, Writer
+from gpuscout.api.schemas import OfferPublic, OffersPublic, OfferUpdate
+from gpuscout.domain import Capacity
+
+router = APIRouter(prefix="/offers", tags=["offers"], dependencies=[Reader])
+
+
+@router.get("", summary="Offers, by id")
+def list_offers(
+    plane: PlaneDep, available: bool | None = None, capacity: Capacity | None = None,
+) -> OffersPublic:
+    # ctx.offers(), not repo.list_offers(): an offer that just failed to
+    # launch is shown unavailable while the scout skips it.
+    offers = [
+        o for o in plane.ctx.offers()
+        if (available is None or o.available == available)
+        and (capacity is None or o.capacity == capacity)
+    ]
+    return OffersPublic(data=[OfferPublic.from_domain(o) for o in offers], count=len(offers))
+
+
+@router.patch("/{offer_id}", dependencies=[Writer],
+              summary="Set an offer's price and/or availability (manual market only; 409 "
+                      "otherwise)")
+def update_offer(offer_id: str, body: OfferUpdate, plane: PlaneDep) -> OfferPublic:
+    offer = plane.update_offer(offer_id, price_per_hour=body.price_per_hour,
+                               available=body.available)
+    return OfferPublic.from_domain(offer)

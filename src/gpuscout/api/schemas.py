@@ -1,0 +1,375 @@
+"""The JSON shapes of the REST API: one pydantic schema per purpose.
+
+Inputs (``JobCreate``, ``OfferUpdate``, ``MigrateRequest``) forbid unknown
+fields and validate every bound, so bad input is a 422 that names the field
+before anything is written. Outputs (``*Public``) are built from the domain
+values with ``from_domain``; list endpoints answer ``{"data": [...], "count": N}``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpuscout.db import Event
+from gpuscout.domain import (
+    Capacity,
+    Instance,
+    InstanceStatus,
+    Job,
+    JobSpec,
+    JobStatus,
+    Migration,
+    MigrationPhase,
+    MigrationReason,
+    MigrationStatus,
+    Offer,
+    Resources,
+    WorkloadType,
+)
+from gpuscout.policy import MoveDecision
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- jobs: input ----------------------------------------------------------
+
+
+class ResourcesIn(_Input):
+    gpus: int = Field(default=0, ge=0, description="GPUs the job needs (0: CPU only)")
+    gpu_type: str | None = Field(default=None, description="e.g. V100, T4; any if omitted")
+    cpus: float = Field(default=1, gt=0)
+    memory_gb: float = Field(default=1, gt=0)
+
+
+class JobCreate(_Input):
+    """The body of ``POST /api/v1/jobs`` (and the keys of a CLI job file)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    command: str = Field(min_length=1, description="shell command run on the instance")
+    model: str = ""
+    dataset_size_gb: float = Field(default=0.0, ge=0)
+    workload_type: WorkloadType = WorkloadType.TRAINING
+    expected_duration_hours: float = Field(default=1.0, gt=0)
+    budget_usd: float | None = Field(default=None, gt=0)
+    deadline: datetime | None = Field(
+        default=None, description="ISO 8601, in the future; without an offset it is UTC")
+    resources: ResourcesIn = Field(default_factory=ResourcesIn)
+    workdir: str | None = None
+    savings_threshold: float | None = Field(default=None, ge=0, lt=1)
+    scout_interval_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("name", "command")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _in_the_future(cls, value: datetime | None) -> datetime | None:
+        # The deadline is a wall-clock promise to a user, so it is checked
+        # against the wall clock, not the control plane's (possibly simulated) one.
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if value <= datetime.now(UTC):
+            raise ValueError("must be in the future")
+        return value
+
+    def to_spec(self) -> JobSpec:
+        return JobSpec(
+            name=self.name, command=self.command, model=self.model,
+            dataset_size_gb=self.dataset_size_gb, workload_type=self.workload_type,
+            expected_duration_hours=self.expected_duration_hours, budget_usd=self.budget_usd,
+            deadline=self.deadline, resources=Resources(**self.resources.model_dump()),
+            workdir=self.workdir, savings_threshold=self.savings_threshold,
+            scout_interval_s=self.scout_interval_s,
+        )
+
+
+# --- jobs: output -----------------------------------------------------------
+
+
+class ResourcesPublic(BaseModel):
+    gpus: int
+    gpu_type: str | None
+    cpus: float
+    memory_gb: float
+
+
+class JobSpecPublic(BaseModel):
+    """The spec as submitted, echoed back."""
+
+    name: str
+    command: str
+    model: str
+    dataset_size_gb: float
+    workload_type: WorkloadType
+    expected_duration_hours: float
+    budget_usd: float | None
+    deadline: datetime | None
+    resources: ResourcesPublic
+    workdir: str | None
+    savings_threshold: float | None
+    scout_interval_s: float | None
+
+    @classmethod
+    def from_domain(cls, spec: JobSpec) -> JobSpecPublic:
+        r = spec.resources
+        return cls(
+            name=spec.name, command=spec.command, model=spec.model,
+            dataset_size_gb=spec.dataset_size_gb, workload_type=spec.workload_type,
+            expected_duration_hours=spec.expected_duration_hours, budget_usd=spec.budget_usd,
+            deadline=spec.deadline,
+            resources=ResourcesPublic(gpus=r.gpus, gpu_type=r.gpu_type, cpus=r.cpus,
+                                      memory_gb=r.memory_gb),
+            workdir=spec.workdir, savings_threshold=spec.savings_threshold,
+            scout_interval_s=spec.scout_interval_s,
+        )
+
+
+class ProgressPublic(BaseModel):
+    step: int
+    total_steps: int | None
+    loss: float | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    name: str
+    status: JobStatus
+    offer_id: str | None
+    instance_id: str | None
+    progress: ProgressPublic
+    cost_usd: float
+    savings_usd: float = Field(
+        description="what the job would have cost on its first offer, less what it cost")
+    baseline_cost_usd: float
+    endpoint: str = Field(description="the job's stable URL path (the user proxy)")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    last_migration_at: datetime | None
+    error: str | None
+    spec: JobSpecPublic
+
+    @classmethod
+    def from_domain(cls, job: Job) -> JobPublic:
+        p = job.progress
+        return cls(
+            id=job.id, name=job.spec.name, status=job.status, offer_id=job.offer_id,
+            instance_id=job.instance_id,
+            progress=ProgressPublic(step=p.step, total_steps=p.total_steps, loss=p.loss),
+            cost_usd=job.cost_usd, savings_usd=job.savings_usd,
+            baseline_cost_usd=job.baseline_cost_usd, endpoint=endpoint_path(job.id),
+            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+            last_migration_at=job.last_migration_at, error=job.error,
+            spec=JobSpecPublic.from_domain(job.spec),
+        )
+
+
+def endpoint_path(job_id: str) -> str:
+    """The job's stable endpoint, served by routing.proxy."""
+    return f"/endpoints/{job_id}/"
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+# --- migrations ---------------------------------------------------------------
+
+
+class MigrateRequest(_Input):
+    """The optional body of ``POST /jobs/{id}/migrate``."""
+
+    offer_id: str | None = Field(
+        default=None, description="target offer; the best other offer if omitted")
+
+
+class MigrationPublic(BaseModel):
+    id: str
+    job_id: str
+    status: MigrationStatus
+    phase: MigrationPhase
+    reason: MigrationReason
+    from_instance_id: str
+    to_instance_id: str | None
+    from_offer_id: str
+    to_offer_id: str
+    expected_savings: float = Field(description="fraction of the current cost per work hour")
+    checkpoint_step: int | None
+    resume_step: int | None
+    downtime_s: float | None = Field(
+        description="last step on the old instance to first step on the new")
+    error: str | None
+    started_at: datetime | None
+    replacement_ready_at: datetime | None
+    checkpointed_at: datetime | None
+    resumed_at: datetime | None
+    switched_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_domain(cls, m: Migration) -> MigrationPublic:
+        return cls(
+            id=m.id, job_id=m.job_id, status=m.status, phase=m.phase, reason=m.reason,
+            from_instance_id=m.from_instance_id, to_instance_id=m.to_instance_id,
+            from_offer_id=m.from_offer_id, to_offer_id=m.to_offer_id,
+            expected_savings=m.expected_savings, checkpoint_step=m.checkpoint_step,
+            resume_step=m.resume_step, downtime_s=m.downtime_s, error=m.error,
+            started_at=m.started_at, replacement_ready_at=m.replacement_ready_at,
+            checkpointed_at=m.checkpointed_at, resumed_at=m.resumed_at,
+            switched_at=m.switched_at, finished_at=m.finished_at,
+        )
+
+
+class MigrationsPublic(BaseModel):
+    data: list[MigrationPublic]
+    count: int
+
+
+# --- events and decisions -------------------------------------------------------
+
+
+class EventPublic(BaseModel):
+    id: int
+    job_id: str | None
+    time: datetime
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def from_domain(cls, e: Event) -> EventPublic:
+        return cls(id=e.id, job_id=e.job_id, time=e.time, kind=e.kind, message=e.message,
+                   data=e.data)
+
+
+class EventsPublic(BaseModel):
+    data: list[EventPublic]
+    count: int
+
+
+class DecisionPublic(BaseModel):
+    """One scout decision, moving or not, with the numbers behind it."""
+
+    job_id: str
+    move: bool
+    reason: str
+    current_offer_id: str | None
+    target_offer_id: str | None
+    current_cost_per_work_hour: float | None
+    target_cost_per_work_hour: float | None
+    savings: float = Field(description="fraction of the current cost per work hour")
+
+    @classmethod
+    def from_domain(cls, d: MoveDecision) -> DecisionPublic:
+        return cls(
+            job_id=d.job_id, move=d.move, reason=d.reason, current_offer_id=d.current_offer_id,
+            target_offer_id=d.target.id if d.target else None,
+            current_cost_per_work_hour=d.current_cost_per_work_hour,
+            target_cost_per_work_hour=d.target_cost_per_work_hour, savings=d.savings,
+        )
+
+
+class DecisionsPublic(BaseModel):
+    data: list[DecisionPublic]
+    count: int
+
+
+# --- offers -------------------------------------------------------------------
+
+
+class OfferPublic(BaseModel):
+    id: str
+    provider: str
+    region: str
+    zone: str
+    instance_type: str
+    capacity: Capacity
+    gpus: int
+    gpu_type: str | None
+    vcpus: float
+    memory_gb: float
+    price_per_hour: float
+    available: bool
+    relative_speed: float
+    cost_per_work_hour: float = Field(description="price per hour / relative speed")
+
+    @classmethod
+    def from_domain(cls, o: Offer) -> OfferPublic:
+        return cls(
+            id=o.id, provider=o.provider, region=o.region, zone=o.zone,
+            instance_type=o.instance_type, capacity=o.capacity, gpus=o.gpus,
+            gpu_type=o.gpu_type, vcpus=o.vcpus, memory_gb=o.memory_gb,
+            price_per_hour=o.price_per_hour, available=o.available,
+            relative_speed=o.relative_speed, cost_per_work_hour=o.cost_per_work_hour,
+        )
+
+
+class OffersPublic(BaseModel):
+    data: list[OfferPublic]
+    count: int
+
+
+class OfferUpdate(_Input):
+    """The body of ``PATCH /offers/{offer_id}``: at least one field."""
+
+    price_per_hour: float | None = Field(default=None, gt=0)
+    available: bool | None = None
+
+    @model_validator(mode="after")
+    def _something_to_change(self) -> OfferUpdate:
+        if self.price_per_hour is None and self.available is None:
+            raise ValueError("give price_per_hour and/or available")
+        return self
+
+
+# --- instances -----------------------------------------------------------------
+
+
+class InstancePublic(BaseModel):
+    id: str
+    job_id: str
+    offer_id: str
+    provider: str
+    status: InstanceStatus
+    address: str | None
+    provider_ref: str | None
+    created_at: datetime | None
+    terminated_at: datetime | None
+
+    @classmethod
+    def from_domain(cls, i: Instance) -> InstancePublic:
+        return cls(
+            id=i.id, job_id=i.job_id, offer_id=i.offer_id, provider=i.provider,
+            status=i.status, address=i.address, provider_ref=i.provider_ref,
+            created_at=i.created_at, terminated_at=i.terminated_at,
+        )
+
+
+class InstancesPublic(BaseModel):
+    data: list[InstancePublic]
+    count: int
+
+
+# --- system ------------------------------------------------------------------
+
+
+class Health(BaseModel):
+    status: str = Field(description='"ok" when the database answers')
+    version: str
+    market: str = Field(description="the price feed: manual, trace:PATH, aws")
+    manual_market: bool = Field(description="whether PATCH /offers is accepted")
+    provider: str
+    scout_interval_s: float
+    savings_threshold: float

@@ -1,0 +1,388 @@
+"""``gpuscout``: the command line (Typer + Rich).
+
+``up`` runs the control plane in this process; every other command is a thin
+client of the REST API (cli/client.py). The API's URL comes from ``--url``
+or ``GPUSCOUT_URL`` (default http://127.0.0.1:8080), the token from
+``--token``, ``GPUSCOUT_API_TOKEN`` or ``$GPUSCOUT_HOME/api_token``. Both
+options are accepted before the command (``gpuscout --url U jobs``) and after
+it (``gpuscout jobs --url U``).
+
+Contract: an error is one red line on stderr naming the problem, and exit
+code 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+from rich.console import Console
+
+from gpuscout.cli import render
+from gpuscout.cli.client import DEFAULT_URL, ApiClient, ApiError, resolve_token
+
+app = typer.Typer(
+    name="gpuscout", no_args_is_help=True, add_completion=False,
+    pretty_exceptions_show_locals=False,  # never print a token held in a local
+    help="GPU Scout keeps ML training jobs on the cheapest GPU capacity that is really "
+         "available, and moves them live without losing work.",
+)
+market_app = typer.Typer(no_args_is_help=False, help="The offers the scout chooses from.")
+app.add_typer(market_app, name="market")
+
+out = Console()
+err = Console(stderr=True)
+
+
+# --- connection options -------------------------------------------------------
+
+
+@dataclass
+class Target:
+    url: str = DEFAULT_URL
+    token: str | None = None
+
+
+UrlOption = Annotated[str | None, typer.Option(
+    "--url", help="API base URL [env: GPUSCOUT_URL; default: http://127.0.0.1:8080]",
+    show_default=False)]
+TokenOption = Annotated[str | None, typer.Option(
+    "--token", help="API token [env: GPUSCOUT_API_TOKEN; else $GPUSCOUT_HOME/api_token]",
+    show_default=False)]
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", envvar="GPUSCOUT_URL",
+                                     help="API base URL")] = DEFAULT_URL,
+    token: Annotated[str | None, typer.Option("--token", envvar="GPUSCOUT_API_TOKEN",
+                                              help="API token", show_default=False)] = None,
+) -> None:
+    ctx.obj = Target(url=url, token=token)
+
+
+def _client(ctx: typer.Context, url: str | None, token: str | None) -> ApiClient:
+    root = ctx.find_root().obj
+    target = root if isinstance(root, Target) else Target()
+    return ApiClient(url or target.url, resolve_token(token or target.token))
+
+
+def fail(message: str) -> NoReturn:
+    err.print(f"error: {message}", style="bold red", markup=False, highlight=False,
+              soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def friendly_errors(prefix: str = "") -> Iterator[None]:
+    """API errors become one red line and exit code 1."""
+    try:
+        yield
+    except ApiError as error:
+        fail(f"{prefix}{error.message}")
+
+
+# --- up -------------------------------------------------------------------------
+
+
+# Settings fields and the flags that set them, to name a bad value's flag.
+_FLAGS = {"host": "--host", "port": "--port", "home": "--home",
+          "scout_interval_s": "--scout-interval", "savings_threshold": "--savings-threshold",
+          "market": "--market", "boot_delay_s": "--boot-delay"}
+
+
+@app.command()
+def up(
+    port: Annotated[int | None, typer.Option(help="port to serve on [default: 8080]",
+                                             show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(help="address to bind [default: 127.0.0.1]",
+                                             show_default=False)] = None,
+    home: Annotated[Path | None, typer.Option(help="state folder [default: ~/.gpuscout]",
+                                              show_default=False)] = None,
+    scout_interval: Annotated[float | None, typer.Option(
+        help="seconds between scout passes per job [default: 120]", show_default=False)] = None,
+    savings_threshold: Annotated[float | None, typer.Option(
+        help="move when this much cheaper per unit of work [default: 0.20]",
+        show_default=False)] = None,
+    market: Annotated[str | None, typer.Option(
+        help="price feed: manual | trace:PATH[@SPEED] | aws [default: manual]",
+        show_default=False)] = None,
+    boot_delay: Annotated[float | None, typer.Option(
+        help="simulated boot time of a local instance, seconds [default: 5]",
+        show_default=False)] = None,
+    demo: Annotated[bool, typer.Option(
+        "--demo", help="replay the demo market and submit the demo job once up")] = False,
+    log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Run the control plane, API, user proxy and dashboard in the foreground."""
+    from pydantic import ValidationError
+
+    from gpuscout.config import Settings
+
+    # Only flags actually given become settings, so the environment still
+    # applies to the rest and demo_settings can tell explicit choices apart.
+    given: dict[str, Any] = {
+        k: v for k, v in {
+            "host": host, "port": port, "home": home, "scout_interval_s": scout_interval,
+            "savings_threshold": savings_threshold, "market": market,
+            "boot_delay_s": boot_delay,
+        }.items() if v is not None
+    }
+    try:
+        settings = Settings(**given)
+    except ValidationError as error:
+        problems = []
+        for e in error.errors():
+            name = str(e["loc"][0]) if e["loc"] else "settings"
+            where = f"{_FLAGS.get(name, name)} / GPUSCOUT_{name.upper()}"
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+        fail("; ".join(problems))
+    if demo:
+        from gpuscout.demo import demo_settings
+
+        settings = demo_settings(settings)
+    _serve(settings, demo=demo, log_level=log_level)
+
+
+def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gpuscout.server import run_server
+    from gpuscout.service import build_service
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent poll
+    host, port = settings.host, settings.port
+    try:
+        service = build_service(settings, control_url=f"http://{host}:{port}")
+    except (ValueError, OSError, SQLAlchemyError) as error:
+        fail(f"cannot start: {error}")
+
+    def started(url: str) -> None:
+        out.print(f"[bold green]GPU Scout is up[/] at {url}  (market: {service.plane.feed.name})")
+        out.print(f"  dashboard  {url}/")
+        out.print(f"  API        {url}/api/v1  (docs: {url}/docs)")
+        out.print(f"  token      {settings.home / 'api_token'}"
+                  if not demo else f"  token      {service.token}")
+        if demo:
+            _submit_demo(service, url)
+        out.print("  stop with Ctrl-C")
+
+    try:
+        run_server(service, host, port, log_level=log_level, on_started=started)
+    except OSError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        pass
+    out.print("GPU Scout stopped")
+
+
+def _submit_demo(service: Any, url: str) -> None:
+    """Submit the demo job, unless one is still live from a previous run."""
+    from gpuscout.demo import demo_job_spec
+    from gpuscout.domain.states import TERMINAL, JobStatus
+
+    spec = demo_job_spec()
+    live = [j for j in service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
+            if j.spec.name == spec.name]
+    job = live[0] if live else service.plane.submit(spec)
+    verb = "resumed" if live else "submitted"
+    out.print(f"  demo job   {job.id} {verb}: watch it move at {url}/ "
+              f"(or `gpuscout show {job.id}`)")
+
+
+# --- jobs -------------------------------------------------------------------------
+
+
+def _yaml_value(value: Any) -> Any:
+    """YAML reads unquoted timestamps as datetimes; JSON wants strings."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _yaml_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_value(v) for v in value]
+    return value
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    """The job file's mapping; raises ValueError with a message for a user."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read job file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = ""
+        mark = getattr(error, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise ValueError(f"job file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"job file {path} must be a mapping of job fields "
+                         "(name, command, resources, ...)")
+    return _yaml_value(data)  # type: ignore[no-any-return]
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    file: Annotated[Path | None, typer.Argument(
+        help="YAML job file; its keys are the fields of POST /api/v1/jobs",
+        show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="job name")] = None,
+    command: Annotated[str | None, typer.Option(help="shell command to run")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs needed")] = None,
+    gpu_type: Annotated[str | None, typer.Option(help="GPU type, e.g. V100")] = None,
+    cpus: Annotated[float | None, typer.Option(help="vCPUs needed")] = None,
+    memory_gb: Annotated[float | None, typer.Option(help="memory needed, GB")] = None,
+    expected_hours: Annotated[float | None, typer.Option(help="expected duration, hours")] = None,
+    budget: Annotated[float | None, typer.Option(help="budget, USD")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (informational)")] = None,
+    dataset_size_gb: Annotated[float | None, typer.Option(help="dataset size, GB")] = None,
+    workload_type: Annotated[str | None, typer.Option(
+        help="training | fine-tuning | inference")] = None,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """Submit a job from a YAML file and/or flags (flags win); prints its id."""
+    body: dict[str, Any] = {}
+    if file is not None:
+        try:
+            body = read_job_file(file)
+        except ValueError as error:
+            fail(str(error))
+    flags = {"name": name, "command": command, "expected_duration_hours": expected_hours,
+             "budget_usd": budget, "model": model, "dataset_size_gb": dataset_size_gb,
+             "workload_type": workload_type}
+    body.update({k: v for k, v in flags.items() if v is not None})
+    resources = {k: v for k, v in {"gpus": gpus, "gpu_type": gpu_type, "cpus": cpus,
+                                   "memory_gb": memory_gb}.items() if v is not None}
+    if resources:
+        current = body.get("resources")
+        body["resources"] = {**(current if isinstance(current, dict) else {}), **resources}
+    if file is None and not body:
+        fail("give a YAML job file or at least --name and --command")
+    with _client(ctx, url, token) as api:
+        try:
+            job = api.submit(body)
+        except ApiError as error:
+            fail(f"invalid job: {error.message}" if error.status_code == 422
+                 else error.message)
+    out.print(job["id"], markup=False, highlight=False)
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    status: Annotated[str | None, typer.Option(help="only jobs in this status")] = None,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """List jobs: id, name, status, step/total, cost, savings, offer."""
+    with friendly_errors(), _client(ctx, url, token) as api:
+        out.print(render.jobs_table(api.jobs(status)))
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="job id")],
+    events: Annotated[int, typer.Option(help="how many recent events to show")] = 15,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """A job's details, its migrations and its recent events."""
+    with friendly_errors(), _client(ctx, url, token) as api:
+        data = api.job(job)
+        out.print(render.show_job(data, api.migrations(job), api.events(job, events),
+                                  api.decisions(job)))
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="job id")],
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """Cancel a job; its instances are terminated."""
+    with friendly_errors(), _client(ctx, url, token) as api:
+        data = api.cancel(job)
+    out.print(f"job {data['id']} is {data['status']}", markup=False, highlight=False)
+
+
+@app.command()
+def migrate(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="job id")],
+    offer: Annotated[str | None, typer.Option(
+        "--offer", help="target offer id; the best other offer if omitted")] = None,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """Move a running job now, live (make-before-break)."""
+    with friendly_errors(), _client(ctx, url, token) as api:
+        m = api.migrate(job, offer)
+    out.print(f"migration {m['id']} started: {m['from_offer_id']} -> {m['to_offer_id']} "
+              f"(follow it with `gpuscout show {job}`)", markup=False, highlight=False)
+
+
+@app.command()
+def instances(
+    ctx: typer.Context,
+    job: Annotated[str | None, typer.Option("--job", help="only this job's")] = None,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """List instances, live and past."""
+    with friendly_errors(), _client(ctx, url, token) as api:
+        out.print(render.instances_table(api.instances(job)))
+
+
+# --- market -----------------------------------------------------------------------
+
+
+@market_app.callback(invoke_without_command=True)
+def market(
+    ctx: typer.Context,
+    available_only: Annotated[bool, typer.Option(
+        "--available-only", help="only offers with capacity now")] = False,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """List the offers (`market set` changes one, on a manual market)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with friendly_errors(), _client(ctx, url, token) as api:
+        out.print(render.offers_table(api.offers(available=True if available_only else None)))
+
+
+@market_app.command("set")
+def market_set(
+    ctx: typer.Context,
+    offer_id: Annotated[str, typer.Argument(help="offer id, as `gpuscout market` lists it")],
+    price: Annotated[float | None, typer.Option(help="new price per hour, USD")] = None,
+    available: Annotated[bool | None, typer.Option(
+        "--available/--unavailable", help="whether the offer has capacity",
+        show_default=False)] = None,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """Set an offer's price and/or availability (manual market only)."""
+    if price is None and available is None:
+        fail("give --price and/or --available/--unavailable")
+    with friendly_errors(), _client(ctx, url, token) as api:
+        o = api.update_offer(offer_id, price_per_hour=price, available=available)
+    state = "available" if o["available"] else "unavailable"
+    out.print(f"{o['id']}: ${o['price_per_hour']:.4f}/h, {state}", markup=False,
+              highlight=False)
+
+
+if __name__ == "__main__":  # python -m gpuscout.cli.main
+    app(prog_name="gpuscout")
