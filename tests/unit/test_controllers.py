@@ -79,6 +79,11 @@ def running_job(service: Service) -> str:
     return job.id
 
 
+def move_to_g4(service: Service, job_id: str) -> None:
+    service.plane.update_offer(G4_SPOT_B, available=True)
+    service.plane.migrate(job_id, G4_SPOT_B)
+
+
 def test_job_starts_on_the_cheapest_available_compatible_offer(service: Service) -> None:
     job_id = running_job(service)
     job = service.repo.get_job(job_id)
@@ -151,7 +156,7 @@ def test_boot_failure_keeps_the_job_on_the_old_instance(
 
     agents.agent = never_ready  # type: ignore[method-assign]
     step_before = agents.agents[f"run-{old}"].step
-    service.plane.migrate(job_id, G4_SPOT_B)
+    move_to_g4(service, job_id)
     service.plane.wait_for_migrations()
     assert_rolled_back(service, provider, job_id, old)
     (m,) = service.repo.list_migrations(job_id=job_id)
@@ -174,7 +179,7 @@ def test_restore_failure_resumes_the_old_instance_with_no_step_lost(
     agents.restore = failing_restore  # type: ignore[method-assign]
     # A checkpoint newer than the one handed over, as if the replacement had
     # written it before failing, must not survive the rollback.
-    service.plane.migrate(job_id, G4_SPOT_B)
+    move_to_g4(service, job_id)
     service.plane.wait_for_migrations()
     assert_rolled_back(service, provider, job_id, old)
     (m,) = service.repo.list_migrations(job_id=job_id)
@@ -200,7 +205,7 @@ def test_rollback_deletes_checkpoints_written_by_the_replacement(
 
     agents.restore = restore_then_fail  # type: ignore[method-assign]
     store.put(f"{prefix}/{1:012d}-old/MANIFEST.json", b"{}")
-    service.plane.migrate(job_id, G4_SPOT_B)
+    move_to_g4(service, job_id)
     service.plane.wait_for_migrations()
     keys = list(store.list(prefix + "/"))
     assert keys == [f"{prefix}/{1:012d}-old/MANIFEST.json"]
@@ -211,7 +216,7 @@ def test_capacity_error_on_the_target_keeps_the_job_and_marks_the_offer(
     job_id = running_job(service)
     old = service.repo.get_job(job_id).instance_id or ""
     provider.unavailable_offers.add(G4_SPOT_B)
-    service.plane.migrate(job_id, G4_SPOT_B)
+    move_to_g4(service, job_id)
     service.plane.wait_for_migrations()
     job = service.repo.get_job(job_id)
     assert (job.status, job.instance_id) == (JobStatus.RUNNING, old)
@@ -228,7 +233,7 @@ def test_restart_rolls_back_a_move_left_before_the_switch(
     job_id = running_job(service)
     job = service.repo.get_job(job_id)
     old = job.instance_id or ""
-    target = service.repo.get_offer(G4_SPOT_B)
+    target = service.plane.update_offer(G4_SPOT_B, available=True)
     m = service.plane.executor.begin(job, target, MigrationReason.MANUAL, 0.5)
     new, _ = service.ctx.launch(job, target, standby=True)
     fields: dict[str, object] = {"phase": phase, "to_instance_id": new.id}
@@ -247,7 +252,7 @@ def test_restart_rolls_forward_a_move_left_after_the_switch(
     job_id = running_job(service)
     job = service.repo.get_job(job_id)
     old = job.instance_id or ""
-    target = service.repo.get_offer(G4_SPOT_B)
+    target = service.plane.update_offer(G4_SPOT_B, available=True)
     m = service.plane.executor.begin(job, target, MigrationReason.MANUAL, 0.5)
     new, _ = service.ctx.launch(job, target, standby=True)
     service.repo.update_migration(m.id, phase=MigrationPhase.SWITCHING, to_instance_id=new.id,
