@@ -49,22 +49,22 @@ def base_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _uvicorn_server(service: Service, log_level: str) -> uvicorn.Server:
-    config = uvicorn.Config(create_app(service), log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=5)
+def _uvicorn_server(service: Service, log_level: str, access_log: bool) -> uvicorn.Server:
+    config = uvicorn.Config(create_app(service), log_level=log_level, access_log=access_log,
+                            lifespan="off", timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
 def run_server(
     service: Service, host: str, port: int, *, log_level: str = "info",
-    on_started: Callable[[str], None] | None = None,
+    access_log: bool = True, on_started: Callable[[str], None] | None = None,
 ) -> None:
     """Serve in the foreground until interrupted; the plane's loops run
     meanwhile. ``on_started(url)`` is called (in another thread) once the
     server accepts connections. A KeyboardInterrupt from the Ctrl-C that
     stopped the server propagates after the loops have stopped."""
     sock = bind_socket(host, port)
-    server = _uvicorn_server(service, log_level)
+    server = _uvicorn_server(service, log_level, access_log)
     if on_started is not None:
         url = base_url(sock)
 
@@ -93,7 +93,7 @@ class ServerThread:
         self.start_plane = start_plane
         self._sock = bind_socket(host, port)
         self.url = base_url(self._sock)
-        self._server = _uvicorn_server(service, log_level)
+        self._server = _uvicorn_server(service, log_level, access_log=False)
         self._thread: threading.Thread | None = None
         self._plane_started = False
 

@@ -51,10 +51,10 @@ class Target:
 
 
 UrlOption = Annotated[str | None, typer.Option(
-    "--url", help="API base URL [env: GPUSCOUT_URL; default: http://127.0.0.1:8080]",
+    "--url", help="API base URL (env: GPUSCOUT_URL; default: http://127.0.0.1:8080)",
     show_default=False)]
 TokenOption = Annotated[str | None, typer.Option(
-    "--token", help="API token [env: GPUSCOUT_API_TOKEN; else $GPUSCOUT_HOME/api_token]",
+    "--token", help="API token (env: GPUSCOUT_API_TOKEN; else $GPUSCOUT_HOME/api_token)",
     show_default=False)]
 
 
@@ -66,6 +66,9 @@ def main(
     token: Annotated[str | None, typer.Option("--token", envvar="GPUSCOUT_API_TOKEN",
                                               help="API token", show_default=False)] = None,
 ) -> None:
+    global out, err
+    # Made per invocation so that COLUMNS and the streams in effect now count.
+    out, err = Console(), Console(stderr=True)
     ctx.obj = Target(url=url, token=token)
 
 
@@ -101,22 +104,22 @@ _FLAGS = {"host": "--host", "port": "--port", "home": "--home",
 
 @app.command()
 def up(
-    port: Annotated[int | None, typer.Option(help="port to serve on [default: 8080]",
+    port: Annotated[int | None, typer.Option(help="port to serve on (default: 8080)",
                                              show_default=False)] = None,
-    host: Annotated[str | None, typer.Option(help="address to bind [default: 127.0.0.1]",
+    host: Annotated[str | None, typer.Option(help="address to bind (default: 127.0.0.1)",
                                              show_default=False)] = None,
-    home: Annotated[Path | None, typer.Option(help="state folder [default: ~/.gpuscout]",
+    home: Annotated[Path | None, typer.Option(help="state folder (default: ~/.gpuscout)",
                                               show_default=False)] = None,
     scout_interval: Annotated[float | None, typer.Option(
-        help="seconds between scout passes per job [default: 120]", show_default=False)] = None,
+        help="seconds between scout passes per job (default: 120)", show_default=False)] = None,
     savings_threshold: Annotated[float | None, typer.Option(
-        help="move when this much cheaper per unit of work [default: 0.20]",
+        help="move when this much cheaper per unit of work (default: 0.20)",
         show_default=False)] = None,
     market: Annotated[str | None, typer.Option(
-        help="price feed: manual | trace:PATH[@SPEED] | aws [default: manual]",
+        help="price feed: manual | trace:PATH | trace:PATH@SPEED | aws (default: manual)",
         show_default=False)] = None,
     boot_delay: Annotated[float | None, typer.Option(
-        help="simulated boot time of a local instance, seconds [default: 5]",
+        help="simulated boot time of a local instance, seconds (default: 5)",
         show_default=False)] = None,
     demo: Annotated[bool, typer.Option(
         "--demo", help="replay the demo market and submit the demo job once up")] = False,
@@ -160,7 +163,10 @@ def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per agent poll
+    debug = log_level.lower() == "debug"
+    if not debug:  # one line per agent poll, per schema migration step
+        for noisy in ("httpx", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     host, port = settings.host, settings.port
     try:
         service = build_service(settings, control_url=f"http://{host}:{port}")
@@ -178,7 +184,9 @@ def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
         out.print("  stop with Ctrl-C")
 
     try:
-        run_server(service, host, port, log_level=log_level, on_started=started)
+        # The dashboard polls every 2 s: access lines only when debugging.
+        run_server(service, host, port, log_level=log_level, access_log=debug,
+                   on_started=started)
     except OSError as error:
         fail(str(error))
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -46,6 +47,15 @@ def clock_time(value: str | None) -> str:
     return t.strftime("%H:%M:%S") if t else "-"
 
 
+def offer_label(offer_id: str | None) -> str:
+    """``local:us-east-1a:g4dn.xlarge:spot`` -> ``g4dn.xlarge spot us-east-1a``
+    (the provider is the same for every offer of one control plane)."""
+    if not offer_id:
+        return "-"
+    parts = offer_id.split(":")
+    return f"{parts[2]} {parts[3]} {parts[1]}" if len(parts) == 4 else offer_id
+
+
 def progress(job: Json) -> str:
     p = job.get("progress") or {}
     total = p.get("total_steps")
@@ -53,14 +63,18 @@ def progress(job: Json) -> str:
 
 
 def jobs_table(jobs: list[Json]) -> Table:
-    table = Table(title=f"Jobs ({len(jobs)})", title_justify="left")
-    for column in ("ID", "NAME", "STATUS", "STEP", "COST", "SAVINGS", "OFFER"):
-        table.add_column(column, no_wrap=column in ("ID", "STATUS"),
-                         justify="right" if column in ("STEP", "COST", "SAVINGS") else "left")
+    table = _table(f"Jobs ({len(jobs)})")
+    table.add_column("ID", no_wrap=True)
+    table.add_column("NAME", overflow="fold")
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("STEP", justify="right", no_wrap=True)
+    table.add_column("COST", justify="right", no_wrap=True)
+    table.add_column("SAVINGS", justify="right", no_wrap=True)
+    table.add_column("OFFER", overflow="fold")
     for job in jobs:
         table.add_row(job["id"], job["name"], status_text(job["status"]), progress(job),
                       money(job.get("cost_usd")), money(job.get("savings_usd")),
-                      job.get("offer_id") or "-")
+                      offer_label(job.get("offer_id")))
     return table
 
 
@@ -97,6 +111,15 @@ def job_details(job: Json) -> Table:
     return grid
 
 
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", title_style="bold",
+                 box=box.SIMPLE_HEAD, header_style="bold")
+
+
 def _offset(start: datetime | None, value: str | None) -> str:
     t = parse_time(value)
     if t is None:
@@ -108,31 +131,41 @@ def _offset(start: datetime | None, value: str | None) -> str:
 
 def migrations_table(migrations: list[Json]) -> Table:
     """One row per move; phase times are offsets from the move's start."""
-    table = Table(title=f"Migrations ({len(migrations)})", title_justify="left")
-    for column in ("STARTED", "REASON", "STATUS", "PHASE", "FROM -> TO", "SAVING",
-                   "CKPT", "RESUME", "DOWNTIME", "READY", "CKPTED", "RESUMED", "SWITCHED",
-                   "DONE"):
-        table.add_column(column)
+    table = _table(f"Migrations ({len(migrations)})")
+    table.add_column("STARTED", no_wrap=True)
+    table.add_column("REASON", no_wrap=True)
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("FROM -> TO", overflow="fold")
+    table.add_column("STEPS", justify="right", no_wrap=True)
+    table.add_column("DOWNTIME", justify="right", no_wrap=True)
+    table.add_column("PHASES", no_wrap=True)
     for m in migrations:
         start = parse_time(m.get("started_at"))
         downtime = m.get("downtime_s")
+        status = status_text(m["status"])
+        if m["status"] == "in_progress":
+            status.append(f"\n{m['phase']}", style="dim")
+        phases = "\n".join(
+            f"{label} {_offset(start, m.get(key))}"
+            for label, key in (("ready", "replacement_ready_at"), ("ckpt", "checkpointed_at"),
+                               ("resumed", "resumed_at"), ("switched", "switched_at"),
+                               ("done", "finished_at"))
+            if m.get(key))
         table.add_row(
-            clock_time(m.get("started_at")), m["reason"], status_text(m["status"]), m["phase"],
-            f"{m['from_offer_id']}\n-> {m['to_offer_id']}", percent(m.get("expected_savings")),
-            str(m.get("checkpoint_step") if m.get("checkpoint_step") is not None else "-"),
-            str(m.get("resume_step") if m.get("resume_step") is not None else "-"),
-            f"{downtime:.2f}s" if downtime is not None else "-",
-            _offset(start, m.get("replacement_ready_at")),
-            _offset(start, m.get("checkpointed_at")), _offset(start, m.get("resumed_at")),
-            _offset(start, m.get("switched_at")), _offset(start, m.get("finished_at")),
+            clock_time(m.get("started_at")), m["reason"], status,
+            f"{offer_label(m['from_offer_id'])}\n-> {offer_label(m['to_offer_id'])}\n"
+            f"({percent(m.get('expected_savings'))} cheaper expected)",
+            f"ckpt {_or_dash(m.get('checkpoint_step'))}\n"
+            f"resume {_or_dash(m.get('resume_step'))}",
+            f"{downtime:.2f}s" if downtime is not None else "-", phases or "-",
         )
         if m.get("error"):
-            table.add_row("", Text(f"error: {m['error']}", style="red"))
+            table.add_row("", "", Text(f"error: {m['error']}", style="red"))
     return table
 
 
 def events_table(events: list[Json]) -> Table:
-    table = Table(title=f"Recent events ({len(events)})", title_justify="left")
+    table = _table(f"Recent events ({len(events)})")
     table.add_column("TIME", no_wrap=True)
     table.add_column("KIND", no_wrap=True)
     table.add_column("MESSAGE")
@@ -145,11 +178,8 @@ def decision_text(decisions: list[Json]) -> Text:
     if not decisions:
         return Text("scout: no decision yet", style="dim")
     d = decisions[-1]
-    verb = "move" if d["move"] else "stay"
-    line = f"scout: {verb} ({d['reason']})"
-    if d.get("target_offer_id"):
-        line += f"; best other offer {d['target_offer_id']}, saving {percent(d.get('savings'))}"
-    return Text(line, style="magenta" if d["move"] else "")
+    return Text(f"scout: {'move' if d['move'] else 'stay'} ({d['reason']})",
+                style="magenta" if d["move"] else "")
 
 
 def show_job(job: Json, migrations: list[Json], events: list[Json],
@@ -159,29 +189,30 @@ def show_job(job: Json, migrations: list[Json], events: list[Json],
 
 
 def offers_table(offers: list[Json]) -> Table:
-    table = Table(title=f"Offers ({len(offers)})", title_justify="left")
-    for column, justify in (("ID", "left"), ("TYPE", "left"), ("CAPACITY", "left"),
-                            ("ZONE", "left"), ("GPUS", "right"), ("VCPUS", "right"),
-                            ("MEM GB", "right"), ("$/HOUR", "right"), ("$/WORK-HOUR", "right"),
-                            ("AVAILABLE", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    # The id names provider, zone, type and capacity, and is what `market
+    # set` takes, so it is shown whole; the rest fits in 80 columns beside it.
+    table = _table(f"Offers ({len(offers)})")
+    width = max((len(o["id"]) for o in offers), default=2)
+    table.add_column("ID", no_wrap=True, min_width=width)
+    table.add_column("GPUS", no_wrap=True)
+    table.add_column("$/HOUR", justify="right", no_wrap=True)
+    table.add_column("$/WORK-H", justify="right", no_wrap=True)
+    table.add_column("AVAIL", no_wrap=True)
     for o in offers:
-        gpus = f"{o['gpus']} x {o['gpu_type']}" if o.get("gpus") else "0"
+        gpus = f"{o['gpus']} x {o['gpu_type']}" if o.get("gpus") else "-"
         table.add_row(
-            o["id"], o["instance_type"], o["capacity"], o["zone"], gpus, f"{o['vcpus']:g}",
-            f"{o['memory_gb']:g}", f"{o['price_per_hour']:.4f}",
-            f"{o['cost_per_work_hour']:.4f}",
+            o["id"], gpus, f"{o['price_per_hour']:.4f}", f"{o['cost_per_work_hour']:.4f}",
             Text("yes", style="green") if o["available"] else Text("no", style="red"),
         )
     return table
 
 
 def instances_table(instances: list[Json]) -> Table:
-    table = Table(title=f"Instances ({len(instances)})", title_justify="left")
+    table = _table(f"Instances ({len(instances)})")
     for column in ("ID", "JOB", "OFFER", "STATUS", "ADDRESS", "CREATED", "TERMINATED"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "OFFER", overflow="fold")
     for i in instances:
-        table.add_row(i["id"], i["job_id"], i["offer_id"], status_text(i["status"]),
+        table.add_row(i["id"], i["job_id"], offer_label(i["offer_id"]), status_text(i["status"]),
                       i.get("address") or "-", clock_time(i.get("created_at")),
                       clock_time(i.get("terminated_at")))
     return table
