@@ -192,6 +192,10 @@ class MigrationExecutor:
                 ctx.terminate(m.to_instance_id, failed=True)
             except ProviderError as err:  # the reaper retries
                 log.warning("could not terminate replacement %s: %s", m.to_instance_id, err)
+        if m.phase in (P.LAUNCHING, P.BOOTING):
+            # The offer could not give a healthy machine: don't retry it at
+            # once on the next scout pass.
+            ctx.mark_unavailable(m.to_offer_id)
         if m.checkpoint_step is not None:
             self._delete_checkpoints_after(m.job_id, m.checkpoint_step)
         job = ctx.repo.get_job(m.job_id)
