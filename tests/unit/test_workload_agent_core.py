@@ -4,6 +4,7 @@ event answers in each state, with checkpoint and pause requests pending."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ S = AgentState
 A = ProgressAction
 
 
-def status(state: AgentState = S.RUNNING, **fields: object) -> AgentStatus:
+def status(state: AgentState = S.RUNNING, **fields: Any) -> AgentStatus:
     return replace(core.initial("i-1", "job-1", standby=False), state=state, **fields)
 
 

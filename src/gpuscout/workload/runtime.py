@@ -1,0 +1,487 @@
+"""What a training script calls: restore, report each step, checkpoint,
+save artifacts, serve its endpoints. The same script runs with or without
+the control plane.
+
+Under an agent (``GPUSCOUT_AGENT_URL`` set, see ``gpuscout.agent.protocol``)
+every completed step is reported with one keep-alive POST on loopback, and
+the agent's answer decides whether to checkpoint now or pause. Standalone,
+checkpoints go to ``GPUSCOUT_STORE_URL`` if set, else to the file store
+``<default_dir>/.checkpoints``, and artifacts into ``default_dir``; a
+standalone run started again in the same folder resumes where the last one
+checkpointed.
+
+State contract: the state is a JSON object. It is saved as ``state.json``
+with Python's shortest round-trip float repr, so floats come back bit for
+bit; numpy arrays and scalars are accepted (anything with ``tolist()``) and
+come back as lists and Python floats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+from gpuscout.agent import protocol as p
+from gpuscout.agent.protocol import ProgressAction
+from gpuscout.store import ObjectStore, open_store
+from gpuscout.workload.checkpoint import CheckpointInfo, CheckpointStore, NoCheckpoint
+
+log = logging.getLogger("gpuscout.workload")
+
+STATE_FILE = "state.json"
+STANDALONE_CHECKPOINT_DIR = ".checkpoints"
+STANDALONE_CHECKPOINT_PREFIX = "checkpoints"
+# A workload whose agent is gone is unsupervised: nobody can checkpoint,
+# move or stop it. After this long without reaching the agent it gives up.
+AGENT_GRACE_S = 30.0
+# Server-side hold of the long polls (the agent answers 204 after it).
+LONG_POLL_S = 25.0
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+State = Mapping[str, Any]
+StateArg = State | Callable[[], State]
+
+
+class AgentUnavailable(RuntimeError):
+    """The agent could not be reached for ``AGENT_GRACE_S``."""
+
+
+class AgentProtocolError(RuntimeError):
+    """The agent answered something the protocol does not allow."""
+
+
+# --- state encoding --------------------------------------------------------
+
+
+def _to_builtin(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):  # numpy arrays and scalars
+        return tolist()
+    raise TypeError(f"checkpoint state is not JSON-able: {type(value).__name__}")
+
+
+def encode_state(state: State) -> bytes:
+    """``state`` as canonical JSON; floats round-trip exactly."""
+    if not isinstance(state, Mapping):
+        raise TypeError("checkpoint state must be a dict")
+    return json.dumps(
+        state, sort_keys=True, separators=(",", ":"), allow_nan=True, default=_to_builtin
+    ).encode()
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    state = json.loads(data)
+    if not isinstance(state, dict):
+        raise ValueError("state.json does not hold an object")
+    return state
+
+
+# --- the agent, seen from the workload -------------------------------------
+
+
+class AgentClient:
+    """The workload side of protocol.py, over one keep-alive connection."""
+
+    def __init__(self, url: str, *, grace_s: float = AGENT_GRACE_S) -> None:
+        self.url = url
+        self.grace_s = grace_s
+        self._http = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, connect=2.0))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def restore_target(self) -> int | None:
+        """The step to restore (None: the latest verified); blocks in standby."""
+        while True:
+            answer = self._call("GET", f"{p.WORKLOAD_PREFIX}/restore-target", long_poll=True)
+            if answer.status_code == 200:
+                step = answer.json().get("step")
+                return None if step is None else int(step)
+
+    def progress(self, step: int, *, loss: float | None, total_steps: int | None,
+                 at: float) -> ProgressAction:
+        if loss is not None and not math.isfinite(loss):
+            loss = None  # JSON has no NaN; the agent reads None as unknown
+        body = {"step": step, "loss": loss, "total_steps": total_steps, "time": at}
+        answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/progress", json=body)
+        return ProgressAction(answer.json()["action"])
+
+    def checkpointed(self, step: int, key: str) -> ProgressAction:
+        body = {"step": step, "key": key}
+        answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/checkpointed", json=body)
+        return ProgressAction(answer.json()["action"])
+
+    def wait_resume(self) -> None:
+        """Block until the agent resumes this workload."""
+        while True:
+            answer = self._call("GET", f"{p.WORKLOAD_PREFIX}/wait-resume", long_poll=True)
+            if answer.status_code == 200:
+                return
+
+    def _call(self, method: str, path: str, *, json: Any = None,
+              long_poll: bool = False) -> httpx.Response:
+        """One request, retried while the agent cannot be reached.
+
+        A 204 means "not yet" on a long poll; any other non-2xx is a bug.
+        """
+        params = {"timeout_s": LONG_POLL_S} if long_poll else None
+        timeout = httpx.Timeout(LONG_POLL_S + 10.0, connect=2.0) if long_poll else None
+        deadline = time.monotonic() + self.grace_s
+        delay = 0.05
+        while True:
+            try:
+                if timeout is not None:
+                    answer = self._http.request(method, path, json=json, params=params,
+                                                timeout=timeout)
+                else:
+                    answer = self._http.request(method, path, json=json)
+                break
+            except httpx.TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise AgentUnavailable(
+                        f"agent at {self.url} unreachable for {self.grace_s:.0f} s: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if answer.status_code >= 300:
+            raise AgentProtocolError(
+                f"{method} {path} -> {answer.status_code}: {answer.text[:200]}"
+            )
+        return answer
+
+
+# --- the workload's own HTTP endpoints ----------------------------------------
+
+
+class BadRequest(Exception):
+    """Raise in a route handler to answer ``status`` with {"error": message}."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; BadRequest (400) if it is not."""
+        if not self.body:
+            raise BadRequest("the request needs a JSON body")
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest("the body is not valid JSON") from None
+
+
+Handler = Callable[[Request], Any]
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+
+
+def _parse_routes(routes: Mapping[str, Handler]) -> dict[str, dict[str, Handler]]:
+    table: dict[str, dict[str, Handler]] = {}
+    for route, handler in routes.items():
+        method, _, path = route.strip().partition(" ")
+        method, path = method.upper(), path.strip()
+        if method not in _METHODS or not path.startswith("/"):
+            raise ValueError(f"route must read 'METHOD /path', got {route!r}")
+        table.setdefault(path, {})[method] = handler
+    return table
+
+
+class WorkloadServer:
+    """A small threaded JSON server for the workload's endpoints.
+
+    Each route handler gets a ``Request`` and returns a JSON-able value
+    (200) or raises ``BadRequest``; any other exception is a 500 and is
+    logged. Unknown paths are 404, other methods on a known path 405.
+    """
+
+    def __init__(self, routes: Mapping[str, Handler], *, host: str = "127.0.0.1",
+                 port: int = 0) -> None:
+        table = _parse_routes(routes)
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive with the agent's proxy
+
+            def _handle(self) -> None:
+                url = urlsplit(self.path)
+                methods = table.get(url.path)
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    return self._reply(411, {"error": "a Content-Length is required"})
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    self.close_connection = True
+                    return self._reply(413, {"error": "body too large"})
+                body = self.rfile.read(length) if length else b""
+                if methods is None:
+                    return self._reply(404, {"error": f"no such endpoint: {url.path}"})
+                handler = methods.get(self.command)
+                if handler is None:
+                    allow = ", ".join(sorted(methods))
+                    return self._reply(405, {"error": f"method not allowed; use {allow}"},
+                                       {"Allow": allow})
+                request = Request(self.command, url.path, parse_qs(url.query), body)
+                try:
+                    result = handler(request)
+                    payload = json.dumps(result, allow_nan=False, default=_to_builtin)
+                except BadRequest as exc:
+                    return self._reply(exc.status, {"error": exc.message})
+                except Exception:
+                    log.exception("handler for %s %s failed", self.command, url.path)
+                    return self._reply(500, {"error": "internal error"})
+                self._send(200, payload.encode())
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+            def _reply(self, status: int, body: Any,
+                       headers: Mapping[str, str] | None = None) -> None:
+                self._send(status, json.dumps(body).encode(), headers)
+
+            def _send(self, status: int, data: bytes,
+                      headers: Mapping[str, str] | None = None) -> None:
+                self.send_response(status, HTTPStatus(status).phrase)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # polled endpoints would flood the job's log
+
+        self._server = ThreadingHTTPServer((host, port), _Handler)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="gpuscout-workload-http", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --- the run ---------------------------------------------------------------
+
+
+class Run:
+    """One run of a training script; make it with ``init``.
+
+    Steps are *completed* steps (protocol.py): ``step_done(s)`` after the
+    s-th step, a checkpoint of step s holds the state after s steps, and
+    ``restore()`` returning s means the next step to run is s + 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoints: CheckpointStore,
+        checkpoint_every: int | None,
+        instance_id: str,
+        default_dir: Path,
+        agent: AgentClient | None = None,
+        workload_port: int | None = None,
+        artifacts: tuple[ObjectStore, str] | None = None,
+    ) -> None:
+        if checkpoint_every is not None and checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0 (0 or None: only when asked)")
+        self.checkpoints = checkpoints
+        self.checkpoint_every = checkpoint_every or None
+        self.instance_id = instance_id
+        self.default_dir = default_dir
+        self.agent = agent
+        self.workload_port = workload_port
+        self._artifacts = artifacts
+        self._server: WorkloadServer | None = None
+        self.last_checkpoint: CheckpointInfo | None = None
+
+    @property
+    def managed(self) -> bool:
+        """True under an agent, False standalone."""
+        return self.agent is not None
+
+    def restore(self) -> tuple[int, dict[str, Any]] | None:
+        """The state to start from: ``(step, state)``, or None to start fresh.
+
+        Under an agent this first waits while the agent is in standby, then
+        loads the step the agent names (which must exist and verify), or the
+        latest verified checkpoint; corrupt or partial checkpoints are
+        skipped by ``CheckpointStore``.
+        """
+        target = self.agent.restore_target() if self.agent is not None else None
+        if target is None:
+            try:
+                info, files = self.checkpoints.load(None)
+            except NoCheckpoint:
+                log.info("no checkpoint to restore: starting fresh")
+                return None
+        else:
+            info, files = self.checkpoints.load(target)
+        self.last_checkpoint = info
+        log.info("restored checkpoint of step %d (%s)", info.step, info.key)
+        return info.step, decode_state(files[STATE_FILE])
+
+    def step_done(
+        self,
+        step: int,
+        *,
+        state: StateArg,
+        loss: float | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        """Report that step ``step`` completed; checkpoint and pause as due.
+
+        ``state`` (a dict, or a function returning one, called only when a
+        checkpoint is taken) is the state after this step. A checkpoint is
+        saved every ``checkpoint_every`` steps and whenever the agent asks;
+        if the agent asks to pause, this blocks until it resumes. A failed
+        save is logged and training goes on (the agent asks again at the
+        next step boundary).
+        """
+        action = ProgressAction.CONTINUE
+        if self.agent is not None:
+            action = self.agent.progress(step, loss=loss, total_steps=total_steps, at=time.time())
+        periodic = self.checkpoint_every is not None and step % self.checkpoint_every == 0
+        if action is ProgressAction.CHECKPOINT or periodic:
+            try:
+                info = self.checkpoint(step, state() if callable(state) else state)
+            except AgentUnavailable:
+                raise
+            except Exception:
+                log.exception("checkpoint of step %d failed; training goes on", step)
+                info = None
+            if info is not None and self.agent is not None:
+                action = self.agent.checkpointed(info.step, info.key)
+        if action is ProgressAction.PAUSE and self.agent is not None:
+            log.info("paused after step %d", step)
+            self.agent.wait_resume()
+            log.info("resumed after step %d", step)
+
+    def checkpoint(self, step: int, state: State) -> CheckpointInfo:
+        """Save ``state`` as the checkpoint of ``step`` (does not tell the agent)."""
+        info = self.checkpoints.save(step, {STATE_FILE: encode_state(state)})
+        self.last_checkpoint = info
+        return info
+
+    def save_artifact(self, name: str, data: bytes) -> str:
+        """Store an output file; return where it went (a store key or a path).
+
+        Under an agent: ``<GPUSCOUT_ARTIFACTS_PREFIX>/<name>`` in the store;
+        standalone: ``<default_dir>/<name>``, written atomically.
+        """
+        parts = name.split("/")
+        if not name or name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"artifact name must be a relative path without '..': {name!r}")
+        if self._artifacts is not None:
+            store, prefix = self._artifacts
+            key = f"{prefix}/{name}"
+            store.put(key, data)
+            return key
+        path = self.default_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return str(path)
+
+    def serve(self, routes: Mapping[str, Handler], *, port: int | None = None) -> int | None:
+        """Serve ``routes`` ({"GET /status": handler, ...}) on loopback.
+
+        Under an agent the port is ``GPUSCOUT_WORKLOAD_PORT`` (the agent
+        forwards its other paths there); standalone it is ``port`` (0: any
+        free port), and nothing is served when ``port`` is None. Returns the
+        port served, or None.
+        """
+        if self._server is not None:
+            raise RuntimeError("serve() was called already")
+        chosen = self.workload_port if self.workload_port is not None else port
+        if chosen is None:
+            return None
+        self._server = WorkloadServer(routes, port=chosen)
+        log.info("serving on 127.0.0.1:%d", self._server.port)
+        return self._server.port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self.agent is not None:
+            self.agent.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def init(
+    *,
+    checkpoint_every: int | None = None,
+    default_dir: str | os.PathLike[str] = ".",
+    environ: Mapping[str, str] | None = None,
+) -> Run:
+    """Make the run from the environment (protocol.py); standalone if there
+    is no ``GPUSCOUT_AGENT_URL``. ``checkpoint_every``: save every that many
+    steps besides when the agent asks (None or 0: only when asked)."""
+    env = os.environ if environ is None else environ
+    directory = Path(default_dir)
+    agent_url = env.get(p.ENV_AGENT_URL, "").strip()
+    store_url = env.get(p.ENV_STORE_URL, "").strip()
+    instance_id = env.get(p.ENV_INSTANCE_ID, "").strip() or "standalone"
+    if not agent_url:
+        if store_url:
+            store = open_store(store_url)
+            prefix = env.get(p.ENV_CHECKPOINT_PREFIX, "").strip() or STANDALONE_CHECKPOINT_PREFIX
+        else:
+            root = (directory / STANDALONE_CHECKPOINT_DIR).resolve()
+            root.mkdir(parents=True, exist_ok=True)
+            store = open_store(root.as_uri())
+            prefix = STANDALONE_CHECKPOINT_PREFIX
+        return Run(checkpoints=CheckpointStore(store, prefix), checkpoint_every=checkpoint_every,
+                   instance_id=instance_id, default_dir=directory)
+
+    def required(name: str) -> str:
+        value = env.get(name, "").strip()
+        if not value:
+            raise RuntimeError(f"{name} must be set when {p.ENV_AGENT_URL} is")
+        return value
+
+    store = open_store(required(p.ENV_STORE_URL))
+    port_text = required(p.ENV_WORKLOAD_PORT)
+    try:
+        workload_port = int(port_text)
+    except ValueError:
+        raise RuntimeError(f"{p.ENV_WORKLOAD_PORT} must be an integer: {port_text!r}") from None
+    return Run(
+        checkpoints=CheckpointStore(store, required(p.ENV_CHECKPOINT_PREFIX)),
+        checkpoint_every=checkpoint_every,
+        instance_id=instance_id,
+        default_dir=directory,
+        agent=AgentClient(agent_url),
+        workload_port=workload_port,
+        artifacts=(store, required(p.ENV_ARTIFACTS_PREFIX)),
+    )

@@ -1,0 +1,160 @@
+"""The workload library standalone: exact state, checkpoint cadence,
+restore of the latest verified checkpoint, artifacts, its small HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gpuscout import workload
+from gpuscout.agent import protocol as p
+from gpuscout.store import open_store
+from gpuscout.workload.runtime import AgentClient, AgentUnavailable, WorkloadServer
+
+
+def standalone(tmp_path: Path, every: int | None = 5) -> workload.Run:
+    return workload.init(checkpoint_every=every, default_dir=tmp_path, environ={})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.1 + 0.2, 1 / 3, -0.0, 5e-324, 1.7976931348623157e308, 2.0**-1074 * 3, 123456789.123456789],
+)
+def test_state_floats_round_trip_bit_for_bit(value: float) -> None:
+    state = workload.decode_state(workload.encode_state({"x": value, "xs": [value, -value]}))
+    assert state["x"].hex() == value.hex()
+    assert [v.hex() for v in state["xs"]] == [value.hex(), (-value).hex()]
+
+
+def test_state_accepts_numpy_and_keeps_non_finite() -> None:
+    coef = np.random.default_rng(1).normal(size=8)
+    data = workload.encode_state({"coef": coef, "b": np.float64(0.1), "n": math.inf})
+    state = workload.decode_state(data)
+    assert np.array_equal(np.asarray(state["coef"]), coef)
+    assert state["b"] == 0.1 and state["n"] == math.inf
+    with pytest.raises(TypeError):
+        workload.encode_state({"x": object()})
+    with pytest.raises(TypeError):
+        workload.encode_state([1, 2])  # type: ignore[arg-type]
+
+
+def test_standalone_checkpoints_every_n_steps_and_restores_the_latest(tmp_path: Path) -> None:
+    with standalone(tmp_path) as run:
+        assert not run.managed and run.instance_id == "standalone"
+        assert run.restore() is None
+        calls: list[int] = []
+
+        def state_at(step: int) -> dict[str, Any]:
+            calls.append(step)
+            return {"w": step / 7}
+
+        for step in range(1, 13):
+            run.step_done(step, loss=1.0 / step, total_steps=12,
+                          state=functools.partial(state_at, step))
+        assert calls == [5, 10]  # the state is only built when a checkpoint is due
+    with standalone(tmp_path) as again:
+        assert again.restore() == (10, {"w": 10 / 7})
+    assert (tmp_path / ".checkpoints").is_dir()
+
+
+def test_restore_skips_a_corrupt_latest_checkpoint(tmp_path: Path) -> None:
+    with standalone(tmp_path, every=None) as run:
+        run.checkpoint(4, {"w": 4})
+        latest = run.checkpoint(8, {"w": 8})
+    # damage the newest checkpoint's state behind the store's back
+    store = open_store((tmp_path / ".checkpoints").resolve().as_uri())
+    damaged = [key for key in store.list(latest.key) if key.endswith("state.json")]
+    assert damaged, list(store.list(""))
+    store.put(damaged[0], b'{"w": 9}')
+    with standalone(tmp_path) as again:
+        assert again.restore() == (4, {"w": 4})
+
+
+def test_store_url_is_used_standalone_when_set(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+    run = workload.init(checkpoint_every=2, default_dir=tmp_path / "out",
+                        environ={p.ENV_STORE_URL: url})
+    run.step_done(2, state={"w": 2})
+    run.close()
+    assert any(key.startswith("checkpoints/") for key in open_store(url).list(""))
+    assert not (tmp_path / "out" / ".checkpoints").exists()
+
+
+def test_artifacts_go_to_default_dir_standalone(tmp_path: Path) -> None:
+    with standalone(tmp_path / "out") as run:
+        where = run.save_artifact("model.json", b'{"a": 1}')
+        assert Path(where).read_bytes() == b'{"a": 1}'
+        run.save_artifact("sub/x.bin", b"x")
+        assert (tmp_path / "out" / "sub" / "x.bin").read_bytes() == b"x"
+        for bad in ("", "../x", "/etc/x", "a//b", "a/./b"):
+            with pytest.raises(ValueError):
+                run.save_artifact(bad, b"")
+
+
+def test_managed_run_needs_the_agent_environment(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=p.ENV_STORE_URL):
+        workload.init(default_dir=tmp_path, environ={p.ENV_AGENT_URL: "http://127.0.0.1:1"})
+
+
+def test_serve_is_off_standalone_without_a_port(tmp_path: Path) -> None:
+    with standalone(tmp_path) as run:
+        assert run.serve({"GET /status": lambda r: {}}) is None
+
+
+def test_agent_gone_is_reported_not_hidden() -> None:
+    client = AgentClient("http://127.0.0.1:9", grace_s=0.3)
+    with pytest.raises(AgentUnavailable):
+        client.progress(1, loss=0.1, total_steps=2, at=0.0)
+    client.close()
+
+
+def test_workload_server_routes_and_errors() -> None:
+    def echo(request: workload.Request) -> Any:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise workload.BadRequest("body must be an object")
+        return {"got": body, "q": request.query}
+
+    def broken(_: workload.Request) -> Any:
+        raise RuntimeError("boom")
+
+    server = WorkloadServer({"POST /echo": echo, "GET /status": lambda r: {"ok": True},
+                             "GET /broken": broken})
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        with httpx.Client(base_url=base) as client:
+            assert client.get("/status").json() == {"ok": True}
+            answer = client.post("/echo?a=1", json={"x": [1.5]})
+            assert answer.json() == {"got": {"x": [1.5]}, "q": {"a": ["1"]}}
+            assert client.post("/echo", json=[1]).status_code == 400
+            invalid = client.post("/echo", content=b"{")
+            assert invalid.json()["error"] == "the body is not valid JSON"
+            assert client.post("/echo").status_code == 400
+            assert client.get("/echo").status_code == 405
+            assert client.get("/echo").headers["allow"] == "POST"
+            assert client.get("/missing").status_code == 404
+            assert client.get("/broken").status_code == 500
+            # still serving after a failing handler, on the same connection
+            assert client.get("/status").status_code == 200
+    finally:
+        server.close()
+
+
+def test_bad_routes_are_refused() -> None:
+    with pytest.raises(ValueError, match="METHOD /path"):
+        WorkloadServer({"status": lambda r: {}})
+
+
+def test_state_json_is_canonical() -> None:
+    data = workload.encode_state({"b": 1.5, "a": [1, 2]})
+    assert data == b'{"a":[1,2],"b":1.5}'
+    assert json.loads(data) == {"a": [1, 2], "b": 1.5}
+    assert sys.float_repr_style == "short"  # what exact round-trips rely on
