@@ -285,6 +285,30 @@ def test_standby_replacement_resumes_after_the_checkpoint_and_ends_identical(
     assert model(store_url) == reference(5, 120)
 
 
+def test_restore_of_a_missing_step_fails_the_replacement(
+    start_agent: Callable[..., Agent],
+) -> None:
+    new = start_agent(linreg_command(50), instance_id="i-new", standby=True)
+    assert new.call("POST", "/agent/restore", json={"step": 30}).status_code == 202
+    health = new.wait(lambda h: h["state"] == "failed", "replacement fails")
+    assert health["exit_code"] == 1 and health["step"] is None
+    assert "NoCheckpoint" in new.log_text()
+
+
+def test_sigterm_to_a_standby_agent_ends_its_waiting_workload(
+    start_agent: Callable[..., Agent],
+) -> None:
+    agent = start_agent(linreg_command(50), standby=True)
+    time.sleep(0.8)  # its workload is up and long-polling for a restore target
+    pids = job_processes(agent.proc.pid)
+    assert pids
+    stopping = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=15) == 0, agent.log_text()
+    assert time.monotonic() - stopping < 5
+    assert not [pid for pid in pids if alive(pid)]
+
+
 def test_workload_without_progress_reports(start_agent: Callable[..., Agent]) -> None:
     agent = start_agent("sleep 30")
     answer = agent.call("GET", "/status")

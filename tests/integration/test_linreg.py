@@ -133,7 +133,7 @@ def test_standalone_endpoints(tmp_path: Path, procs: list[subprocess.Popen[bytes
     while True:
         try:
             status = httpx.get(f"{base}/status").json()
-            if status["step"] >= 2:
+            if (status["step"] or 0) >= 2:
                 break
         except httpx.TransportError:
             pass

@@ -1,0 +1,1 @@
+"""Example jobs that ship with GPU Scout (``python -m gpuscout.examples.linreg``)."""

@@ -101,7 +101,7 @@ class Live:
     """What the endpoints read while the training loop runs. Replaced as a
     whole object per step, so a reader never sees half an update."""
 
-    step: int
+    step: int | None  # None until restore() decided where training starts
     loss: float | None
     coef: Vector
     intercept: float
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     run = workload.init(checkpoint_every=args.checkpoint_every, default_dir=args.out)
     with run:
         data = make_dataset(args.seed)
-        live = [Live(0, None, np.zeros(N_FEATURES), 0.0)]
+        live = [Live(None, None, np.zeros(N_FEATURES), 0.0)]
 
         def status(_: workload.Request) -> dict[str, Any]:
             now = live[0]
