@@ -120,10 +120,9 @@ function renderJob(job, migrations, events, decisions) {
   $("#job-details").replaceChildren(...details.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
 
   const d = decisions[decisions.length - 1];
+  // The reason already names the best other offer and the saving.
   $("#job-decision").replaceChildren(d
-    ? el("span", { class: d.move ? "move" : "" },
-      `Scout: ${d.move ? "move" : "stay"} — ${d.reason}`,
-      d.target_offer_id ? ` (best other: ${offerLabel(d.target_offer_id)}, ${percent(d.savings)} cheaper per unit of work)` : "")
+    ? el("span", { class: d.move ? "move" : "" }, `Scout: ${d.move ? "move" : "stay"} — ${d.reason}`)
     : el("span", { class: "muted" }, "Scout: no decision yet"));
 
   fillBody($("#migrations"), migrations.slice().reverse().map((m) => el("tr", {},
@@ -144,9 +143,15 @@ function renderJob(job, migrations, events, decisions) {
     el("span", {}, e.message))));
 }
 
-function renderOffers(offers) {
-  fillBody($("#offers"), offers.map((o) => el("tr", { class: o.available ? "" : "unavailable" },
-    el("td", { title: o.id }, o.instance_type),
+function renderOffers(offers, jobs) {
+  // Cheapest per unit of work first, the unavailable ones last; offers that
+  // live jobs run on are tagged.
+  const inUse = new Set(jobs.filter((j) => j.offer_id && !["completed", "failed", "cancelled"].includes(j.status))
+    .map((j) => j.offer_id));
+  const sorted = offers.slice().sort((a, b) =>
+    (b.available - a.available) || (a.cost_per_work_hour - b.cost_per_work_hour) || a.id.localeCompare(b.id));
+  fillBody($("#offers"), sorted.map((o) => el("tr", { class: o.available ? "" : "unavailable" },
+    el("td", { title: o.id }, o.instance_type, inUse.has(o.id) ? el("span", { class: "in-use" }, "in use") : null),
     el("td", {}, o.capacity),
     el("td", {}, o.zone),
     el("td", {}, o.gpus ? `${o.gpus} × ${o.gpu_type}` : "0"),
@@ -172,7 +177,7 @@ async function refresh() {
     renderSummary(jobs.data);
     if (!state.selected && jobs.data.length) state.selected = jobs.data[jobs.data.length - 1].id;
     renderJobs(jobs.data);
-    renderOffers(offers.data);
+    renderOffers(offers.data, jobs.data);
     if (state.selected && jobs.data.some((j) => j.id === state.selected)) {
       const id = encodeURIComponent(state.selected);
       const [job, migrations, events, decisions] = await Promise.all([
