@@ -45,9 +45,6 @@ def proxy_router(
             client_holder["c"] = httpx.AsyncClient(timeout=timeout)
         return client_holder["c"]
 
-    @api.api_route("/endpoints/{job_id}/{path:path}",
-                   methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
-                   include_in_schema=True, summary="Forward to the job's current instance")
     async def forward(job_id: str, path: str, request: Request) -> Response:
         if not job_exists(job_id):
             return JSONResponse({"detail": f"job {job_id} not found"}, status_code=404)
@@ -90,4 +87,9 @@ def proxy_router(
         return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
                                  headers=headers, background=BackgroundTask(close))
 
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+        api.add_api_route(
+            "/endpoints/{job_id}/{path:path}", forward, methods=[method],
+            operation_id=f"forward_{method.lower()}",
+            summary=f"{method} on the job's current instance (the user proxy)")
     return api
