@@ -1,0 +1,221 @@
+"""The S3 object store (AWS S3 or anything that speaks its API), through boto3.
+
+``s3://bucket`` or ``s3://bucket/some/prefix``: keys live under the prefix.
+The endpoint is, in order: the ``endpoint_url`` argument,
+``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, else AWS itself; credentials
+and region come from boto3's usual chain (environment, profile, instance
+role). Nothing is created implicitly: a missing bucket is an error, unless
+``create_bucket=True`` (tests, demos).
+
+An S3 PUT is atomic by itself (an object becomes visible whole, a multipart
+upload only when it completes), so ``put`` needs no temporary key. Objects
+of ``multipart_threshold`` bytes or more travel through boto3's transfer
+manager: a multipart upload, and parallel ranged GETs, ``max_concurrency``
+at a time, which is what multi-GB checkpoints need.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3  # type: ignore[import-untyped]
+from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
+from botocore.config import Config  # type: ignore[import-untyped]
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+from gpuscout.store.base import ObjectNotFound
+from gpuscout.store.fs import check_key, check_prefix
+
+MiB = 1024 * 1024
+DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+DEFAULT_MULTIPART_CHUNKSIZE = 64 * MiB
+DEFAULT_MAX_CONCURRENCY = 8
+MAX_KEY_BYTES = 1024  # S3's limit on a full key, prefix included
+# What S3 (and S3-compatible servers) answer for a missing object.
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+# Large reads restart when the object is replaced while being read.
+_GET_ATTEMPTS = 5
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` -> ("bucket", "a/b"); ValueError if malformed."""
+    parts = urlsplit(url)
+    if parts.scheme != "s3":
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    if not parts.netloc:
+        raise ValueError(f"s3:// URL has no bucket: {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"s3:// URL must not have a query or fragment: {url!r}")
+    prefix = parts.path.strip("/")
+    if prefix:
+        check_prefix(prefix)
+    return parts.netloc, prefix
+
+
+def endpoint_from_env(environ: dict[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def is_not_found(exc: ClientError) -> bool:
+    """A missing object (a missing bucket answers NoSuchBucket: not this)."""
+    return _code(exc) in _NOT_FOUND_CODES
+
+
+class S3Store:
+    """Objects in one S3 bucket, under an optional key prefix."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        session: boto3.session.Session | None = None,
+        create_bucket: bool = False,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    ) -> None:
+        """``session``: a boto3 session to take credentials and region from
+        (default: a new one, i.e. the environment). Multipart parts must be
+        at least 5 MiB on S3, so ``multipart_chunksize`` is at least that."""
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        if multipart_chunksize < 5 * MiB:
+            raise ValueError(f"multipart_chunksize must be >= 5 MiB, got {multipart_chunksize}")
+        self.endpoint_url = endpoint_url or endpoint_from_env()
+        # boto3 sessions are not thread-safe but clients are: one session
+        # makes the one client every thread of this store shares.
+        session = session or boto3.session.Session()
+        region = session.region_name
+        if region is None and self.endpoint_url:
+            region = "us-east-1"  # S3-compatible servers ignore it; boto3 needs one
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 5},
+            max_pool_connections=max(10, max_concurrency * 2),
+            # Local and on-premises S3 servers want path-style URLs
+            # (http://host:port/bucket/key), not bucket.host names.
+            s3={"addressing_style": "path"} if self.endpoint_url else None,
+        )
+        self.client: Any = session.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
+        )
+        self.multipart_threshold = multipart_threshold
+        self.transfer = TransferConfig(
+            multipart_threshold=multipart_threshold,
+            multipart_chunksize=multipart_chunksize,
+            max_concurrency=max_concurrency,
+            use_threads=True,
+        )
+        if create_bucket:
+            self._create_bucket(region)
+
+    def __repr__(self) -> str:
+        where = f", endpoint_url={self.endpoint_url!r}" if self.endpoint_url else ""
+        return f"S3Store({self.url!r}{where})"
+
+    def _create_bucket(self, region: str | None) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if not is_not_found(exc):
+                raise
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                raise
+
+    def _full(self, key: str) -> str:
+        check_key(key)
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        if len(full.encode()) > MAX_KEY_BYTES:
+            raise ValueError(f"invalid object key {key!r}: longer than S3's {MAX_KEY_BYTES} bytes")
+        return full
+
+    def put(self, key: str, data: bytes) -> None:
+        full = self._full(key)
+        if len(data) >= self.multipart_threshold:
+            self.client.upload_fileobj(
+                io.BytesIO(data), self.bucket, full, Config=self.transfer
+            )
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
+
+    def get(self, key: str) -> bytes:
+        full = self._full(key)
+        for _ in range(_GET_ATTEMPTS):
+            try:
+                answer = self.client.get_object(Bucket=self.bucket, Key=full)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise ObjectNotFound(key) from None
+                raise
+            body = answer["Body"]
+            if answer.get("ContentLength", 0) < self.multipart_threshold:
+                with body:
+                    data: bytes = body.read()
+                return data
+            # Large: drop this stream and fetch in parallel ranges instead.
+            # s3transfer pins every ranged GET to the ETag it saw first, so a
+            # concurrent overwrite cannot mix two objects: it fails the pin
+            # (412), and we start again.
+            body.close()
+            buffer = io.BytesIO()
+            try:
+                self.client.download_fileobj(self.bucket, full, buffer, Config=self.transfer)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise ObjectNotFound(key) from None
+                if _code(exc) in ("PreconditionFailed", "412"):
+                    continue
+                raise
+            return buffer.getvalue()
+        raise RuntimeError(f"{key!r} changed under every one of {_GET_ATTEMPTS} reads")
+
+    def exists(self, key: str) -> bool:
+        full = self._full(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=full)
+        except ClientError as exc:
+            if is_not_found(exc):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys under ``prefix``, sorted (a snapshot taken now).
+
+        AWS lists in UTF-8 byte order already, but not every S3-compatible
+        server does (s3rver orders by path segment), and the protocol
+        promises the order, so the keys are sorted here.
+        """
+        check_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        return iter(sorted(self._iter_keys(base, base + prefix)))
+
+    def _iter_keys(self, base: str, full_prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+            for item in page.get("Contents", ()):
+                yield item["Key"][len(base):]
+
+    def delete(self, key: str) -> None:
+        # S3 answers 204 for a key that is not there: idempotent as it is.
+        self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))

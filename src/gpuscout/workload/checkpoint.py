@@ -1,0 +1,364 @@
+"""The checkpoint format: immutable, versioned, verified before it is used.
+
+Layout under a job's prefix (``jobs/<job id>/checkpoints``)::
+
+    {prefix}/{step:012d}-{version}/<file>...
+    {prefix}/{step:012d}-{version}/MANIFEST.json      <- written last
+
+    MANIFEST.json = {"format": 1, "step": N, "created_at": "<ISO 8601 UTC>",
+                     "files": {"<name>": {"sha256": "<hex>", "size": <bytes>}}}
+
+``version`` is new for every save (a time-ordered, random id), so nothing is
+ever overwritten: saving one step twice gives two versions, and a reader
+never sees a checkpoint change under it. The manifest is written after
+every file, so a checkpoint without one is partial (a save in progress, or
+one that crashed) and does not count.
+
+A checkpoint *counts* only when its manifest exists, parses, names this step,
+and every file it lists exists with that size and sha256. Newest means the
+highest step; among versions of one step, the last saved. ``latest()`` and
+``load(None)`` skip what does not count and fall back to the previous good
+checkpoint: a corrupt or partial checkpoint is never restored.
+
+Cost: one ``list`` of the prefix, then manifests newest first (one small
+GET each), and files are read and hashed only for the first checkpoint whose
+manifest is good. ``load`` hashes exactly the bytes it returns, so restoring
+reads each file once: call ``load(None)`` rather than ``latest()`` then
+``load``. ``list()`` checks manifests and presence only, never hashes: it is
+the cheap look (``list()[-1]``) for dashboards and reports. Nothing verified
+is cached: storage can rot after a check, and every answer reflects it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from gpuscout.store import ObjectNotFound, ObjectStore, check_key, check_prefix
+
+FORMAT = 1
+MANIFEST = "MANIFEST.json"
+STEP_DIGITS = 12
+MAX_STEP = 10**STEP_DIGITS - 1
+_NAME = re.compile(r"^(\d{12})-([0-9a-z]{1,32})$")
+
+
+class CheckpointError(Exception):
+    """Base of the checkpoint errors a caller branches on."""
+
+
+class NoCheckpoint(CheckpointError, LookupError):
+    """There is no checkpoint (of the step asked for) under the prefix."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint exists but does not verify; ``key`` and ``reason`` say
+    which one and what is wrong with it."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"corrupt checkpoint {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """One checkpoint that counts. ``key`` is its folder in the store
+    (``{prefix}/{step:012d}-{version}``, no trailing '/'); ``files`` maps
+    each file name to its size in bytes."""
+
+    step: int
+    key: str
+    version: str
+    created_at: datetime
+    files: Mapping[str, int] = field(hash=False)
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.key}/{MANIFEST}"
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the checkpoint's files."""
+        return sum(self.files.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Manifest:
+    info: CheckpointInfo
+    entries: Mapping[str, _Entry]
+
+
+def new_version() -> str:
+    """A short id, unique per save and ordered by time within one step:
+    milliseconds since the epoch (11 hex digits) and 24 random bits."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(3)}"
+
+
+def checkpoint_key(prefix: str, step: int, version: str) -> str:
+    return f"{prefix}/{step:0{STEP_DIGITS}d}-{version}"
+
+
+class CheckpointStore:
+    """Save and restore a job's checkpoints under ``prefix`` in ``store``.
+
+    Several processes may use one prefix at once (the old and the new
+    instance of a migration): saves never collide, and readers only ever see
+    complete checkpoints.
+    """
+
+    def __init__(self, store: ObjectStore, prefix: str) -> None:
+        prefix = prefix.strip("/")
+        if not prefix:
+            raise ValueError("checkpoint prefix must not be empty")
+        check_prefix(prefix)
+        self.store = store
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.store!r}, {self.prefix!r})"
+
+    # --- writing ---------------------------------------------------------
+
+    def save(self, step: int, files: Mapping[str, bytes]) -> CheckpointInfo:
+        """Write a new checkpoint of ``step`` and return it once it counts.
+
+        The files go first, the manifest last; if this raises part way, what
+        was written is a partial checkpoint that nothing will restore.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+            raise ValueError(f"checkpoint step must be an int in [0, {MAX_STEP}], got {step!r}")
+        blobs: dict[str, bytes] = {}
+        entries: dict[str, _Entry] = {}
+        for name, data in files.items():
+            check_key(name)
+            if name == MANIFEST:
+                raise ValueError(f"checkpoint file name {MANIFEST!r} is reserved")
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise TypeError(f"checkpoint file {name!r} must be bytes, not "
+                                f"{type(data).__name__}")
+            blobs[name] = bytes(data)
+            entries[name] = _Entry(hashlib.sha256(blobs[name]).hexdigest(), len(blobs[name]))
+        version = new_version()
+        key = checkpoint_key(self.prefix, step, version)
+        created_at = datetime.now(UTC)
+        for name, data in blobs.items():
+            self.store.put(f"{key}/{name}", data)
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "created_at": created_at.isoformat(),
+            "files": {n: {"sha256": e.sha256, "size": e.size} for n, e in sorted(entries.items())},
+        }
+        self.store.put(f"{key}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        return CheckpointInfo(step, key, version, created_at,
+                              MappingProxyType({n: e.size for n, e in entries.items()}))
+
+    # --- reading ---------------------------------------------------------
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """Checkpoints whose manifest is good and whose files all exist,
+        oldest first. Files are not hashed here: ``load`` and ``latest`` do."""
+        found = []
+        for key, names in self._scan():
+            try:
+                found.append(self._read_manifest(key, names).info)
+            except CorruptCheckpoint:
+                continue
+        found.reverse()
+        return found
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint that counts (files hashed), or None."""
+        for key, names in self._scan():
+            try:
+                return self._verify(key, names)
+            except CorruptCheckpoint:
+                continue
+        return None
+
+    def load(self, step: int | None = None) -> tuple[CheckpointInfo, dict[str, bytes]]:
+        """The checkpoint of ``step`` (None: the newest that counts) and its
+        files, every byte checked against the manifest.
+
+        ``step=None``: bad checkpoints are skipped; NoCheckpoint if none counts.
+        ``step=N``: NoCheckpoint if there is none of that step; if several
+        versions exist the newest good one is used, and CorruptCheckpoint
+        (about the newest version) is raised when none of them verifies.
+        """
+        first_error: CorruptCheckpoint | None = None
+        for key, names in self._scan():
+            if step is not None and _step_of(key) != step:
+                continue
+            try:
+                manifest = self._read_manifest(key, names)
+                return manifest.info, self._read_files(manifest)
+            except CorruptCheckpoint as exc:
+                first_error = first_error or exc
+        if step is None:
+            raise NoCheckpoint(f"no verified checkpoint under {self.prefix}/"
+                               + (f" (newest bad one: {first_error})" if first_error else ""))
+        if first_error is not None:
+            raise first_error
+        raise NoCheckpoint(f"no checkpoint of step {step} under {self.prefix}/")
+
+    def prune(self, keep: int) -> builtins.list[str]:
+        """Delete every checkpoint older than the newest ``keep`` that count,
+        good or bad, and return the keys deleted. Newer partial ones are left
+        alone (a save may be in progress); with fewer than ``keep`` good
+        checkpoints nothing is deleted, so the newest good one always stays."""
+        if keep < 1:
+            raise ValueError(f"prune keeps at least one checkpoint, got keep={keep}")
+        scanned = self._scan()
+        kept = 0
+        for index, (key, names) in enumerate(scanned):
+            try:
+                self._verify(key, names)
+            except CorruptCheckpoint:
+                continue
+            kept += 1
+            if kept == keep:
+                doomed = scanned[index + 1:]
+                break
+        else:
+            return []
+        deleted = []
+        for key, names in doomed:
+            # The manifest goes first: from then on the checkpoint no longer
+            # counts, whatever happens to the rest of the deletion.
+            if MANIFEST in names:
+                self.store.delete(f"{key}/{MANIFEST}")
+            for name in names:
+                if name != MANIFEST:
+                    self.store.delete(f"{key}/{name}")
+            deleted.append(key)
+        return deleted
+
+    # --- internals -------------------------------------------------------
+
+    def _scan(self) -> builtins.list[tuple[str, set[str]]]:
+        """Checkpoint folders under the prefix with their file names,
+        newest first. Keys that do not follow the layout are ignored."""
+        base = self.prefix + "/"
+        folders: dict[str, set[str]] = {}
+        for full in self.store.list(base):
+            folder, sep, name = full[len(base):].partition("/")
+            if sep and name and _NAME.match(folder):
+                folders.setdefault(base + folder, set()).add(name)
+        return sorted(folders.items(), key=lambda item: _order(item[0]), reverse=True)
+
+    def _read_manifest(self, key: str, names: set[str]) -> _Manifest:
+        """Parse and check the manifest, and that every file it lists is
+        there (from the listing: no extra request). Sizes and hashes are
+        checked when the files are read."""
+        if MANIFEST not in names:
+            raise CorruptCheckpoint(key, f"no {MANIFEST} (partial or in progress)")
+        try:
+            raw = self.store.get(f"{key}/{MANIFEST}")
+        except ObjectNotFound:
+            raise CorruptCheckpoint(key, f"{MANIFEST} disappeared") from None
+        manifest = _parse_manifest(key, raw)
+        missing = sorted(set(manifest.entries) - names)
+        if missing:
+            raise CorruptCheckpoint(key, f"missing file(s): {', '.join(missing)}")
+        return manifest
+
+    def _read_files(self, manifest: _Manifest) -> dict[str, bytes]:
+        key = manifest.info.key
+        files: dict[str, bytes] = {}
+        for name, entry in manifest.entries.items():
+            try:
+                data = self.store.get(f"{key}/{name}")
+            except ObjectNotFound:
+                raise CorruptCheckpoint(key, f"missing file: {name}") from None
+            if len(data) != entry.size:
+                raise CorruptCheckpoint(
+                    key, f"{name}: size {len(data)} != {entry.size} in the manifest")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != entry.sha256:
+                raise CorruptCheckpoint(
+                    key, f"{name}: sha256 {digest} != {entry.sha256} in the manifest")
+            files[name] = data
+        return files
+
+    def _verify(self, key: str, names: set[str]) -> CheckpointInfo:
+        manifest = self._read_manifest(key, names)
+        self._read_files(manifest)  # hashes, then drops the bytes
+        return manifest.info
+
+
+def _step_of(key: str) -> int:
+    return int(key.rsplit("/", 1)[1][:STEP_DIGITS])
+
+
+def _order(key: str) -> tuple[int, str]:
+    step, _, version = key.rsplit("/", 1)[1].partition("-")
+    # Versions are time-ordered hex of one width; a shorter (foreign) one
+    # sorts first.
+    return int(step), version.rjust(32, "0")
+
+
+def _parse_manifest(key: str, raw: bytes) -> _Manifest:
+    try:
+        doc: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpoint(key, f"{MANIFEST} does not parse: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CorruptCheckpoint(key, f"{MANIFEST} is not a JSON object")
+    if doc.get("format") != FORMAT:
+        raise CorruptCheckpoint(key, f"{MANIFEST} format {doc.get('format')!r} != {FORMAT}")
+    step = _step_of(key)
+    if doc.get("step") != step or isinstance(doc.get("step"), bool):
+        raise CorruptCheckpoint(
+            key, f"{MANIFEST} says step {doc.get('step')!r}, the key says {step}")
+    try:
+        created_at = datetime.fromisoformat(doc["created_at"])
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpoint(key, f"{MANIFEST} has no valid created_at") from None
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=UTC)
+    files = doc.get("files")
+    if not isinstance(files, dict):
+        raise CorruptCheckpoint(key, f"{MANIFEST} has no files object")
+    entries: dict[str, _Entry] = {}
+    for name, entry in files.items():
+        if not _valid_file_entry(name, entry):
+            raise CorruptCheckpoint(key, f"{MANIFEST} has a bad entry for {name!r}")
+        entries[name] = _Entry(entry["sha256"], entry["size"])
+    version = key.rsplit("/", 1)[1].partition("-")[2]
+    info = CheckpointInfo(step, key, version, created_at,
+                          MappingProxyType({n: e.size for n, e in entries.items()}))
+    return _Manifest(info, MappingProxyType(entries))
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _valid_file_entry(name: str, entry: Any) -> bool:
+    if name == MANIFEST:
+        return False
+    try:
+        check_key(name)
+    except ValueError:
+        return False
+    if not isinstance(entry, dict):
+        return False
+    size, digest = entry.get("size"), entry.get("sha256")
+    return (isinstance(size, int) and not isinstance(size, bool) and size >= 0
+            and isinstance(digest, str) and bool(_SHA256.match(digest)))
+

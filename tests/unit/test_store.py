@@ -1,0 +1,379 @@
+"""One suite for every object store: FileStore on a temp folder, and S3Store
+against two real S3 servers on loopback (moto, and s3rver from npm), the
+latter also under a bucket prefix. No mocks: each test talks to the real
+backend, and the S3 ones each get a fresh bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+from gpuscout.store import (
+    FileStore,
+    ObjectNotFound,
+    ObjectStore,
+    S3Store,
+    open_store,
+)
+from gpuscout.store.fs import TMP_PREFIX
+from tests.s3_servers import S3Endpoint, moto_server, s3rver_server  # noqa: F401
+
+MiB = 1024 * 1024
+# Lowered so a 20 MiB object goes multipart (S3's minimum part is 5 MiB).
+TEST_THRESHOLD = 5 * MiB
+BACKENDS = ["file", "moto", "moto-prefixed", "s3rver"]
+
+
+@dataclass
+class Backend:
+    """A store under test, and how another process can open the same one."""
+
+    name: str
+    store: ObjectStore
+    child_spec: dict[str, Any]
+
+
+def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if name == "file":
+        store = FileStore(tmp_path / "store")
+        return Backend(name, store, {"kind": "file", "url": store.url})
+    server_fixture = "s3rver_server" if name == "s3rver" else "moto_server"
+    endpoint: S3Endpoint = request.getfixturevalue(server_fixture)
+    prefix = "base/prefix" if name.endswith("-prefixed") else ""
+    s3 = endpoint.new_store(prefix, multipart_threshold=TEST_THRESHOLD,
+                            multipart_chunksize=TEST_THRESHOLD)
+    return Backend(name, s3, {"kind": "s3", "url": s3.url, "env": endpoint.env(),
+                              "threshold": TEST_THRESHOLD})
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return make_backend(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def store(backend: Backend) -> ObjectStore:
+    return backend.store
+
+
+# --- the contract, on every backend --------------------------------------------
+
+
+def test_is_an_object_store(store: ObjectStore) -> None:
+    assert isinstance(store, ObjectStore)
+    assert store.url.startswith(("file:///", "s3://"))
+
+
+def test_round_trip(store: ObjectStore) -> None:
+    blobs = {
+        "jobs/j-1/artifacts/model.json": b'{"coef": [1.5]}',
+        "jobs/j-1/empty": b"",
+        "jobs/j-1/binary.bin": bytes(range(256)) * 17,
+        "jobs/ünï cødé/a b+c=d.txt": "héllo".encode(),
+    }
+    for key, data in blobs.items():
+        assert not store.exists(key)
+        store.put(key, data)
+    for key, data in blobs.items():
+        assert store.exists(key)
+        assert store.get(key) == data
+
+
+def test_overwrite_replaces_the_whole_object(store: ObjectStore) -> None:
+    store.put("k", b"a much longer first version of the object")
+    store.put("k", b"short")
+    assert store.get("k") == b"short"
+    assert list(store.list("")) == ["k"]
+
+
+def test_concurrent_readers_see_one_whole_version(backend: Backend) -> None:
+    """While one thread overwrites a key with alternating 1 MiB versions,
+    every read returns one whole version and every listing shows just the
+    key: no partial object, no temporary name, is ever visible."""
+    if backend.name == "s3rver":
+        # Seen here: a GET during a PUT returned the first 256 KiB of the new
+        # version, or a body cut short. S3 and moto publish objects whole.
+        pytest.xfail("s3rver writes objects in place: readers can see a truncated object")
+    store = backend.store
+    versions = [bytes([n]) * MiB for n in (0xAA, 0xBB)]
+    store.put("obj", versions[0])
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for i in range(12):
+                store.put("obj", versions[i % 2])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    reads = 0
+    try:
+        while not done.is_set() or reads < 3:
+            assert store.get("obj") in versions
+            assert list(store.list("")) == ["obj"]
+            reads += 1
+    finally:
+        thread.join(30)
+    assert not errors, errors
+    assert store.get("obj") == versions[1]
+
+
+# A child process that overwrites one key forever with two 12 MiB versions
+# (multipart on S3, a long write on disk), and says when the first is in.
+CHILD = textwrap.dedent("""
+    import json, sys
+    from gpuscout.store import FileStore, S3Store
+    spec = json.loads(sys.argv[1])
+    if spec["kind"] == "file":
+        store = FileStore(spec["url"])
+    else:
+        store = S3Store(spec["url"], multipart_threshold=spec["threshold"],
+                        multipart_chunksize=spec["threshold"])
+    versions = [bytes([0x11]) * (12 << 20), bytes([0x22]) * (12 << 20)]
+    store.put("victim", versions[0])
+    print("ready", flush=True)
+    i = 1
+    while True:
+        store.put("victim", versions[i % 2])
+        i += 1
+""")
+
+
+def test_killed_writer_leaves_a_whole_version(backend: Backend) -> None:
+    """SIGKILL a process in the middle of its writes: the key still holds
+    one whole version, and nothing half-written is listed."""
+    env = {**os.environ, **backend.child_spec.get("env", {})}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(backend.child_spec)],
+        stdout=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+        time.sleep(random.uniform(0.05, 0.4))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+    data = backend.store.get("victim")
+    assert data in (bytes([0x11]) * (12 << 20), bytes([0x22]) * (12 << 20))
+    assert list(backend.store.list("")) == ["victim"]
+
+
+def test_list_is_sorted_and_filtered_by_prefix(store: ObjectStore) -> None:
+    keys = ["jobs/j1/x", "jobs/j1/y/z", "jobs/j10/x", "jobs/j2/a", "jobs-x", "other/k",
+            "jobs/j1/y/a"]
+    for key in random.sample(keys, len(keys)):
+        store.put(key, key.encode())
+    assert list(store.list("")) == sorted(keys)
+    # '-' sorts before '/': byte order, as S3 lists.
+    assert list(store.list("jobs")) == ["jobs-x", "jobs/j1/x", "jobs/j1/y/a", "jobs/j1/y/z",
+                                        "jobs/j10/x", "jobs/j2/a"]
+    assert list(store.list("jobs/j1/")) == ["jobs/j1/x", "jobs/j1/y/a", "jobs/j1/y/z"]
+    assert list(store.list("jobs/j1")) == ["jobs/j1/x", "jobs/j1/y/a", "jobs/j1/y/z",
+                                           "jobs/j10/x"]
+    assert list(store.list("jobs/j1/y/z")) == ["jobs/j1/y/z"]
+    assert list(store.list("nothing/")) == []
+    assert list(store.list("jobs/j3")) == []
+
+
+def test_missing_key_raises_object_not_found(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound) as caught:
+        store.get("jobs/j-1/nope")
+    assert caught.value.key == "jobs/j-1/nope"
+    assert isinstance(caught.value, KeyError)
+    assert "jobs/j-1/nope" in str(caught.value)
+    assert not store.exists("jobs/j-1/nope")
+    # A "folder" is not an object.
+    store.put("dir/child", b"x")
+    with pytest.raises(ObjectNotFound):
+        store.get("dir")
+    assert not store.exists("dir")
+
+
+def test_delete_is_idempotent(store: ObjectStore) -> None:
+    store.delete("never/was")
+    store.put("a/b/c", b"1")
+    store.put("a/d", b"2")
+    store.delete("a/b/c")
+    store.delete("a/b/c")
+    with pytest.raises(ObjectNotFound):
+        store.get("a/b/c")
+    assert list(store.list("")) == ["a/d"]
+    store.delete("a")  # not an object: nothing happens
+    assert store.get("a/d") == b"2"
+
+
+def test_multipart_sized_object_round_trips(backend: Backend) -> None:
+    data = os.urandom(20 * MiB + 12345)
+    backend.store.put("big/weights.bin", data)
+    assert hashlib.sha256(backend.store.get("big/weights.bin")).digest() == \
+        hashlib.sha256(data).digest()
+    if isinstance(backend.store, S3Store) and backend.name.startswith("moto"):
+        # A multipart upload's ETag is "<md5 of part md5s>-<part count>" on
+        # S3 and moto (s3rver gives the whole object's md5 instead).
+        s3 = backend.store
+        head = s3.client.head_object(Bucket=s3.bucket, Key=s3._full("big/weights.bin"))
+        assert head["ETag"].strip('"').endswith("-5"), head["ETag"]
+        assert head["ContentLength"] == len(data)
+
+
+BAD_KEYS = ["", "/abs/key", "../escape", "a/../../b", "a//b", "a/", ".", "a/./b",
+            "a\\b", "nul\x00byte", f"x/{TMP_PREFIX}1234"]
+
+
+def test_bad_keys_are_rejected(store: ObjectStore) -> None:
+    """Every verb refuses them with a ValueError that names the key, and
+    nothing is written."""
+    for key in BAD_KEYS:
+        calls = {
+            "put": lambda k=key: store.put(k, b"x"), "get": lambda k=key: store.get(k),
+            "exists": lambda k=key: store.exists(k), "delete": lambda k=key: store.delete(k),
+        }
+        for verb, call in calls.items():
+            with pytest.raises(ValueError) as caught:
+                call()
+            assert repr(key) in str(caught.value), (verb, key, caught.value)
+    for prefix in ["/abs", "../", "a/../b", "a//"]:
+        with pytest.raises(ValueError, match="prefix"):
+            store.list(prefix)
+    assert list(store.list("")) == []
+
+
+# --- FileStore specifics -------------------------------------------------------
+
+
+def test_file_store_ignores_what_a_crashed_put_left(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    store.put("jobs/j/k", b"old")
+    leftover = tmp_path / "jobs" / "j" / f"{TMP_PREFIX}deadbeef"
+    leftover.write_bytes(b"half of the new ver")
+    assert store.get("jobs/j/k") == b"old"
+    assert list(store.list("")) == ["jobs/j/k"]
+
+
+def test_file_store_leaves_no_temp_files_or_empty_folders(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "root")
+    for i in range(3):
+        store.put("a/b/c", str(i).encode())
+    assert sorted(p.name for p in (tmp_path / "root" / "a" / "b").iterdir()) == ["c"]
+    store.delete("a/b/c")
+    assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_file_store_url_and_path_forms(tmp_path: Path) -> None:
+    spaced = tmp_path / "with space"
+    by_path = FileStore(spaced)
+    by_url = FileStore(by_path.url)
+    assert by_url.root == by_path.root == spaced.resolve()
+    assert by_path.url.startswith("file:///") and "%20" in by_path.url
+    by_path.put("k", b"v")
+    assert by_url.get("k") == b"v"
+    with pytest.raises(ValueError, match="remote host"):
+        FileStore("file://elsewhere/x")
+
+
+def test_file_store_missing_root_is_empty(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "not-yet")
+    assert list(store.list("")) == []
+    with pytest.raises(ObjectNotFound):
+        store.get("k")
+
+
+# --- S3Store specifics ---------------------------------------------------------
+
+
+def test_s3_store_creates_no_bucket_by_itself(moto_server: S3Endpoint) -> None:  # noqa: F811
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    store = S3Store(f"s3://{bucket}", endpoint_url=moto_server.url,
+                    session=moto_server.session())
+    with pytest.raises(ClientError) as caught:
+        store.put("k", b"v")
+    assert caught.value.response["Error"]["Code"] == "NoSuchBucket"
+    with pytest.raises(ClientError):  # a missing bucket is not a missing key
+        store.get("k")
+    names = [b["Name"] for b in moto_server.client().list_buckets()["Buckets"]]
+    assert bucket not in names
+
+
+def test_s3_store_prefix_keeps_keys_apart(moto_server: S3Endpoint) -> None:  # noqa: F811
+    outer = moto_server.new_store()
+    inner = S3Store(f"{outer.url}/tenant/a/", endpoint_url=moto_server.url,
+                    session=moto_server.session())
+    assert inner.url == f"{outer.url}/tenant/a"
+    inner.put("k", b"inner")
+    outer.put("k", b"outer")
+    assert list(outer.list("")) == ["k", "tenant/a/k"]
+    assert list(inner.list("")) == ["k"]
+    assert inner.get("k") == b"inner"
+
+
+# --- open_store ----------------------------------------------------------------
+
+
+def test_open_store_by_scheme(tmp_path: Path, moto_server: S3Endpoint,  # noqa: F811
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    by_url = open_store((tmp_path / "s").as_uri())
+    by_path = open_store(str(tmp_path / "s"))
+    assert isinstance(by_url, FileStore) and isinstance(by_path, FileStore)
+    assert by_url.url == by_path.url
+
+    bucket_store = moto_server.new_store()
+    for name, value in moto_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    s3 = open_store(f"{bucket_store.url}/jobs")
+    assert isinstance(s3, S3Store)
+    assert s3.endpoint_url == moto_server.url  # from AWS_ENDPOINT_URL
+    s3.put("x", b"1")
+    assert bucket_store.get("jobs/x") == b"1"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ("gs://bucket/x", "unsupported"),
+    ("http://example.com/x", "unsupported"),
+    ("s3:///no-bucket", "no bucket"),
+    ("s3://bucket/../x", "prefix"),
+    ("file://host/x", "remote host"),
+])
+def test_open_store_rejects_bad_urls(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_children() -> Iterator[None]:
+    """Whatever a test started, it ended (the kill test reaps its child)."""
+    yield
+    # Popen objects are reaped in the tests; a leaked one would still show
+    # up as our child in /proc.
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    if children.exists():
+        pids = children.read_text().split()
+        names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids
+                 if Path(f"/proc/{pid}/comm").exists()]
+        assert all(name == "node" for name in names), names  # s3rver lives all session
