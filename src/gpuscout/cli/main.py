@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-import yaml
+import yaml  # type: ignore[import-untyped]  # (no stubs in the dev extras)
 from rich.console import Console
 
 from gpuscout.cli import render
@@ -180,7 +180,11 @@ def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
         out.print(f"  token      {settings.home / 'api_token'}"
                   if not demo else f"  token      {service.token}")
         if demo:
-            _submit_demo(service, url)
+            try:
+                _submit_demo(service, url)
+            except Exception as error:  # the server keeps running; say why there is no demo
+                err.print(f"error: could not submit the demo job: {error}", style="bold red",
+                          markup=False, highlight=False)
         out.print("  stop with Ctrl-C")
 
     try:
@@ -242,7 +246,8 @@ def read_job_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"job file {path} must be a mapping of job fields "
                          "(name, command, resources, ...)")
-    return _yaml_value(data)  # type: ignore[no-any-return]
+    result: dict[str, Any] = _yaml_value(data)
+    return result
 
 
 @app.command()
