@@ -11,6 +11,7 @@ import pytest
 
 from gpuscout.agent.protocol import artifacts_prefix
 from gpuscout.api import create_app
+from gpuscout.api.deps import is_loopback
 from gpuscout.demo import DEMO_TRACE
 from gpuscout.domain import InstanceStatus, JobStatus
 from gpuscout.providers.fake import FakeProvider
@@ -134,6 +135,22 @@ def test_every_validation_error_names_its_field(client: TestClient, service: Ser
     assert service.repo.list_jobs() == []  # nothing half-written
 
 
+@pytest.mark.parametrize(("path", "method", "raw", "field"), [
+    ("/api/v1/jobs", "POST", b'{"name": "x", "command": "y", "budget_usd": Infinity}',
+     "budget_usd"),
+    ("/api/v1/jobs", "POST", b'{"name": "x", "command": "y", "expected_duration_hours": NaN}',
+     "expected_duration_hours"),
+    (f"/api/v1/offers/{P3_SPOT_A}", "PATCH", b'{"price_per_hour": Infinity}', "price_per_hour"),
+])
+def test_infinity_and_nan_are_refused(client: TestClient, service: Service, path: str,
+                                      method: str, raw: bytes, field: str) -> None:
+    response = client.request(method, path, content=raw,
+                              headers={**AUTH, "content-type": "application/json"})
+    assert fields_named(response) == [field]
+    assert service.repo.list_jobs() == []
+    assert service.repo.get_offer(P3_SPOT_A).price_per_hour == pytest.approx(0.918)
+
+
 def test_a_body_that_is_not_json_is_a_422_naming_the_body(client: TestClient) -> None:
     response = client.post("/api/v1/jobs", content=b"{name: x", headers={
         **AUTH, "content-type": "application/json"})
@@ -163,6 +180,15 @@ def test_every_write_needs_the_token(client: TestClient, service: Service,
     assert service.repo.get_job(job_id).status == JobStatus.PENDING
     assert service.repo.get_offer(P3_SPOT_A).price_per_hour != 0.01
     assert len(service.repo.list_jobs()) == 1
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("localhost", True), ("10.0.0.1", False), ("::ffff:10.0.0.1", False), ("2001:db8::1", False),
+    ("example.com", False), (None, False),
+])
+def test_what_counts_as_loopback(host: str | None, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
 
 
 def test_reads_are_open_on_loopback_and_need_the_token_from_elsewhere(

@@ -64,9 +64,12 @@ def is_loopback(host: str | None) -> bool:
     if host == "testclient":  # Starlette's TestClient, in process
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # 127.0.0.1 seen through a dual-stack socket
+    return address.is_loopback
 
 
 def require_read_access(request: Request, service: ServiceDep, credentials: Credentials) -> None:

@@ -33,7 +33,9 @@ from gpuscout.policy import MoveDecision
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's JSON parser accepts Infinity and NaN; no price, budget or
+    # duration may be either.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # --- jobs: input ----------------------------------------------------------

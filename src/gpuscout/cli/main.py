@@ -177,8 +177,12 @@ def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
         out.print(f"[bold green]GPU Scout is up[/] at {url}  (market: {service.plane.feed.name})")
         out.print(f"  dashboard  {url}/")
         out.print(f"  API        {url}/api/v1  (docs: {url}/docs)")
-        out.print(f"  token      {settings.home / 'api_token'}"
-                  if not demo else f"  token      {service.token}")
+        token_file = settings.home / "api_token"
+        from_file = token_file.exists() and token_file.read_text().strip() == service.token
+        where = str(token_file) if from_file else "GPUSCOUT_API_TOKEN"
+        # The demo is for a person at this machine: show the token itself.
+        out.print(f"  token      {service.token if demo else where}", markup=False,
+                  highlight=False)
         if demo:
             try:
                 _submit_demo(service, url)
