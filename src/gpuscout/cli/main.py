@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 import yaml  # type: ignore[import-untyped]  # (no stubs in the dev extras)
@@ -27,6 +27,10 @@ from rich.console import Console
 
 from gpuscout.cli import render
 from gpuscout.cli.client import DEFAULT_URL, ApiClient, ApiError, resolve_token
+
+if TYPE_CHECKING:  # the client commands do not pay for importing the server
+    from gpuscout.config import Settings
+    from gpuscout.service import Service
 
 app = typer.Typer(
     name="gpuscout", no_args_is_help=True, add_completion=False,
@@ -85,12 +89,12 @@ def fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def friendly_errors(prefix: str = "") -> Iterator[None]:
+def friendly_errors() -> Iterator[None]:
     """API errors become one red line and exit code 1."""
     try:
         yield
     except ApiError as error:
-        fail(f"{prefix}{error.message}")
+        fail(error.message)
 
 
 # --- up -------------------------------------------------------------------------
@@ -155,7 +159,7 @@ def up(
     _serve(settings, demo=demo, log_level=log_level)
 
 
-def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
+def _serve(settings: Settings, *, demo: bool, log_level: str) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from gpuscout.server import run_server
@@ -202,7 +206,7 @@ def _serve(settings: Any, *, demo: bool, log_level: str) -> None:
     out.print("GPU Scout stopped")
 
 
-def _submit_demo(service: Any, url: str) -> None:
+def _submit_demo(service: Service, url: str) -> None:
     """Submit the demo job, unless one is still live from a previous run."""
     from gpuscout.demo import demo_job_spec
     from gpuscout.domain.states import TERMINAL, JobStatus
