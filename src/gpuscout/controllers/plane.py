@@ -117,7 +117,7 @@ class ControlPlane:
         ):
             self._last_reap = now
             self.reaper.reap()
-        self._update_gauges()
+        self.refresh_gauges()
 
     def scout_once(self, *, force: bool = False) -> list[MoveDecision]:
         """Decide for every running job whose scout interval has passed."""
@@ -253,7 +253,8 @@ class ControlPlane:
             thread.start()
             return migration
 
-    def _update_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
+        """Job gauges from the database (each reconcile pass, and each scrape)."""
         jobs = self.ctx.repo.list_jobs()
         counts = {s: 0 for s in S}
         for job in jobs:

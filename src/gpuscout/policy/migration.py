@@ -15,7 +15,6 @@ from datetime import datetime
 from gpuscout.domain import Job, JobStatus, Offer
 from gpuscout.policy.placement import Offers
 
-
 # Prices are decimals in binary floats: 1 - 0.8/1.0 is 0.19999999999999996.
 _EPS = 1e-9
 

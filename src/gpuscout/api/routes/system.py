@@ -40,4 +40,5 @@ router.add_api_route("/healthz", health, methods=["GET"], response_model=Health,
 @router.get("/metrics", dependencies=[Reader], response_class=Response,
             summary="Prometheus metrics (text exposition format)")
 def metrics(service: ServiceDep) -> Response:
+    service.plane.refresh_gauges()
     return Response(service.ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
