@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from gpuscout import workload
 from gpuscout.agent import protocol as p
 from gpuscout.store import open_store
+from gpuscout.workload.checkpoint import CheckpointStore
 from gpuscout.workload.runtime import AgentClient, AgentUnavailable, WorkloadServer
 
 
@@ -158,3 +160,39 @@ def test_state_json_is_canonical() -> None:
     assert data == b'{"a":[1,2],"b":1.5}'
     assert json.loads(data) == {"a": [1, 2], "b": 1.5}
     assert sys.float_repr_style == "short"  # what exact round-trips rely on
+
+
+class _BrokenStore:
+    """A store whose writes fail (a full disk, an S3 outage)."""
+
+    url = "broken://"
+
+    def put(self, key: str, data: bytes) -> None:
+        raise OSError("disk full")
+
+    def get(self, key: str) -> bytes:
+        raise KeyError(key)
+
+    def exists(self, key: str) -> bool:
+        return False
+
+    def list(self, prefix: str) -> Iterator[str]:
+        return iter(())
+
+    def delete(self, key: str) -> None:
+        pass
+
+
+def test_a_failing_store_does_not_stop_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = workload.Run(checkpoints=CheckpointStore(_BrokenStore(), "ck"), checkpoint_every=1,
+                       instance_id="i", default_dir=tmp_path)
+    run.step_done(1, state={"w": 1.0})
+    assert run.last_checkpoint is None
+    assert "checkpoint of step 1 failed" in caplog.text
+
+
+def test_a_state_that_is_not_json_is_the_scripts_bug(tmp_path: Path) -> None:
+    with standalone(tmp_path, every=1) as run, pytest.raises(TypeError):
+        run.step_done(1, state={"w": object()})

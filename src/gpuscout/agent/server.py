@@ -419,14 +419,17 @@ async def run_agent(config: AgentConfig) -> int:
              config.host, port, " in standby" if config.standby else "")
 
     watcher: asyncio.Task[None] | None = None
-    try:
-        await supervisor.start()
-    except OSError as exc:
-        reason = str(exc)
-        log.error("the command could not start: %s", reason)
-        await agent.update(lambda s: core.on_start_failed(s, reason))
+    if agent.closing or server.should_exit:
+        pass  # a signal came while the server started: never start the job
     else:
-        watcher = asyncio.create_task(agent.watch_child())
+        try:
+            await supervisor.start()
+        except OSError as exc:
+            reason = str(exc)
+            log.error("the command could not start: %s", reason)
+            await agent.update(lambda s: core.on_start_failed(s, reason))
+        else:
+            watcher = asyncio.create_task(agent.watch_child())
     try:
         await serving
     finally:

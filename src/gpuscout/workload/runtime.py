@@ -357,18 +357,21 @@ class Run:
         checkpoint is taken) is the state after this step. A checkpoint is
         saved every ``checkpoint_every`` steps and whenever the agent asks;
         if the agent asks to pause, this blocks until it resumes. A failed
-        save is logged and training goes on (the agent asks again at the
-        next step boundary).
+        save (the store failing) is logged and training goes on: the agent
+        asks again at the next step boundary. A state that is not JSON-able
+        raises TypeError.
         """
         action = ProgressAction.CONTINUE
         if self.agent is not None:
             action = self.agent.progress(step, loss=loss, total_steps=total_steps, at=time.time())
         periodic = self.checkpoint_every is not None and step % self.checkpoint_every == 0
         if action is ProgressAction.CHECKPOINT or periodic:
+            # A state that cannot be encoded is the script's bug: it raises.
+            # The store failing (network, disk) is not: training goes on.
+            files = {STATE_FILE: encode_state(state() if callable(state) else state)}
             try:
-                info = self.checkpoint(step, state() if callable(state) else state)
-            except AgentUnavailable:
-                raise
+                info: CheckpointInfo | None = self.checkpoints.save(step, files)
+                self.last_checkpoint = info
             except Exception:
                 log.exception("checkpoint of step %d failed; training goes on", step)
                 info = None
