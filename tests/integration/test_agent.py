@@ -369,3 +369,11 @@ def test_bad_configuration_is_refused_with_the_variable_named(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-m", "gpuscout.agent"], env=env,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and p.ENV_AGENT_PORT in done.stderr
+
+
+def test_logs_are_not_one_line_per_step(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent(linreg_command(30, sleep=0.0))
+    agent.wait(lambda h: h["state"] == "completed", "completion")
+    text = agent.log.read_text()
+    assert "/workload/progress" not in text
+    assert "state running -> completed" in text and "trained 30 steps" in text

@@ -20,6 +20,8 @@ def main() -> int:
         stream=sys.stderr, level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per forwarded request would drown the state changes.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = AgentConfig.from_env()
     except ConfigError as exc:

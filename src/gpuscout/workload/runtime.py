@@ -97,6 +97,11 @@ class AgentClient:
     """The workload side of protocol.py, over one keep-alive connection."""
 
     def __init__(self, url: str, *, grace_s: float = AGENT_GRACE_S) -> None:
+        # httpx logs every request at INFO: one line per training step in a
+        # script that logs at INFO. Quiet it unless someone chose its level.
+        httpx_log = logging.getLogger("httpx")
+        if httpx_log.level == logging.NOTSET:
+            httpx_log.setLevel(logging.WARNING)
         self.url = url
         self.grace_s = grace_s
         self._http = httpx.Client(base_url=url, timeout=httpx.Timeout(10.0, connect=2.0))
