@@ -215,6 +215,11 @@ def test_cancel_terminates_every_process(e2e: E2E) -> None:
     job_id = e2e.submit_linreg(steps=100_000, seed=1, step_sleep=0.02)
     job = e2e.wait_status(job_id, "running")
     assert e2e.pids_of(job["instance_id"])
+    # The agent obeys only the control plane, which holds its instance token.
+    address = e2e.provider.get(job["instance_id"]).address
+    denied = e2e.api.post(f"http://{address}/agent/checkpoint", json={"pause": True},
+                          headers={"Authorization": "Bearer wrong"})
+    assert denied.status_code == 401
     response = e2e.api.delete(f"/api/v1/jobs/{job_id}")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"

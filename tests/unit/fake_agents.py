@@ -34,7 +34,11 @@ class FakeAgents:
         self.checkpoints: dict[int, str] = {}  # step -> key (the job's store)
         self.fail_restore: set[str] = set()
         self.calls: list[tuple[str, str]] = []
+        self.tokens: dict[str, str] = {}
         self._lock = threading.RLock()
+
+    def set_token(self, address: str, token: str) -> None:
+        self.tokens[address] = token
 
     def agent(self, address: str) -> FakeAgent:
         with self._lock:

@@ -91,6 +91,10 @@ def test_job_starts_on_the_cheapest_available_compatible_offer(service: Service)
     instance = service.repo.get_instance(job.instance_id or "")
     assert instance.status == InstanceStatus.RUNNING
     assert service.ctx.router.resolve(job_id) == instance.address
+    # Each instance gets its own agent token, handed to it at launch.
+    (request,) = service.ctx.provider.launch_calls  # type: ignore[attr-defined]
+    assert len(request.agent_token) >= 24
+    assert service.ctx.agents.tokens[instance.address] == request.agent_token  # type: ignore[attr-defined]
 
 
 def test_price_drop_migrates_make_before_break(service: Service, provider: FakeProvider,

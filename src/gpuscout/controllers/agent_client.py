@@ -51,6 +51,10 @@ class CheckpointResult:
 class Agents(Protocol):
     """What controllers need from agents; a fake implements it in unit tests."""
 
+    def set_token(self, address: str, token: str) -> None:
+        """The bearer token of the agent at ``address`` (one per instance)."""
+        ...
+
     def health(self, address: str) -> AgentHealth: ...
 
     def checkpoint(self, address: str, *, pause: bool, timeout_s: float) -> CheckpointResult: ...

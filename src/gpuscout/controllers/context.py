@@ -7,6 +7,7 @@ carry out what it returns through these collaborators. Nothing here decides.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -92,13 +93,12 @@ class Context:
             id=new_id("i"), job_id=job.id, offer_id=offer.id, provider=self.provider.name,
             status=InstanceStatus.PROVISIONING,
         )
-        now = self.clock.now()
-        self.repo.add_instance(instance, offer.price_per_hour, now)
-        self.repo.update_instance(instance.id, billed_until=now)
+        token = secrets.token_urlsafe(24)
+        self.repo.add_instance(instance, offer.price_per_hour, self.clock.now(), token)
         request = LaunchRequest(
             instance_id=instance.id, job_id=job.id, offer=offer, command=job.spec.command,
             store_url=self.store_url, control_url=self.control_url, standby=standby,
-            workdir=job.spec.workdir,
+            workdir=job.spec.workdir, agent_token=token,
         )
         try:
             launched = self.provider.launch(request)
@@ -108,6 +108,8 @@ class Context:
             raise err
         self.repo.update_instance(instance.id, address=launched.address,
                                   provider_ref=launched.provider_ref)
+        if launched.address:
+            self.agents.set_token(launched.address, token)
         self.metrics.instances_launched.inc()
         return self.repo.get_instance(instance.id), launched
 

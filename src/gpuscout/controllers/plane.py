@@ -83,6 +83,8 @@ class ControlPlane:
             thread.join(timeout_s)
 
     def repair(self) -> None:
+        for address, token in self.ctx.repo.agent_tokens().items():
+            self.ctx.agents.set_token(address, token)
         self.executor.repair()
         # Routes live in memory: rebuild them from the jobs' active instances.
         for job in self.ctx.repo.list_jobs([S.RUNNING, S.MIGRATING]):

@@ -229,14 +229,24 @@ class Repository:
 
     # --- instances ---------------------------------------------------------
 
-    def add_instance(self, instance: Instance, price_per_hour: float, now: datetime) -> None:
+    def add_instance(self, instance: Instance, price_per_hour: float, now: datetime,
+                     agent_token: str | None = None) -> None:
         with self.session() as s:
             s.add(InstanceRow(
                 id=instance.id, job_id=instance.job_id, offer_id=instance.offer_id,
                 provider=instance.provider, status=instance.status.value,
                 address=instance.address, provider_ref=instance.provider_ref,
-                price_per_hour=price_per_hour, created_at=now,
+                price_per_hour=price_per_hour, created_at=now, billed_until=now,
+                agent_token=agent_token,
             ))
+
+    def agent_tokens(self) -> dict[str, str]:
+        """address -> agent token of every live instance."""
+        dead = [InstanceStatus.TERMINATED.value, InstanceStatus.FAILED.value]
+        query = select(InstanceRow.address, InstanceRow.agent_token).where(
+            InstanceRow.status.not_in(dead))
+        with self.session() as s:
+            return {a: t for a, t in s.execute(query) if a and t}
 
     def update_instance(self, instance_id: str, **fields: Any) -> None:
         if isinstance(fields.get("status"), InstanceStatus):

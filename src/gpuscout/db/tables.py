@@ -66,6 +66,8 @@ class InstanceRow(Base):
     status: Mapped[str] = mapped_column(String(20), index=True)
     address: Mapped[str | None] = mapped_column(String(200))
     provider_ref: Mapped[str | None] = mapped_column(String(200))
+    # The instance's own bearer token for its agent's API (never shown).
+    agent_token: Mapped[str | None] = mapped_column(String(100))
     price_per_hour: Mapped[float] = mapped_column(Float)  # at launch
     # Billing accrues at the offer's current price (spot prices move).
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
