@@ -103,22 +103,24 @@ def test_overwrite_replaces_the_whole_object(store: ObjectStore) -> None:
 
 
 def test_concurrent_readers_see_one_whole_version(backend: Backend) -> None:
-    """While one thread overwrites a key with alternating 1 MiB versions,
-    every read returns one whole version and every listing shows just the
-    key: no partial object, no temporary name, is ever visible."""
+    """While one thread overwrites a key with alternating versions, every
+    read returns one whole version and every listing shows just the key: no
+    partial object, no temporary name, is ever visible. The versions are
+    above the multipart threshold, so S3 reads are parallel ranged GETs that
+    must not stitch two versions together."""
     if backend.name == "s3rver":
         # Seen here: a GET during a PUT returned the first 256 KiB of the new
         # version, or a body cut short. S3 and moto publish objects whole.
         pytest.xfail("s3rver writes objects in place: readers can see a truncated object")
     store = backend.store
-    versions = [bytes([n]) * MiB for n in (0xAA, 0xBB)]
+    versions = [bytes([n]) * (TEST_THRESHOLD + MiB) for n in (0xAA, 0xBB)]
     store.put("obj", versions[0])
     done = threading.Event()
     errors: list[BaseException] = []
 
     def writer() -> None:
         try:
-            for i in range(12):
+            for i in range(8):
                 store.put("obj", versions[i % 2])
         except BaseException as exc:  # surfaced below
             errors.append(exc)
@@ -163,6 +165,11 @@ CHILD = textwrap.dedent("""
 def test_killed_writer_leaves_a_whole_version(backend: Backend) -> None:
     """SIGKILL a process in the middle of its writes: the key still holds
     one whole version, and nothing half-written is listed."""
+    if backend.name == "s3rver":
+        # Seen here: s3rver was still assembling the killed client's last
+        # multipart upload in place when we read, and returned a truncated
+        # object. S3 and moto complete an upload atomically.
+        pytest.xfail("s3rver writes objects in place: readers can see a truncated object")
     env = {**os.environ, **backend.child_spec.get("env", {})}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(backend.child_spec)],
@@ -178,6 +185,7 @@ def test_killed_writer_leaves_a_whole_version(backend: Backend) -> None:
         if child.stdout is not None:
             child.stdout.close()
     data = backend.store.get("victim")
+    assert len(data) == 12 << 20
     assert data in (bytes([0x11]) * (12 << 20), bytes([0x22]) * (12 << 20))
     assert list(backend.store.list("")) == ["victim"]
 
@@ -362,15 +370,20 @@ def test_open_store_rejects_bad_urls(url: str, message: str) -> None:
         open_store(url)
 
 
+def _children() -> set[str]:
+    path = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    return set(path.read_text().split()) if path.exists() else set()
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_children() -> Iterator[None]:
-    """Whatever a test started, it ended (the kill test reaps its child)."""
+    """A test leaves no process of its own behind (the session's s3rver
+    may start during one, and lives until the session ends)."""
+    before = _children()
     yield
-    # Popen objects are reaped in the tests; a leaked one would still show
-    # up as our child in /proc.
-    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
-    if children.exists():
-        pids = children.read_text().split()
-        names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids
-                 if Path(f"/proc/{pid}/comm").exists()]
-        assert all(name == "node" for name in names), names  # s3rver lives all session
+    for pid in _children() - before:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone
+        assert b"s3rver" in cmdline, f"test left child {pid} running: {cmdline!r}"

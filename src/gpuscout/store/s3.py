@@ -26,6 +26,7 @@ import boto3  # type: ignore[import-untyped]
 from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from s3transfer.exceptions import S3DownloadFailedError  # type: ignore[import-untyped]
 
 from gpuscout.store.base import ObjectNotFound
 from gpuscout.store.fs import check_key, check_prefix
@@ -180,6 +181,12 @@ class S3Store:
                 if is_not_found(exc):
                     raise ObjectNotFound(key) from None
                 if _code(exc) in ("PreconditionFailed", "412"):
+                    continue
+                raise
+            except S3DownloadFailedError as exc:
+                # s3transfer's wrapping of that same 412 on a ranged GET.
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, ClientError) and _code(cause) in ("PreconditionFailed", "412"):
                     continue
                 raise
             return buffer.getvalue()
