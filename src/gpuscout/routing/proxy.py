@@ -17,6 +17,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 
 from gpuscout.routing.router import NoRoute, Router
 
@@ -46,7 +47,9 @@ def proxy_router(
         return client_holder["c"]
 
     async def forward(job_id: str, path: str, request: Request) -> Response:
-        if not job_exists(job_id):
+        # A database read: off the event loop, so a slow disk never stalls
+        # the requests other jobs have in flight.
+        if not await run_in_threadpool(job_exists, job_id):
             return JSONResponse({"detail": f"job {job_id} not found"}, status_code=404)
         stack = ExitStack()
         try:
