@@ -365,3 +365,21 @@ def test_offers_are_read_only_unless_the_market_is_manual(
     assert service.repo.get_offer(P3_SPOT_A).price_per_hour == 0.5
     with pytest.raises(ManualMarketOnly):
         service.plane.update_offer(P3_SPOT_A, price_per_hour=0.1)
+
+
+def test_a_command_that_fails_at_once_fails_the_job_without_moving_it(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    original = agents.agent
+
+    def crashing(address: str):  # type: ignore[no-untyped-def]
+        a = original(address)
+        a.state, a.exit_code, a.error = AgentState.FAILED, 2, "python: can't open file"
+        return a
+
+    agents.agent = crashing  # type: ignore[method-assign]
+    job = service.plane.submit(SPEC)
+    run_until(service, job.id, JobStatus.FAILED)
+    job = service.repo.get_job(job.id)
+    assert job.error == "command exited with code 2: python: can't open file"
+    assert len(provider.launch_calls) == 1  # not retried on other offers
+    assert provider.running_ids() == []

@@ -98,6 +98,12 @@ class Lifecycle:
             self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
                            instance_id=instance_id)
             return
+        if health is not None and health.exit_code is not None:
+            # The machine booted and the command itself failed: that is the
+            # job's error, not the offer's; placing it elsewhere won't help.
+            self._finish(job, instance_id, S.FAILED, _command_error(health),
+                         expect=S.PROVISIONING)
+            return
         gone = self._provider_gone(instance_id)
         waited = (now - (instance.created_at or now)).total_seconds()
         if gone or waited > self.ctx.timeouts.health_s or (
@@ -126,8 +132,7 @@ class Lifecycle:
         if health.state == AgentState.COMPLETED:
             self._finish(job, instance.id, S.COMPLETED, None)
         elif health.state == AgentState.FAILED:
-            self._finish(job, instance.id, S.FAILED,
-                         health.error or f"command exited with code {health.exit_code}")
+            self._finish(job, instance.id, S.FAILED, _command_error(health))
         elif health.interruption_notice or self._provider_notice(instance.id):
             self.ctx.event(job.id, "interruption",
                            f"{instance.id} got a spot interruption notice")
@@ -183,10 +188,11 @@ class Lifecycle:
             self.ctx.repo.update_job(job.id, step=health.step, loss=health.loss,
                                      total_steps=health.total_steps)
 
-    def _finish(self, job: Job, instance_id: str, status: JobStatus, error: str | None) -> None:
+    def _finish(self, job: Job, instance_id: str, status: JobStatus, error: str | None,
+                expect: JobStatus = S.RUNNING) -> None:
         now = self.ctx.clock.now()
         self.bill(job)
-        self.ctx.repo.transition(job.id, status, expect={S.RUNNING}, finished_at=now,
+        self.ctx.repo.transition(job.id, status, expect={expect}, finished_at=now,
                                  error=error)
         self.ctx.terminate(instance_id)
         self.ctx.router.switch(job.id, None)
@@ -214,3 +220,8 @@ class Lifecycle:
             baseline_cost_usd=baseline,
             cost_updated_at=now if since is not None else None,
         )
+
+
+def _command_error(health: AgentHealth) -> str:
+    detail = f": {health.error}" if health.error else ""
+    return f"command exited with code {health.exit_code}{detail}"
