@@ -1,9 +1,25 @@
 """Pure decisions: placement and migration. No I/O, no clock reads."""
 
-from gpuscout.policy.migration import MoveDecision, MovePolicy, decide_move, plan_moves
+from gpuscout.policy.job_placement import PlacementDecision, place_job, uniform_progress_line
+from gpuscout.policy.migration import (
+    JobView,
+    MoveCosts,
+    MoveDecision,
+    MovePolicy,
+    Trigger,
+    budget_left,
+    deadline_slack_s,
+    decide_move,
+    move_cost_usd,
+    plan_moves,
+    remaining_work_hours,
+    zone_key,
+)
 from gpuscout.policy.placement import Offers, Placement, choose_offer
 
 __all__ = [
-    "MoveDecision", "MovePolicy", "Offers", "Placement", "choose_offer", "decide_move",
-    "plan_moves",
+    "JobView", "MoveCosts", "MoveDecision", "MovePolicy", "Offers", "Placement",
+    "PlacementDecision", "Trigger", "budget_left", "choose_offer", "deadline_slack_s",
+    "decide_move", "move_cost_usd", "place_job", "plan_moves", "remaining_work_hours",
+    "uniform_progress_line", "zone_key",
 ]

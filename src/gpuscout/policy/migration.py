@@ -1,29 +1,125 @@
-"""Should a running job move, where, and why. Pure.
+"""Should a running job move, where, and why. Pure: no I/O, no clock reads.
 
-A job moves when the best available compatible offer is at least
-``threshold`` cheaper per unit of work than the offer it runs on. The
-decision is returned whether or not it moves, with its reason and numbers,
-so that every pass of the scout can be explained.
+The rule, for a job running on ``current``:
+
+1. *Forced moves* come first. If the current offer is no longer available
+   (spot capacity gone: the instance will be reclaimed), the job moves to
+   the best offer that keeps its deadline. If the job runs on spot and its
+   deadline slack has shrunk to one restart overhead plus
+   ``deadline_margin_s``, it moves to on-demand (Can't Be Late's guard: a
+   preemption now would miss the deadline). Neither is held back by the dwell
+   time or the cap.
+2. *Price moves* need all of:
+   - the job has stayed ``min_dwell_s`` since its last move, and has made
+     fewer than ``max_moves`` price moves (no ping-pong);
+   - the target is at least ``savings_threshold`` cheaper per unit of work
+     (price / relative speed);
+   - the expected saving over the job's remaining work exceeds the cost of
+     moving (``MoveCosts``: boot, checkpoint and restore time billed on the
+     instances that are not training, and egress between regions);
+   - the move breaks neither the budget (spent + move cost + remaining work
+     on the target) nor the deadline (with room for one more restart when
+     the target is spot).
+
+Remaining work, in hours at relative speed 1.0, comes from
+``expected_duration_hours`` and progress (step / total_steps) or, without a
+step count, from the time the job has been running.
+
+Every decision, moving or not, carries its reason and its numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from gpuscout.domain import Job, JobStatus, Offer
+from gpuscout.domain import Capacity, Job, JobStatus, Offer
 from gpuscout.policy.placement import Offers
 
 # Prices are decimals in binary floats: 1 - 0.8/1.0 is 0.19999999999999996.
 _EPS = 1e-9
+# How many of the cheapest compatible offers a decision weighs in full
+# (move cost, budget, deadline); the rest are dearer per work hour anyway.
+_CANDIDATES = 16
+
+
+class Trigger:
+    """Why a move is proposed (``MoveDecision.trigger``)."""
+
+    PRICE = "price"  # a cheaper placement pays for the move
+    DEADLINE = "deadline"  # spot is too risky for the time left: on-demand
+    CAPACITY = "capacity"  # the current offer is gone (spot reclaimed)
 
 
 @dataclass(frozen=True, slots=True)
 class MovePolicy:
     savings_threshold: float = 0.20
-    # A job that just moved stays put this long (no ping-pong).
-    min_dwell_s: float = 0.0
+    # A job that just moved stays put this long (no ping-pong). Ten minutes
+    # is five scout passes at the default interval, and short next to the
+    # hours a training job runs.
+    min_dwell_s: float = 600.0
+    # At most this many price-driven moves per job (None: no cap). Forced
+    # moves (capacity gone, deadline) do not count and are never capped.
+    max_moves: int | None = 10
+    # Deadline slack kept beyond one restart overhead before a spot job is
+    # sent to on-demand: covers a scout interval and estimates that are off.
+    deadline_margin_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class MoveCosts:
+    """What a move costs, estimated by the caller (settings, past moves).
+
+    Make-before-break: during ``boot_s`` the old instance still trains and
+    only the replacement is billed for nothing; during checkpoint and
+    restore neither trains and both are billed. A lost instance pays the
+    whole ``restart_s`` before training again.
+    """
+
+    boot_s: float = 180.0  # launch to the agent waiting in standby (EC2 GPU AMI: 2-3 min)
+    checkpoint_s: float = 30.0  # to object storage, at the next step boundary
+    restore_s: float = 60.0  # download, load, first step on the replacement
+    egress_usd_per_gb: float = 0.02  # between regions of one provider (AWS: $0.02/GB)
+    internet_egress_usd_per_gb: float = 0.09  # between providers
+    # Per (from_region, to_region), overriding egress_usd_per_gb.
+    region_egress_usd_per_gb: Mapping[tuple[str, str], float] = field(default_factory=dict)
+
+    @property
+    def downtime_s(self) -> float:
+        return self.checkpoint_s + self.restore_s
+
+    @property
+    def restart_s(self) -> float:
+        """A restart from scratch on a new instance (preemption, placement)."""
+        return self.boot_s + self.restore_s
+
+    def egress_per_gb(self, source: Offer, target: Offer) -> float:
+        if source.provider != target.provider:
+            return self.internet_egress_usd_per_gb
+        if source.region == target.region:
+            return 0.0
+        return self.region_egress_usd_per_gb.get((source.region, target.region),
+                                                 self.egress_usd_per_gb)
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What the policy needs about a job that the Job value does not hold."""
+
+    # Seconds the job has trained so far (all instances); used for the
+    # remaining work when the job reports no total_steps. None: since
+    # started_at.
+    running_s: float | None = None
+    price_moves: int = 0  # price-driven moves made so far (the cap)
+    checkpoint_gb: float = 0.0  # size of its latest checkpoint (egress)
+    # "provider:zone" whose spot capacity was just reclaimed: not a target.
+    avoid_zones: frozenset[str] = frozenset()
+
+
+def zone_key(offer: Offer) -> str:
+    return f"{offer.provider}:{offer.zone}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,70 +132,252 @@ class MoveDecision:
     current_cost_per_work_hour: float | None = None
     target_cost_per_work_hour: float | None = None
     savings: float = 0.0  # fraction of the current cost per work hour
+    trigger: str = Trigger.PRICE
+    decided_at: datetime | None = None
+    remaining_work_hours: float | None = None  # at relative speed 1.0
+    expected_saving_usd: float | None = None  # over the remaining work, net of nothing
+    move_cost_usd: float | None = None
+    budget_left_usd: float | None = None  # budget - spent; None without a budget
+    deadline_slack_s: float | None = None  # if it stays; None without a deadline
+    threshold: float | None = None
+
+    @property
+    def net_saving_usd(self) -> float | None:
+        if self.expected_saving_usd is None or self.move_cost_usd is None:
+            return None
+        return self.expected_saving_usd - self.move_cost_usd
+
+    def numbers(self) -> dict[str, object]:
+        """The decision's numbers, for events and logs."""
+        return {
+            "move": self.move, "trigger": self.trigger,
+            "current_offer_id": self.current_offer_id,
+            "target_offer_id": self.target.id if self.target else None,
+            "current_cost_per_work_hour": self.current_cost_per_work_hour,
+            "target_cost_per_work_hour": self.target_cost_per_work_hour,
+            "savings": self.savings, "threshold": self.threshold,
+            "remaining_work_hours": self.remaining_work_hours,
+            "expected_saving_usd": self.expected_saving_usd,
+            "move_cost_usd": self.move_cost_usd, "budget_left_usd": self.budget_left_usd,
+            "deadline_slack_s": self.deadline_slack_s,
+        }
+
+
+# --- pure helpers (also used by placement and the simulator) -----------------
+
+
+def remaining_work_hours(job: Job, now: datetime, view: JobView | None = None,
+                         speed: float = 1.0) -> float:
+    """Work left, in hours at relative speed 1.0.
+
+    With a step count: expected_duration_hours x (1 - step / total_steps).
+    Without: expected_duration_hours less the time run so far x ``speed``
+    (the relative speed it ran at). Never negative; a job past its estimate
+    counts as nearly done.
+    """
+    total = max(0.0, job.spec.expected_duration_hours)
+    p = job.progress
+    if p.total_steps:
+        done = min(1.0, max(0.0, p.step / p.total_steps))
+        return total * (1.0 - done)
+    running_s = view.running_s if view is not None else None
+    if running_s is None:
+        running_s = (now - job.started_at).total_seconds() if job.started_at else 0.0
+    return max(0.0, total - max(0.0, running_s) / 3600.0 * speed)
+
+
+def budget_left(job: Job) -> float | None:
+    if job.spec.budget_usd is None:
+        return None
+    return job.spec.budget_usd - job.cost_usd
+
+
+def deadline_slack_s(job: Job, now: datetime, work_hours: float, speed: float,
+                     overhead_s: float = 0.0) -> float | None:
+    """Seconds to spare if the remaining work runs at ``speed`` after
+    ``overhead_s``; None without a deadline."""
+    if job.spec.deadline is None:
+        return None
+    needed = overhead_s + (work_hours / speed * 3600.0 if speed > 0 else math.inf)
+    return (job.spec.deadline - now).total_seconds() - needed
+
+
+def move_cost_usd(current: Offer, target: Offer, costs: MoveCosts, gb: float) -> float:
+    """Dollars a make-before-break move burns: the replacement billed while
+    it boots and while the job is down, the old instance while the job is
+    down, and the bytes that cross regions."""
+    replacement = target.price_per_hour * (costs.boot_s + costs.downtime_s) / 3600.0
+    old = current.price_per_hour * costs.downtime_s / 3600.0
+    return replacement + old + gb * costs.egress_per_gb(current, target)
+
+
+@dataclass(frozen=True, slots=True)
+class _Weighed:
+    offer: Offer
+    savings: float
+    saving_usd: float
+    cost_usd: float
+    budget_ok: bool
+    deadline_ok: bool
+    slack_s: float | None
+
+    @property
+    def net(self) -> float:
+        return self.saving_usd - self.cost_usd
+
+
+def _weigh(job: Job, current: Offer, target: Offer, work: float, costs: MoveCosts,
+           view: JobView, policy: MovePolicy, now: datetime) -> _Weighed:
+    cur = current.cost_per_work_hour
+    savings = 1.0 - target.cost_per_work_hour / cur if cur > 0 else 0.0
+    # The old instance keeps training while the replacement boots; the
+    # saving starts after the switch.
+    after_boot = max(0.0, work - costs.boot_s / 3600.0 * current.relative_speed)
+    saving_usd = (cur - target.cost_per_work_hour) * after_boot
+    cost = move_cost_usd(current, target, costs, job.spec.dataset_size_gb + view.checkpoint_gb)
+    left = budget_left(job)
+    budget_ok = left is None or cost + after_boot * target.cost_per_work_hour <= left + _EPS
+    # Deadline: boot (still training), down for checkpoint + restore, then
+    # the rest on the target; a spot target must leave room for one more
+    # restart, or a preemption there would miss the deadline.
+    slack = deadline_slack_s(job, now, after_boot, target.relative_speed,
+                             costs.boot_s + costs.downtime_s)
+    need = costs.restart_s + policy.deadline_margin_s if target.capacity == Capacity.SPOT else 0.0
+    deadline_ok = slack is None or slack >= need
+    return _Weighed(target, savings, saving_usd, cost, budget_ok, deadline_ok, slack)
+
+
+def _candidates(offers: Offers, job: Job, current: Offer, view: JobView) -> list[Offer]:
+    """The cheapest available compatible offers other than the current one,
+    cheapest per work hour first (spot in avoided zones left out)."""
+    out: list[Offer] = []
+    for o in offers.sorted_by_cost():
+        if o.id == current.id or not o.available or not o.satisfies(job.spec.resources):
+            continue
+        if o.capacity == Capacity.SPOT and zone_key(o) in view.avoid_zones:
+            continue
+        out.append(o)
+        if len(out) >= _CANDIDATES:
+            break
+    return out
+
+
+# --- the decision --------------------------------------------------------------
 
 
 def decide_move(
-    job: Job, current: Offer | None, offers: Iterable[Offer], policy: MovePolicy, now: datetime
+    job: Job, current: Offer | None, offers: Iterable[Offer], policy: MovePolicy, now: datetime,
+    *, view: JobView | None = None, costs: MoveCosts | None = None,
 ) -> MoveDecision:
     """Decide for one job. ``current`` is the offer the job runs on."""
+    view = view or JobView()
+    costs = costs or MoveCosts()
     threshold = (
         job.spec.savings_threshold
         if job.spec.savings_threshold is not None
         else policy.savings_threshold
     )
+    base: dict[str, object] = {"decided_at": now, "threshold": threshold,
+                               "budget_left_usd": budget_left(job)}
 
     def stay(reason: str, **numbers: object) -> MoveDecision:
-        return MoveDecision(job_id=job.id, move=False, reason=reason,
-                            current_offer_id=current.id if current else None, **numbers)  # type: ignore[arg-type]
+        return MoveDecision(job_id=job.id, move=False, reason=reason,  # type: ignore[arg-type]
+                            current_offer_id=current.id if current else None,
+                            **{**base, **numbers})
 
     if job.status != JobStatus.RUNNING:
         return stay(f"job is {job.status.value}, only running jobs move")
     if current is None:
         return stay("the job's current offer is unknown")
+
+    work = remaining_work_hours(job, now, view, current.relative_speed)
+    cur_cost = current.cost_per_work_hour
+    slack_stay = deadline_slack_s(job, now, work, current.relative_speed)
+    base.update(current_cost_per_work_hour=cur_cost, remaining_work_hours=work,
+                deadline_slack_s=slack_stay)
+    ranked = Offers(offers) if not isinstance(offers, Offers) else offers
+    weighed = [_weigh(job, current, o, work, costs, view, policy, now)
+               for o in _candidates(ranked, job, current, view)]
+
+    def go(w: _Weighed, trigger: str, reason: str) -> MoveDecision:
+        return MoveDecision(
+            job_id=job.id, move=True, reason=reason, current_offer_id=current.id,  # type: ignore[arg-type]
+            target=w.offer, target_cost_per_work_hour=w.offer.cost_per_work_hour,
+            savings=w.savings, trigger=trigger, expected_saving_usd=w.saving_usd,
+            move_cost_usd=w.cost_usd, **base)
+
+    def numbers_of(w: _Weighed) -> dict[str, object]:
+        return {"target": w.offer, "target_cost_per_work_hour": w.offer.cost_per_work_hour,
+                "savings": w.savings, "expected_saving_usd": w.saving_usd,
+                "move_cost_usd": w.cost_usd}
+
+    # 1. Forced: the current capacity is gone.
+    if not current.available:
+        keeps = [w for w in weighed if w.deadline_ok]
+        pick = min(keeps or weighed, key=lambda w: (-w.net, w.offer.id), default=None)
+        if pick is None:
+            return stay(f"{current.id} is no longer available and no other offer fits")
+        return go(pick, Trigger.CAPACITY,
+                  f"{current.id} is no longer available; moving to {pick.offer.id} at "
+                  f"${pick.offer.cost_per_work_hour:.4f} per work hour")
+
+    # 2. Forced: a spot job whose slack no longer covers a preemption.
+    if (current.capacity == Capacity.SPOT and slack_stay is not None
+            and slack_stay < costs.restart_s + policy.deadline_margin_s):
+        safe = [w for w in weighed if w.offer.capacity == Capacity.ON_DEMAND and w.deadline_ok]
+        if safe:
+            pick = min(safe, key=lambda w: (w.offer.cost_per_work_hour, w.offer.id))
+            return go(pick, Trigger.DEADLINE,
+                      f"deadline slack {slack_stay / 3600:.2f}h no longer covers a spot "
+                      f"preemption (restart {costs.restart_s:.0f}s + margin "
+                      f"{policy.deadline_margin_s:.0f}s): on-demand {pick.offer.id}")
+        # No on-demand move would make it either: staying is the best chance.
+
+    # 3. Price moves.
     if job.last_migration_at is not None and policy.min_dwell_s > 0:
         dwell = (now - job.last_migration_at).total_seconds()
         if dwell < policy.min_dwell_s:
             return stay(f"moved {dwell:.0f}s ago, minimum dwell is {policy.min_dwell_s:.0f}s")
-
-    best = (
-        Offers(offers).available().compatible(job.spec.resources).excluding({current.id}).cheapest()
-    )
-    current_cost = current.cost_per_work_hour
-    if best is None:
-        return stay("no other available compatible offer", current_cost_per_work_hour=current_cost)
-    savings = 1.0 - best.cost_per_work_hour / current_cost if current_cost > 0 else 0.0
-    numbers = {
-        "current_cost_per_work_hour": current_cost,
-        "target_cost_per_work_hour": best.cost_per_work_hour,
-        "savings": savings,
-    }
-    if savings < threshold - _EPS:
-        return MoveDecision(
-            job_id=job.id, move=False, current_offer_id=current.id, target=best,
-            reason=(
-                f"best offer {best.id} saves {savings:.1%} per work hour, "
-                f"below the {threshold:.0%} threshold"
-            ),
-            **numbers,  # type: ignore[arg-type]
-        )
-    return MoveDecision(
-        job_id=job.id, move=True, current_offer_id=current.id, target=best,
-        reason=(
-            f"{best.id} at ${best.cost_per_work_hour:.4f} per work hour is {savings:.1%} "
-            f"cheaper than {current.id} at ${current_cost:.4f} (threshold {threshold:.0%})"
-        ),
-        **numbers,  # type: ignore[arg-type]
-    )
+    if policy.max_moves is not None and view.price_moves >= policy.max_moves:
+        return stay(f"already moved {view.price_moves} times for price, the cap is "
+                    f"{policy.max_moves}")
+    if not weighed:
+        return stay("no other available compatible offer")
+    cheapest = weighed[0]
+    if cheapest.savings < threshold - _EPS:
+        return stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
+                    f"hour, below the {threshold:.0%} threshold", **numbers_of(cheapest))
+    above = [w for w in weighed if w.savings >= threshold - _EPS]
+    paying = [w for w in above if w.net > _EPS]
+    if not paying:
+        return stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
+                    f"hour, but ${cheapest.saving_usd:.4f} over the remaining "
+                    f"{work:.2f} work hours does not pay the ${cheapest.cost_usd:.4f} move",
+                    **numbers_of(cheapest))
+    allowed = [w for w in paying if w.budget_ok and w.deadline_ok]
+    if not allowed:
+        w = max(paying, key=lambda w: w.net)
+        why = "the budget" if not w.budget_ok else "the deadline"
+        return stay(f"moving to {w.offer.id} would break {why}", **numbers_of(w))
+    pick = max(allowed, key=lambda w: (w.net, -w.offer.cost_per_work_hour))
+    return go(pick, Trigger.PRICE,
+              f"{pick.offer.id} at ${pick.offer.cost_per_work_hour:.4f} per work hour is "
+              f"{pick.savings:.1%} cheaper than {current.id} at ${cur_cost:.4f} "
+              f"(threshold {threshold:.0%}); saves ${pick.saving_usd:.4f} over "
+              f"{work:.2f} work hours for a ${pick.cost_usd:.4f} move")
 
 
 def plan_moves(
-    jobs: Iterable[Job], offers: Iterable[Offer], policy: MovePolicy, now: datetime
+    jobs: Iterable[Job], offers: Iterable[Offer], policy: MovePolicy, now: datetime,
+    *, views: Mapping[str, JobView] | None = None, costs: MoveCosts | None = None,
 ) -> list[MoveDecision]:
-    """One scout pass: a decision for every running job."""
-    snapshot = tuple(offers)
-    by_id = {o.id: o for o in snapshot}
+    """One scout pass: a decision for every running job (offers ranked once)."""
+    ranked = Offers(offers).ranked()
+    by_id = {o.id: o for o in ranked}
+    views = views or {}
     return [
-        decide_move(job, by_id.get(job.offer_id or ""), snapshot, policy, now)
+        decide_move(job, by_id.get(job.offer_id or ""), ranked, policy, now,
+                    view=views.get(job.id), costs=costs)
         for job in jobs
         if job.status == JobStatus.RUNNING
     ]

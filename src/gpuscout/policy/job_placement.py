@@ -1,0 +1,130 @@
+"""Where a job that has no instance goes (first placement, recovery). Pure.
+
+Without a deadline: the cheapest available compatible offer per unit of
+work, as ``choose_offer``. With a deadline, Can't Be Late's Uniform Progress:
+
+- spot is taken when one is available and the slack left after it leaves
+  room for one more restart (a preemption there would still make it);
+- otherwise on-demand is taken if progress is behind the uniform line
+  (work done / total work < time since submission / (deadline - submission))
+  or the slack is down to ``deadline_margin_s``;
+- otherwise the job waits for spot (it is ahead of the line), and the
+  decision says so.
+
+A budget is respected where it can be: among the offers that keep the
+deadline, one whose projected cost fits the budget left is preferred. A
+deadline that no offer can keep gets the offer that finishes first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from gpuscout.domain import Capacity, Job, Offer
+from gpuscout.policy.migration import (
+    JobView,
+    MoveCosts,
+    MovePolicy,
+    budget_left,
+    deadline_slack_s,
+    remaining_work_hours,
+    zone_key,
+)
+from gpuscout.policy.placement import Offers
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementDecision:
+    offer: Offer | None  # None: wait (nothing fits, or waiting for spot)
+    reason: str
+    remaining_work_hours: float = 0.0
+    projected_cost_usd: float | None = None  # the remaining work on ``offer``
+    budget_left_usd: float | None = None
+    deadline_slack_s: float | None = None  # on ``offer``, after its restart
+    progress: float | None = None  # fraction of the work done
+    uniform_line: float | None = None  # the fraction Uniform Progress asks for now
+
+
+def uniform_progress_line(job: Job, now: datetime) -> float | None:
+    """Fraction of the work Uniform Progress asks to have done by ``now``."""
+    deadline = job.spec.deadline
+    if deadline is None:
+        return None
+    span = (deadline - job.created_at).total_seconds()
+    if span <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (now - job.created_at).total_seconds() / span))
+
+
+def place_job(
+    job: Job, offers: Iterable[Offer], now: datetime, *, policy: MovePolicy | None = None,
+    view: JobView | None = None, costs: MoveCosts | None = None,
+) -> PlacementDecision:
+    policy = policy or MovePolicy()
+    view = view or JobView()
+    costs = costs or MoveCosts()
+    work = remaining_work_hours(job, now, view)
+    left = budget_left(job)
+    total = job.spec.expected_duration_hours
+    progress = 1.0 - work / total if total > 0 else 1.0
+    line = uniform_progress_line(job, now)
+    compatible = Offers(offers).compatible(job.spec.resources).ranked()
+    candidates = [o for o in compatible.available() if not (
+        o.capacity == Capacity.SPOT and zone_key(o) in view.avoid_zones)]
+
+    def projected(o: Offer) -> float:
+        return (costs.restart_s / 3600.0 * o.price_per_hour) + work * o.cost_per_work_hour
+
+    def slack(o: Offer) -> float | None:
+        return deadline_slack_s(job, now, work, o.relative_speed, costs.restart_s)
+
+    def decide(o: Offer | None, reason: str) -> PlacementDecision:
+        return PlacementDecision(
+            offer=o, reason=reason, remaining_work_hours=work,
+            projected_cost_usd=projected(o) if o else None, budget_left_usd=left,
+            deadline_slack_s=slack(o) if o else None, progress=progress, uniform_line=line)
+
+    def fits_budget(o: Offer) -> bool:
+        return left is None or projected(o) <= left
+
+    if not candidates:
+        return decide(None, "no available offer fits the job's resources")
+
+    if job.spec.deadline is None:
+        in_budget = [o for o in candidates if fits_budget(o)]
+        pick = (in_budget or candidates)[0]
+        note = "" if in_budget or left is None else (
+            f"; projected ${projected(pick):.2f} exceeds the ${left:.2f} budget left")
+        return decide(pick, f"cheapest available compatible offer: {pick.id} at "
+                            f"${pick.price_per_hour:.4f}/h (${pick.cost_per_work_hour:.4f} "
+                            f"per work hour){note}")
+
+    guard = costs.restart_s + policy.deadline_margin_s
+    spot_ok = [o for o in candidates if o.capacity == Capacity.SPOT
+               and (slack(o) or 0.0) >= guard]
+    od_ok = [o for o in candidates if o.capacity == Capacity.ON_DEMAND
+             and (slack(o) or 0.0) >= 0.0]
+    if spot_ok:
+        pick = next((o for o in spot_ok if fits_budget(o)), spot_ok[0])
+        return decide(pick, f"spot with room for a preemption before the deadline: {pick.id} "
+                            f"at ${pick.cost_per_work_hour:.4f} per work hour")
+    cheapest_od = next((o for o in od_ok if fits_budget(o)), od_ok[0] if od_ok else None)
+    behind = line is not None and progress < line
+    tight = cheapest_od is not None and (slack(cheapest_od) or 0.0) < policy.deadline_margin_s
+    spot_now = any(o.capacity == Capacity.SPOT for o in candidates)
+    spot_exists = any(o.capacity == Capacity.SPOT for o in compatible)
+    if cheapest_od is not None and (behind or tight or spot_now or not spot_exists):
+        why = ("behind the uniform-progress line" if behind else
+               "deadline slack is down to the margin" if tight else
+               "spot is too slow for the deadline" if spot_now else "no spot offer fits")
+        return decide(cheapest_od, f"on-demand {cheapest_od.id}: {why} "
+                                   f"(done {progress:.1%}, line {line or 0:.1%})")
+    if cheapest_od is not None:
+        return decide(None, f"waiting for spot: done {progress:.1%} is ahead of the "
+                            f"uniform-progress line {line or 0:.1%}")
+    # Nothing keeps the deadline: finish as early as possible.
+    fastest = min(candidates, key=lambda o: (-o.relative_speed, o.capacity == Capacity.SPOT,
+                                             o.cost_per_work_hour, o.id))
+    return decide(fastest, f"no offer keeps the deadline; {fastest.id} finishes first")
