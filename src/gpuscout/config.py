@@ -36,6 +36,22 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=30.0, gt=0)
     health_timeout_s: float = Field(default=120.0, gt=0)
     checkpoint_timeout_s: float = Field(default=120.0, gt=0)
+    # AWS provider (GPUSCOUT_PROVIDER=aws); credentials come from boto3's own
+    # chain (environment, ~/.aws, instance profile), never from here.
+    aws_region: str = "us-east-1"
+    aws_cluster: str = "default"  # the gpuscout:cluster tag of every resource
+    aws_ami_id: str | None = None  # default: newest AMI named like the pattern
+    aws_ami_name_pattern: str = (
+        "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *")
+    aws_subnet_ids: str | None = None  # comma-separated; default: the default VPC
+    aws_key_name: str | None = None  # SSH key pair, created if missing
+    aws_instance_profile: str | None = None  # gives the instances the store
+    aws_security_group: str | None = None  # default: gpuscout-<cluster>
+    aws_ingress_cidr: str | None = None  # who reaches the agent port; default: the group
+    aws_agent_port: int = Field(default=8700, ge=1, le=65535)
+    aws_public_ip: bool = False  # reach instances by public IP
+    aws_package_spec: str | None = "gpuscout"  # pip-installed where the AMI lacks it
+    aws_offers_refresh_s: float = Field(default=300.0, gt=0)
 
     @field_validator("market")
     @classmethod

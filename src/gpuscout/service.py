@@ -37,7 +37,11 @@ def make_provider(settings: Settings) -> Provider:
         from gpuscout.providers.local import LocalProvider
 
         return LocalProvider(Path(settings.home) / "local", boot_delay_s=settings.boot_delay_s)
-    raise ValueError(f"provider {settings.provider!r} is not available yet (use local)")
+    if settings.provider == "aws":
+        from gpuscout.providers.aws import AwsProvider
+
+        return AwsProvider.from_settings(settings)
+    raise ValueError(f"provider {settings.provider!r} is not available (use local or aws)")
 
 
 def build_service(
@@ -59,6 +63,10 @@ def build_service(
         timeouts=Timeouts(health_s=settings.health_timeout_s,
                           checkpoint_s=settings.checkpoint_timeout_s),
     )
+    if feed is None and settings.market == "aws":
+        from gpuscout.market.aws_prices import AwsPriceFeed
+
+        feed = AwsPriceFeed(provider.offers, refresh_s=settings.aws_offers_refresh_s)
     plane = ControlPlane(
         ctx, feed or open_feed(settings.market, catalog),
         MovePolicy(savings_threshold=settings.savings_threshold),

@@ -1,0 +1,192 @@
+"""Helpers for the AWS provider tests: EC2 on moto's server, faults moto
+cannot produce, and agents that play the instance side.
+
+- ``aws_env`` (fixture): the environment plain boto3 reads (AWS_ENDPOINT_URL
+  pointing at moto's server on loopback, test credentials, us-east-1).
+- ``FaultyEc2``: wraps a real boto3 EC2 client and raises the AWS errors a
+  test queues (throttling, no capacity) before the call reaches moto.
+- ``AgentAwsProvider``: the real AwsProvider whose every launched EC2
+  instance is also played by a real process: the user-data EC2 stored for
+  the instance, read back with describe_instance_attribute and run with
+  bash, as cloud-init would; its agent listens on a loopback port, which
+  becomes the instance's address.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]
+import pytest
+from botocore.exceptions import ClientError
+
+from gpuscout.providers.aws import AwsConfig, AwsProvider
+from gpuscout.providers.base import LaunchRequest, ProviderInstance
+from tests.s3_servers import S3Endpoint, moto_server
+
+__all__ = ["AgentAwsProvider", "FaultyEc2", "aws_env", "moto_server", "new_config"]
+
+TEST_SECRET = "testing-secret-9f2c"  # noqa: S105  (a fake credential moto accepts)
+
+
+@pytest.fixture
+def aws_env(moto_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    return moto_server
+
+
+def ec2_client() -> Any:
+    return boto3.client("ec2", region_name="us-east-1")
+
+
+def any_ami() -> str:
+    return str(ec2_client().describe_images(Owners=["amazon"])["Images"][0]["ImageId"])
+
+
+def new_config(**changes: Any) -> AwsConfig:
+    """A config of a cluster of its own, so tests sharing moto do not see
+    each other's instances."""
+    fields: dict[str, Any] = {"cluster": f"t-{uuid.uuid4().hex[:10]}", "ami_id": any_ami(),
+                              "package_spec": None}
+    fields.update(changes)
+    return AwsConfig(**fields)
+
+
+class FaultyEc2:
+    """A boto3 EC2 client with faults: ``fail(operation, code, times)``
+    queues AWS errors; ``refuse(instance_type, zone, spot, code)`` makes
+    run_instances refuse one offer every time. Records ``calls``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._queued: dict[str, list[str]] = {}
+        self._refused: dict[tuple[str, str, bool], str] = {}
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def fail(self, operation: str, code: str, times: int = 1) -> None:
+        with self._lock:
+            self._queued.setdefault(operation, []).extend([code] * times)
+
+    def refuse(self, instance_type: str, zone: str, spot: bool, code: str) -> None:
+        self._refused[(instance_type, zone, spot)] = code
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(**params: Any) -> Any:
+            with self._lock:
+                self.calls.append(name)
+                queue = self._queued.get(name)
+                code = queue.pop(0) if queue else None
+            if code is None and name == "run_instances":
+                key = (params["InstanceType"], params["Placement"]["AvailabilityZone"],
+                       "InstanceMarketOptions" in params)
+                code = self._refused.get(key)
+            if code is not None:
+                raise ClientError({"Error": {"Code": code, "Message": "injected by the test"}},
+                                  name)
+            return attr(**params)
+
+        return call
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class AgentAwsProvider(AwsProvider):
+    """AwsProvider + a real agent process per launched instance (see above)."""
+
+    def __init__(self, config: AwsConfig, root: Path, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.root = root
+        self.ports: dict[str, int] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.user_data_of: dict[str, str] = {}
+
+    def _agent_port_for(self, request: LaunchRequest) -> int:
+        port = self.ports[request.instance_id] = free_port()
+        return port
+
+    def _address_of(self, instance_id: str, ip: str | None) -> str | None:
+        port = self.ports.get(instance_id)
+        return f"127.0.0.1:{port}" if port else super()._address_of(instance_id, ip)
+
+    def launch(self, request: LaunchRequest) -> ProviderInstance:
+        launched = super().launch(request)
+        # What EC2 stored is what cloud-init would run.
+        answer = self.ec2.describe_instance_attribute(InstanceId=launched.provider_ref,
+                                                      Attribute="userData")
+        script = base64.b64decode(answer["UserData"]["Value"]).decode()
+        self.user_data_of[request.instance_id] = script
+        home = self.root / request.instance_id
+        home.mkdir(parents=True)
+        (home / "user-data.sh").write_text(script)
+        # A fresh machine: none of this process's GPUSCOUT_* or AWS settings,
+        # and a python3 on PATH that has gpuscout (as on the AMI).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("GPUSCOUT_", "AWS_"))}
+        env["HOME"] = str(home)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        with open(home / "boot.log", "wb") as log:
+            self.processes[request.instance_id] = subprocess.Popen(
+                ["bash", str(home / "user-data.sh")], cwd=home, env=env,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return launched
+
+    def terminate(self, instance_id: str) -> None:
+        super().terminate(instance_id)
+        self.stop_agent(instance_id)
+
+    def stop_agent(self, instance_id: str) -> None:
+        process = self.processes.get(instance_id)
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+    def stop_all(self) -> None:
+        for instance_id in list(self.processes):
+            self.stop_agent(instance_id)
+
+    def agent_log(self, instance_id: str) -> str:
+        path = self.root / instance_id / ".gpuscout" / "instance" / "agent.log"
+        return path.read_text() if path.exists() else ""
+
+
+@contextlib.contextmanager
+def stopping(provider: AgentAwsProvider) -> Iterator[AgentAwsProvider]:
+    try:
+        yield provider
+    finally:
+        provider.stop_all()
