@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gpuscout.agent.imds import ENV_IMDS_ENDPOINT
 from gpuscout.domain import Capacity, Offer
 from gpuscout.market.aws_prices import (
     AWS_PROVIDER,
@@ -74,8 +75,7 @@ DEFAULT_AGENT_PORT = 8700
 # AWS Deep Learning AMIs (GPU drivers, CUDA, Python) published by Amazon.
 DEFAULT_AMI_NAME_PATTERN = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *"
 DEFAULT_AMI_OWNERS = ("amazon",)
-# Where the agent reads the instance metadata (the agent's spot watcher).
-ENV_IMDS_ENDPOINT = "GPUSCOUT_IMDS_ENDPOINT"
+# Where the agent's spot watcher reads the instance metadata (agent/imds.py).
 IMDS_ENDPOINT = "http://169.254.169.254"
 
 # Error codes a caller branches on (EC2 API reference, "Error codes").

@@ -1,0 +1,174 @@
+"""The real control plane on the AWS provider (EC2 on moto's server).
+
+Moto runs no code, so each EC2 instance's side is played by a real process:
+the user-data EC2 stored for it, run with bash (tests/integration/aws_moto.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpuscout.config import Settings
+from gpuscout.controllers.agent_client import AgentClient
+from gpuscout.controllers.context import Timeouts
+from gpuscout.domain import Capacity, JobSpec, JobStatus, Resources
+from gpuscout.providers.aws import AwsProvider
+from gpuscout.server import ServerThread
+from gpuscout.service import build_service
+from tests.e2e.conftest import E2E, TOKEN, linreg_command, standalone_model
+from tests.integration.aws_moto import (
+    AgentAwsProvider,
+    FaultyEc2,
+    aws_env,
+    ec2_client,
+    moto_server,
+    new_config,
+)
+
+__all__ = ["aws_env", "moto_server"]  # fixtures used here
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+# Two types keep the market small and the choice obvious.
+TABLE_TYPES = ("g4dn.xlarge", "g5.xlarge")
+
+
+def small_table(provider_table: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    return {("us-east-1", t): provider_table[t] for t in TABLE_TYPES}
+
+
+def test_capacity_error_marks_the_offer_unavailable_and_the_next_one_is_launched(
+        tmp_path: Path) -> None:
+    spy = FaultyEc2(ec2_client())
+    provider = AwsProvider(new_config(), client=spy)
+    settings = Settings(home=tmp_path / "home", api_token=TOKEN)
+    service = build_service(settings, provider=provider, agents=AgentClient())
+    plane = service.plane
+    plane.feed.start(service.repo, service.ctx.clock.now())  # what plane.start() does first
+    job = plane.submit(JobSpec(name="fallback", command="true",
+                               resources=Resources(gpus=1, cpus=1, memory_gb=1)))
+    launched: list[tuple[str, str, bool]] = []
+    real_run = spy._client.run_instances
+
+    def run_instances(**params: Any) -> Any:
+        launched.append((params["InstanceType"], params["Placement"]["AvailabilityZone"],
+                         "InstanceMarketOptions" in params))
+        return real_run(**params)
+
+    spy._client = _Override(spy._client, run_instances=run_instances)
+    spy.fail("run_instances", "InsufficientInstanceCapacity")
+
+    plane.reconcile_once()  # pending -> scouting
+    plane.reconcile_once()  # first choice: refused
+    first_choice = service.repo.get_job(job.id)
+    assert first_choice.status == JobStatus.SCOUTING and first_choice.instance_id is None
+    refused = [e for e in service.repo.list_events(job.id) if e.kind == "capacity"]
+    assert len(refused) == 1 and "InsufficientInstanceCapacity" in refused[0].message
+    refused_offer = refused[0].data["offer_id"]
+    assert next(o for o in service.ctx.offers() if o.id == refused_offer).available is False
+
+    plane.reconcile_once()  # the next best offer
+    placed = service.repo.get_job(job.id)
+    assert placed.status == JobStatus.PROVISIONING
+    assert placed.offer_id and placed.offer_id != refused_offer
+    itype, zone, spot = launched[-1]
+    assert placed.offer_id == f"aws:{zone}:{itype}:{'spot' if spot else 'on-demand'}"
+    ec2_instance = provider.get(placed.instance_id or "")
+    assert ec2_instance.offer_id == placed.offer_id
+    service.ctx.terminate(placed.instance_id or "")
+    assert provider.list() == []
+
+
+@pytest.fixture
+def aws_e2e(tmp_path: Path) -> Iterator[E2E]:
+    home = tmp_path / "home"
+    settings = Settings(home=home, api_token=TOKEN, scout_interval_s=0.5,
+                        reconcile_interval_s=0.2, reaper_interval_s=5)
+    base = AwsProvider(new_config())
+    provider = AgentAwsProvider(new_config(), tmp_path / "machines",
+                                table=small_table(base.table))
+    service = build_service(settings, provider=provider, agents=AgentClient())
+    service.ctx.timeouts = Timeouts(health_s=15, checkpoint_s=20, resume_s=20, drain_s=5,
+                                    lost_s=5)
+    server = ServerThread(service, start_plane=True)
+    try:
+        server.start()
+        env = E2E(service, server, provider)  # type: ignore[arg-type]
+        try:
+            yield env
+        finally:
+            server.stop()
+            env.api.close()
+    finally:
+        for instance in provider.list():
+            provider.terminate(instance.instance_id)
+        provider.stop_all()
+
+
+def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path: Path) -> None:
+    e2e = aws_e2e
+    provider: AgentAwsProvider = e2e.provider  # type: ignore[assignment]
+    steps, seed = 400, 3
+    body = {
+        "name": "linreg-aws", "model": "linreg", "expected_duration_hours": 0.01,
+        "resources": {"gpus": 1, "cpus": 1, "memory_gb": 1},
+        "command": linreg_command(steps=steps, seed=seed, step_sleep=0.02,
+                                  checkpoint_every=25),
+    }
+    response = e2e.api.post("/api/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    job = e2e.wait_status(job_id, "running", timeout_s=30)
+    old_instance = job["instance_id"]
+    old_ec2 = provider.get(old_instance)
+    assert old_ec2.state.value == "running" and old_ec2.provider_ref.startswith("i-")
+    e2e.wait_step(job_id, 40, timeout_s=30)
+
+    # Move it to another type in another zone, by hand (a price drop or a
+    # spot notice starts the same make-before-break move).
+    offers = e2e.api.get("/api/v1/offers").json()["data"]
+    current = next(o for o in offers if o["id"] == job["offer_id"])
+    target = next(o for o in offers if o["instance_type"] != current["instance_type"]
+                  and o["zone"] != current["zone"] and o["capacity"] == Capacity.SPOT)
+    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": target["id"]})
+    assert response.status_code == 202, response.text
+    m = e2e.wait_migration(job_id, 1, timeout_s=40)
+    assert m["status"] == "completed", m
+    assert (m["from_offer_id"], m["to_offer_id"]) == (current["id"], target["id"])
+    assert m["resume_step"] == m["checkpoint_step"] + 1  # no step lost or repeated
+    # Make-before-break: the replacement was ready before the old one checkpointed.
+    assert m["replacement_ready_at"] <= m["checkpointed_at"] <= m["switched_at"]
+
+    new_ec2 = provider.get(m["to_instance_id"])
+    assert new_ec2.provider_ref != old_ec2.provider_ref
+    assert provider.get(old_instance).state.value == "terminated"
+    raw = ec2_client().describe_instances(InstanceIds=[new_ec2.provider_ref])
+    placed = raw["Reservations"][0]["Instances"][0]
+    assert placed["InstanceType"] == target["instance_type"]
+    assert placed["Placement"]["AvailabilityZone"] == target["zone"]
+    assert placed.get("InstanceLifecycle") == "spot"
+    # Each instance ran the very user-data EC2 stored for it.
+    assert "GPUSCOUT_STANDBY=1" in provider.user_data_of[m["to_instance_id"]]
+    assert "GPUSCOUT_STANDBY=0" in provider.user_data_of[old_instance]
+
+    job = e2e.wait_status(job_id, "completed", timeout_s=60)
+    assert job["progress"]["step"] == steps
+    model = e2e.api.get(f"/api/v1/jobs/{job_id}/artifacts/model.json")
+    assert model.status_code == 200, model.text
+    assert model.content == standalone_model(tmp_path, steps=steps, seed=seed)
+    assert json.loads(model.content)["steps"] == steps
+    e2e.wait(lambda: provider.list() == [], 15, "every EC2 instance to be terminated")
+
+
+class _Override:
+    def __init__(self, client: Any, **operations: Any) -> None:
+        self._client = client
+        self._operations = operations
+
+    def __getattr__(self, name: str) -> Any:
+        return self._operations.get(name) or getattr(self._client, name)
