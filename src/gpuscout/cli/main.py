@@ -29,7 +29,10 @@ from gpuscout.cli import render
 from gpuscout.cli.client import DEFAULT_URL, ApiClient, ApiError, resolve_token
 
 if TYPE_CHECKING:  # the client commands do not pay for importing the server
+    from rich.table import Table
+
     from gpuscout.config import Settings
+    from gpuscout.domain import JobSpec, Offer, Resources
     from gpuscout.service import Service
 
 app = typer.Typer(
@@ -403,6 +406,130 @@ def market_set(
     state = "available" if o["available"] else "unavailable"
     out.print(f"{o['id']}: ${o['price_per_hour']:.4f}/h, {state}", markup=False,
               highlight=False)
+
+
+# --- plan -------------------------------------------------------------------------
+
+
+def why_excluded(offer: Offer, resources: Resources) -> str | None:
+    """Why ``offer`` cannot take a job needing ``resources`` (None: it can)."""
+    if offer.gpus < resources.gpus:
+        return f"{offer.gpus} GPUs, needs {resources.gpus}"
+    if resources.gpu_type and (offer.gpu_type or "").lower() != resources.gpu_type.lower():
+        return f"GPU {offer.gpu_type or 'none'}, needs {resources.gpu_type}"
+    if offer.vcpus < resources.cpus:
+        return f"{offer.vcpus:g} vCPUs, needs {resources.cpus:g}"
+    if offer.memory_gb < resources.memory_gb:
+        return f"{offer.memory_gb:g} GB memory, needs {resources.memory_gb:g}"
+    if not offer.available:
+        return "no capacity now"
+    return None
+
+
+def expected_cost(offer: Offer, hours: float) -> float:
+    """What ``hours`` of work at relative speed 1.0 cost on ``offer``."""
+    return hours / offer.relative_speed * offer.price_per_hour
+
+
+def plan_table(spec: JobSpec, offers: list[Offer], chosen: Offer | None) -> Table:
+    """Every offer, cheapest per work hour first, with the expected cost of
+    the whole job on it or why it is excluded."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = render._table(f"Offers considered for {spec.name} ({len(offers)})")
+    for column, justify in (("OFFER", "left"), ("GPUS", "left"), ("$/HOUR", "right"),
+                            ("SPEED", "right"), ("$/WORK-H", "right"),
+                            ("EXPECTED", "right"), ("", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "",  # type: ignore[arg-type]
+                         overflow="fold")
+    ranked = sorted(offers, key=lambda o: (o.cost_per_work_hour, -o.relative_speed, o.id))
+    for o in ranked:
+        excluded = why_excluded(o, spec.resources)
+        if chosen is not None and o.id == chosen.id:
+            note = Text("chosen", style="bold green")
+        elif excluded:
+            note = Text(f"excluded: {excluded}", style="dim")
+        else:
+            note = Text("")
+        gpus = f"{o.gpus} x {o.gpu_type}" if o.gpus else "-"
+        table.add_row(o.id, gpus, f"{o.price_per_hour:.4f}", f"{o.relative_speed:g}",
+                      f"{o.cost_per_work_hour:.4f}",
+                      render.money(expected_cost(o, spec.expected_duration_hours)), note,
+                      style="dim" if excluded else None)
+    assert isinstance(table, Table)
+    return table
+
+
+def _plan_offers(provider: str) -> list[Offer]:
+    if provider == "local":
+        from gpuscout.market.catalog import default_local_catalog
+
+        return default_local_catalog()
+    from gpuscout.config import Settings
+    from gpuscout.providers.aws import AwsProvider
+    from gpuscout.providers.base import ProviderError
+
+    try:
+        return AwsProvider.from_settings(Settings()).offers()
+    except ProviderError as error:
+        fail(f"cannot read AWS offers: {error}")
+    except Exception as error:  # credentials, region, endpoint: botocore says which
+        fail(f"cannot read AWS offers: {type(error).__name__}: {error}")
+
+
+@app.command()
+def plan(
+    file: Annotated[Path, typer.Argument(help="YAML job file, as for `submit`")],
+    provider: Annotated[str, typer.Option(
+        help="whose offers: local (the built-in catalog) | aws (live, from EC2 with "
+             "GPUSCOUT_AWS_* settings and AWS credentials)")] = "local",
+) -> None:
+    """Show where a job would run and what it would cost, without launching.
+
+    Every offer, cheapest per unit of work first, with why an offer is
+    excluded; then the placement the control plane would choose now and the
+    expected cost: expected_duration_hours / relative speed x price per hour.
+    """
+    from datetime import UTC
+
+    from pydantic import ValidationError
+
+    from gpuscout.api.schemas import JobCreate
+    from gpuscout.domain import Job, JobStatus
+    from gpuscout.policy import place_job
+
+    if provider not in ("local", "aws"):
+        fail(f"--provider must be local or aws, not {provider!r}")
+    try:
+        spec = JobCreate(**read_job_file(file)).to_spec()
+    except ValueError as error:
+        if isinstance(error, ValidationError):
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'job'}: "
+                f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
+            fail(f"invalid job: {problems}")
+        fail(str(error))
+    offers = _plan_offers(provider)
+    now = datetime.now(UTC)
+    job = Job(id="plan", spec=spec, status=JobStatus.SCOUTING, created_at=now)
+    decision = place_job(job, offers, now)
+    out.print(plan_table(spec, offers, decision.offer))
+    if decision.offer is None:
+        out.print(f"[bold yellow]No placement now:[/] {decision.reason}", highlight=False)
+        raise typer.Exit(1 if not any(why_excluded(o, spec.resources) is None
+                                      for o in offers) else 0)
+    chosen = decision.offer
+    cost = expected_cost(chosen, spec.expected_duration_hours)
+    out.print(f"[bold]Choice:[/] {chosen.id}  ({decision.reason})", highlight=False)
+    hours = spec.expected_duration_hours / chosen.relative_speed
+    line = (f"[bold]Expected cost:[/] {render.money(cost)}  = "
+            f"{spec.expected_duration_hours:g} h of work / speed {chosen.relative_speed:g} "
+            f"= {hours:.2f} h at ${chosen.price_per_hour:.4f}/h")
+    if spec.budget_usd is not None:
+        verdict = "within" if cost <= spec.budget_usd else "[bold red]over[/]"
+        line += f"  ({verdict} the budget of {render.money(spec.budget_usd)})"
+    out.print(line, highlight=False)
 
 
 if __name__ == "__main__":  # python -m gpuscout.cli.main
