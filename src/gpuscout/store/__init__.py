@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from gpuscout.store.base import ObjectNotFound, ObjectStore
+from gpuscout.store.base import FileDigest, ObjectNotFound, ObjectStore
 from gpuscout.store.fs import FileStore, check_key, check_prefix
 from gpuscout.store.s3 import S3Store
 
 __all__ = [
-    "FileStore", "ObjectNotFound", "ObjectStore", "S3Store", "check_key", "check_prefix",
-    "open_store",
+    "FileDigest", "FileStore", "ObjectNotFound", "ObjectStore", "S3Store", "check_key",
+    "check_prefix", "open_store",
 ]
 
 

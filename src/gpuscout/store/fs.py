@@ -8,6 +8,10 @@ crash at any point leaves the old object readable. What a crash can leave
 behind is a temporary file, named with ``TMP_PREFIX``: it is never listed or
 returned, and that name is reserved so no key can collide with one.
 
+``put_file`` and ``get_file`` copy in ``COPY_CHUNK`` pieces through the same
+temporary-file-then-rename path, hashing as they go, so neither holds more
+than one piece in memory.
+
 A filesystem cannot hold both ``a`` and ``a/b``; S3 can. Nothing here needs
 both, and putting the second one raises the ``OSError`` the OS gives.
 """
@@ -15,16 +19,20 @@ both, and putting the second one raises the ``OSError`` the OS gives.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from gpuscout.store.base import ObjectNotFound
+from gpuscout.store.base import FileDigest, ObjectNotFound
 
 # Temporary files of in-flight (or crashed) puts start with this; keys may not.
 TMP_PREFIX = ".gpuscout-tmp-"
+# How much put_file / get_file read and write at a time.
+COPY_CHUNK = 8 * 1024 * 1024
 
 
 def check_key(key: str) -> str:
@@ -114,32 +122,23 @@ class FileStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         view = memoryview(data)
-        # A concurrent delete may remove an emptied folder between our mkdir
-        # and our open; making the folder again and retrying handles it.
-        for attempt in range(5):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileNotFoundError:
-                if attempt == 4:
-                    raise
-                continue
-            break
+        with temp_beside(path, durable=True) as out:
+            while view:
+                written = os.write(out.fileno(), view)
+                view = view[written:]
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        target = self._path(key)
+        with open(path, "rb") as source, temp_beside(target, durable=True) as out:
+            return copy_hashing(source, out)
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         try:
-            try:
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+            source = self._path(key).open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+        with source, temp_beside(Path(path)) as out:
+            return copy_hashing(source, out)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -182,6 +181,60 @@ class FileStore:
             except OSError:
                 break
             parent = parent.parent
+
+
+@contextlib.contextmanager
+def temp_beside(path: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
+    """A new temporary file in ``path``'s folder (made if missing), renamed
+    over ``path`` when the block ends without error and deleted when it
+    raises: whoever opens ``path`` sees the old file or the new one, whole.
+    ``durable``: fsync the file before the rename and the folder after it,
+    so the new version survives a crash (the store's own objects; a
+    download that can be fetched again needs not pay for it)."""
+    # A concurrent delete may remove an emptied folder between our mkdir
+    # and our open; making the folder again and retrying handles it.
+    for attempt in range(5):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            yield out  # type: ignore[misc]
+            if durable:
+                os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def copy_hashing(source: BinaryIO, out: BinaryIO, chunk: int = COPY_CHUNK) -> FileDigest:
+    """Copy ``source`` to ``out`` to its end, one ``chunk`` at a time, and
+    return the size and sha256 of what was copied."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    size = 0
+    while True:
+        got = source.readinto(view)  # type: ignore[attr-defined]
+        if not got:
+            break
+        piece = view[:got]
+        digest.update(piece)
+        while piece:
+            written = out.write(piece)
+            piece = piece[written:]
+        size += got
+    return FileDigest(size, digest.hexdigest())
 
 
 def _walk(folder: Path, key_base: str, prefix: str, out: list[str]) -> None:

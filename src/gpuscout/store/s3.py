@@ -12,6 +12,12 @@ upload only when it completes), so ``put`` needs no temporary key. Objects
 of ``multipart_threshold`` bytes or more travel through boto3's transfer
 manager: a multipart upload, and parallel ranged GETs, ``max_concurrency``
 at a time, which is what multi-GB checkpoints need.
+
+``put_file`` / ``get_file`` stream between a local file and an object
+without holding it in memory (see ``gpuscout.store.transfer``): parts of
+``multipart_chunksize`` bytes, ``max_concurrency`` at a time, each with an
+S3 additional checksum (``checksum_algorithm``), the file hashed in order
+as it streams, ranged GETs pinned to one ETag.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from s3transfer.exceptions import S3DownloadFailedError  # type: ignore[import-untyped]
 
-from gpuscout.store.base import ObjectNotFound
+from gpuscout.store.base import FileDigest, ObjectNotFound
 from gpuscout.store.fs import check_key, check_prefix
+from gpuscout.store.transfer import ObjectChanged, Transfers
 
 MiB = 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
 DEFAULT_MULTIPART_CHUNKSIZE = 64 * MiB
 DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_CHECKSUM_ALGORITHM = "CRC32"
 MAX_KEY_BYTES = 1024  # S3's limit on a full key, prefix included
 # What S3 (and S3-compatible servers) answer for a missing object.
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -84,10 +92,13 @@ class S3Store:
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        checksum_algorithm: str | None = DEFAULT_CHECKSUM_ALGORITHM,
     ) -> None:
         """``session``: a boto3 session to take credentials and region from
         (default: a new one, i.e. the environment). Multipart parts must be
-        at least 5 MiB on S3, so ``multipart_chunksize`` is at least that."""
+        at least 5 MiB on S3, so ``multipart_chunksize`` is at least that.
+        ``checksum_algorithm``: the S3 additional checksum of each part that
+        ``put_file`` sends ("CRC32", "SHA256", or None for none)."""
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         if multipart_chunksize < 5 * MiB:
@@ -115,6 +126,11 @@ class S3Store:
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
             use_threads=True,
+        )
+        self.transfers = Transfers(
+            self.client, self.bucket, threshold=multipart_threshold,
+            part_size=multipart_chunksize, concurrency=max_concurrency,
+            checksum=checksum_algorithm,
         )
         if create_bucket:
             self._create_bucket(region)
@@ -190,6 +206,22 @@ class S3Store:
                     continue
                 raise
             return buffer.getvalue()
+        raise RuntimeError(f"{key!r} changed under every one of {_GET_ATTEMPTS} reads")
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        return self.transfers.upload(self._full(key), path)
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        full = self._full(key)
+        for _ in range(_GET_ATTEMPTS):
+            try:
+                return self.transfers.download(full, path)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise ObjectNotFound(key) from None
+                raise
+            except ObjectChanged:
+                continue  # replaced mid-download: read the new version whole
         raise RuntimeError(f"{key!r} changed under every one of {_GET_ATTEMPTS} reads")
 
     def exists(self, key: str) -> bool:

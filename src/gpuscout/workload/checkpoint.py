@@ -27,29 +27,48 @@ reads each file once: call ``load(None)`` rather than ``latest()`` then
 ``load``. ``list()`` checks manifests and presence only, never hashes: it is
 the cheap look (``list()[-1]``) for dashboards and reports. Nothing verified
 is cached: storage can rot after a check, and every answer reflects it.
+
+Large checkpoints (multi-GB weights) never need to sit in memory:
+``save_paths`` streams files from disk into the store and ``load_to_dir``
+streams them back into a folder, both hashing while they stream
+(``ObjectStore.put_file`` / ``get_file``). The format and the rules are the
+same: the manifest goes last, and ``load_to_dir`` verifies every file in a
+staging folder before moving any into place, so a corrupt or partial
+checkpoint never lands in the folder and the previous good one does.
+Checking a checkpoint without restoring it (``latest``, ``prune``) streams
+files above ``IN_MEMORY_LIMIT`` through a temporary file.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gpuscout.store import ObjectNotFound, ObjectStore, check_key, check_prefix
+from gpuscout.store import FileDigest, ObjectNotFound, ObjectStore, check_key, check_prefix
+from gpuscout.store.fs import TMP_PREFIX
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
 STEP_DIGITS = 12
 MAX_STEP = 10**STEP_DIGITS - 1
 _NAME = re.compile(r"^(\d{12})-([0-9a-z]{1,32})$")
+# Files up to this size are checked in memory; larger ones stream to disk.
+IN_MEMORY_LIMIT = 64 * 1024 * 1024
 
 
 class CheckpointError(Exception):
@@ -141,14 +160,11 @@ class CheckpointStore:
         The files go first, the manifest last; if this raises part way, what
         was written is a partial checkpoint that nothing will restore.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
-            raise ValueError(f"checkpoint step must be an int in [0, {MAX_STEP}], got {step!r}")
+        _check_step(step)
         blobs: dict[str, bytes] = {}
         entries: dict[str, _Entry] = {}
         for name, data in files.items():
-            check_key(name)
-            if name == MANIFEST:
-                raise ValueError(f"checkpoint file name {MANIFEST!r} is reserved")
+            _check_name(name)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise TypeError(f"checkpoint file {name!r} must be bytes, not "
                                 f"{type(data).__name__}")
@@ -156,9 +172,37 @@ class CheckpointStore:
             entries[name] = _Entry(hashlib.sha256(blobs[name]).hexdigest(), len(blobs[name]))
         version = new_version()
         key = checkpoint_key(self.prefix, step, version)
-        created_at = datetime.now(UTC)
         for name, data in blobs.items():
             self.store.put(f"{key}/{name}", data)
+        return self._write_manifest(step, key, version, entries)
+
+    def save_paths(self, step: int,
+                   files: Mapping[str, str | os.PathLike[str]]) -> CheckpointInfo:
+        """Like ``save``, from files on disk: ``files`` maps each checkpoint
+        file name to the path of its content. Each file streams into the
+        store (multipart and parallel on S3) and is hashed on the way, so a
+        multi-GB file is never held in memory. The manifest records the
+        bytes that were stored; a file that changes while it is being saved
+        makes the save fail, or the checkpoint fail verification.
+        """
+        _check_step(step)
+        paths: dict[str, Path] = {}
+        for name, path in files.items():
+            _check_name(name)
+            paths[name] = Path(path)
+            if not paths[name].is_file():
+                raise FileNotFoundError(f"checkpoint file {name!r}: no file at {path}")
+        version = new_version()
+        key = checkpoint_key(self.prefix, step, version)
+        entries: dict[str, _Entry] = {}
+        for name, path in paths.items():
+            digest = self.store.put_file(f"{key}/{name}", path)
+            entries[name] = _Entry(digest.sha256, digest.size)
+        return self._write_manifest(step, key, version, entries)
+
+    def _write_manifest(self, step: int, key: str, version: str,
+                        entries: Mapping[str, _Entry]) -> CheckpointInfo:
+        created_at = datetime.now(UTC)
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -201,13 +245,35 @@ class CheckpointStore:
         versions exist the newest good one is used, and CorruptCheckpoint
         (about the newest version) is raised when none of them verifies.
         """
+        return self._first_good(step, lambda manifest: (manifest.info,
+                                                         self._read_files(manifest)))
+
+    def load_to_dir(self, dest: str | os.PathLike[str],
+                    step: int | None = None) -> CheckpointInfo:
+        """Restore the checkpoint of ``step`` (None: the newest that counts)
+        into the folder ``dest``, streaming: file ``a/b`` lands at
+        ``dest/a/b``, replacing a file of that name; other files in ``dest``
+        are left alone. Picks the checkpoint and raises exactly as ``load``.
+
+        Every file is downloaded into a staging folder inside ``dest`` and
+        checked against the manifest (size and sha256, hashed while it
+        streams) before any of them is moved into place, so a checkpoint
+        that does not verify leaves ``dest`` as it was, and the previous
+        good one is restored instead (``step=None``).
+        """
+        folder = Path(dest)
+        folder.mkdir(parents=True, exist_ok=True)
+        return self._first_good(step, lambda manifest: self._restore(manifest, folder))
+
+    def _first_good(self, step: int | None, use: Any) -> Any:
+        """``use(manifest)`` for the newest checkpoint (of ``step``) for
+        which it does not raise CorruptCheckpoint; see ``load``."""
         first_error: CorruptCheckpoint | None = None
         for key, names in self._scan():
             if step is not None and _step_of(key) != step:
                 continue
             try:
-                manifest = self._read_manifest(key, names)
-                return manifest.info, self._read_files(manifest)
+                return use(self._read_manifest(key, names))
             except CorruptCheckpoint as exc:
                 first_error = first_error or exc
         if step is None:
@@ -286,20 +352,67 @@ class CheckpointStore:
                 data = self.store.get(f"{key}/{name}")
             except ObjectNotFound:
                 raise CorruptCheckpoint(key, f"missing file: {name}") from None
-            if len(data) != entry.size:
-                raise CorruptCheckpoint(
-                    key, f"{name}: size {len(data)} != {entry.size} in the manifest")
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != entry.sha256:
-                raise CorruptCheckpoint(
-                    key, f"{name}: sha256 {digest} != {entry.sha256} in the manifest")
+            _check_digest(key, name, entry,
+                          FileDigest(len(data), hashlib.sha256(data).hexdigest()))
             files[name] = data
         return files
 
-    def _verify(self, key: str, names: set[str]) -> CheckpointInfo:
-        manifest = self._read_manifest(key, names)
-        self._read_files(manifest)  # hashes, then drops the bytes
+    def _fetch(self, key: str, name: str, entry: _Entry, path: Path) -> None:
+        """Stream one file of a checkpoint to ``path`` and check it."""
+        try:
+            digest = self.store.get_file(f"{key}/{name}", path)
+        except ObjectNotFound:
+            raise CorruptCheckpoint(key, f"missing file: {name}") from None
+        _check_digest(key, name, entry, digest)
+
+    def _restore(self, manifest: _Manifest, dest: Path) -> CheckpointInfo:
+        key = manifest.info.key
+        staging = dest / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            for name, entry in manifest.entries.items():
+                self._fetch(key, name, entry, staging.joinpath(*name.split("/")))
+            for name in manifest.entries:
+                target = dest.joinpath(*name.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging.joinpath(*name.split("/")), target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return manifest.info
+
+    def _verify(self, key: str, names: set[str]) -> CheckpointInfo:
+        """Check every file's size and sha256, holding at most
+        IN_MEMORY_LIMIT bytes of it in memory."""
+        manifest = self._read_manifest(key, names)
+        with contextlib.ExitStack() as stack:
+            for name, entry in manifest.entries.items():
+                if entry.size <= IN_MEMORY_LIMIT:
+                    self._read_files(_Manifest(manifest.info, {name: entry}))
+                    continue
+                scratch = Path(stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="gpuscout-verify-")))
+                self._fetch(key, name, entry, scratch / "file")
+                (scratch / "file").unlink()
+        return manifest.info
+
+
+def _check_step(step: object) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"checkpoint step must be an int in [0, {MAX_STEP}], got {step!r}")
+
+
+def _check_name(name: str) -> None:
+    check_key(name)
+    if name == MANIFEST:
+        raise ValueError(f"checkpoint file name {MANIFEST!r} is reserved")
+
+
+def _check_digest(key: str, name: str, entry: _Entry, got: FileDigest) -> None:
+    if got.size != entry.size:
+        raise CorruptCheckpoint(
+            key, f"{name}: size {got.size} != {entry.size} in the manifest")
+    if got.sha256 != entry.sha256:
+        raise CorruptCheckpoint(
+            key, f"{name}: sha256 {got.sha256} != {entry.sha256} in the manifest")
 
 
 def _step_of(key: str) -> int:
