@@ -389,3 +389,32 @@ class _Override:
 
     def __getattr__(self, name: str) -> Any:
         return self._operations.get(name) or getattr(self._client, name)
+
+
+def test_the_iam_policy_allows_every_call_the_provider_makes(tmp_path: Any) -> None:
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    policy = json.loads((root / "deploy" / "aws" / "iam-policy.json").read_text())
+    allowed = set()
+    for statement in policy["Statement"]:
+        actions = statement["Action"]
+        allowed |= {actions} if isinstance(actions, str) else set(actions)
+    spy = FaultyEc2(ec2_client())
+    name = ec2_client().describe_images(Owners=["amazon"])["Images"][0]["Name"]
+    config = new_config(ami_id=None, ami_name_pattern=name, key_name=f"k-{new_config().cluster}",
+                        key_dir=tmp_path)
+    provider = AwsProvider(config, client=spy)
+    offer = pick(provider.offers(), "g4dn.xlarge", Capacity.SPOT)
+    provider.launch(request(offer, "i-iam"))
+    provider.get("i-iam")
+    provider.list()
+    provider.terminate("i-iam")
+    used = {"ec2:" + "".join(part.title() for part in call.split("_")) for call in spy.calls}
+    assert "ec2:RunInstances" in used and "ec2:CreateSecurityGroup" in used
+    assert used - allowed == set()
+    # The instances' own role reaches the store only.
+    instance = json.loads((root / "deploy" / "aws" / "instance-policy.json").read_text())
+    assert {a.split(":")[0] for s in instance["Statement"] for a in
+            ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} == {"s3"}
