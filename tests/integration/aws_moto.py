@@ -72,14 +72,43 @@ def new_config(**changes: Any) -> AwsConfig:
 class FaultyEc2:
     """A boto3 EC2 client with faults: ``fail(operation, code, times)``
     queues AWS errors; ``refuse(instance_type, zone, spot, code)`` makes
-    run_instances refuse one offer every time. Records ``calls``."""
+    run_instances refuse one offer every time; ``reclaim(ec2_id)`` makes EC2
+    report a spot interruption for an instance (its spot request in status
+    ``marked-for-termination``), which moto cannot. Records ``calls``."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
         self._queued: dict[str, list[str]] = {}
         self._refused: dict[tuple[str, str, bool], str] = {}
+        self._reclaimed: set[str] = set()
         self.calls: list[str] = []
         self._lock = threading.Lock()
+
+    def reclaim(self, ec2_id: str) -> None:
+        with self._lock:
+            self._reclaimed.add(ec2_id)
+
+    def _with_reclaims(self, name: str, params: dict[str, Any], call: Any) -> Any:
+        with self._lock:
+            reclaimed = set(self._reclaimed)
+        if name == "describe_spot_instance_requests":
+            ids = params.get("SpotInstanceRequestIds", [])
+            ours = [i for i in ids if i.startswith("sir-reclaim-")]
+            rest = [i for i in ids if i not in ours]
+            answer = call(**{**params, "SpotInstanceRequestIds": rest}) if rest else {
+                "SpotInstanceRequests": []}
+            answer["SpotInstanceRequests"] += [
+                {"SpotInstanceRequestId": i, "InstanceId": i.removeprefix("sir-reclaim-"),
+                 "State": "active", "Status": {"Code": "marked-for-termination"}}
+                for i in ours]
+            return answer
+        answer = call(**params)
+        if name == "describe_instances":
+            for reservation in answer["Reservations"]:
+                for raw in reservation["Instances"]:
+                    if raw["InstanceId"] in reclaimed:
+                        raw["SpotInstanceRequestId"] = "sir-reclaim-" + raw["InstanceId"]
+        return answer
 
     def fail(self, operation: str, code: str, times: int = 1) -> None:
         with self._lock:
@@ -105,6 +134,8 @@ class FaultyEc2:
             if code is not None:
                 raise ClientError({"Error": {"Code": code, "Message": "injected by the test"}},
                                   name)
+            if name in ("describe_instances", "describe_spot_instance_requests"):
+                return self._with_reclaims(name, params, attr)
             return attr(**params)
 
         return call

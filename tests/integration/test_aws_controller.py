@@ -91,7 +91,7 @@ def aws_e2e(tmp_path: Path) -> Iterator[E2E]:
                         reconcile_interval_s=0.2, reaper_interval_s=5)
     base = AwsProvider(new_config())
     provider = AgentAwsProvider(new_config(), tmp_path / "machines",
-                                table=small_table(base.table))
+                                table=small_table(base.table), client=FaultyEc2(ec2_client()))
     service = build_service(settings, provider=provider, agents=AgentClient())
     service.ctx.timeouts = Timeouts(health_s=15, checkpoint_s=20, resume_s=20, drain_s=5,
                                     lost_s=5)
@@ -156,6 +156,10 @@ def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path:
     assert "GPUSCOUT_STANDBY=1" in provider.user_data_of[m["to_instance_id"]]
     assert "GPUSCOUT_STANDBY=0" in provider.user_data_of[old_instance]
 
+    # The job's stable endpoint follows it to the new instance.
+    status = e2e.api.get(f"/endpoints/{job_id}/status")
+    assert status.status_code == 200 and status.json()["instance_id"] == m["to_instance_id"]
+
     job = e2e.wait_status(job_id, "completed", timeout_s=60)
     assert job["progress"]["step"] == steps
     model = e2e.api.get(f"/api/v1/jobs/{job_id}/artifacts/model.json")
@@ -163,6 +167,38 @@ def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path:
     assert model.content == standalone_model(tmp_path, steps=steps, seed=seed)
     assert json.loads(model.content)["steps"] == steps
     e2e.wait(lambda: provider.list() == [], 15, "every EC2 instance to be terminated")
+
+
+def test_a_spot_interruption_reported_by_ec2_moves_the_job(aws_e2e: E2E,
+                                                            tmp_path: Path) -> None:
+    e2e = aws_e2e
+    provider: AgentAwsProvider = e2e.provider  # type: ignore[assignment]
+    steps, seed = 400, 8
+    body = {
+        "name": "linreg-spot", "expected_duration_hours": 0.01,
+        "resources": {"gpus": 1, "cpus": 1, "memory_gb": 1},
+        "command": linreg_command(steps=steps, seed=seed, step_sleep=0.02,
+                                  checkpoint_every=25),
+    }
+    response = e2e.api.post("/api/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    job = e2e.wait_status(job_id, "running", timeout_s=30)
+    assert job["offer_id"].endswith(":spot")
+    e2e.wait_step(job_id, 30, timeout_s=30)
+    old = provider.get(job["instance_id"])
+
+    provider.ec2.reclaim(old.provider_ref)  # EC2 marks the spot request for termination
+    assert provider.get(job["instance_id"]).interruption_notice
+    m = e2e.wait_migration(job_id, 1, timeout_s=40)
+    assert m["status"] == "completed" and m["reason"] == "preemption", m
+    assert m["resume_step"] == m["checkpoint_step"] + 1
+    assert m["to_offer_id"].split(":")[1] != job["offer_id"].split(":")[1]  # another zone
+    assert provider.get(old.instance_id).state.value == "terminated"
+
+    job = e2e.wait_status(job_id, "completed", timeout_s=60)
+    model = e2e.api.get(f"/api/v1/jobs/{job_id}/artifacts/model.json")
+    assert model.content == standalone_model(tmp_path, steps=steps, seed=seed)
 
 
 class _Override:
