@@ -36,6 +36,17 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=30.0, gt=0)
     health_timeout_s: float = Field(default=120.0, gt=0)
     checkpoint_timeout_s: float = Field(default=120.0, gt=0)
+    # The scout's policy (gpuscout.policy.migration explains each).
+    min_dwell_s: float = Field(default=600.0, ge=0)
+    max_moves_per_job: int | None = Field(default=10, ge=0)
+    deadline_margin_s: float = Field(default=900.0, ge=0)
+    zone_backoff_s: float = Field(default=1800.0, ge=0)  # spot in a zone after a preemption
+    # What a move costs, until past moves measure it. Default by provider:
+    # local boot_delay_s + 2 s, 2 s, 2 s; aws 180 s, 30 s, 60 s.
+    move_boot_s: float | None = Field(default=None, ge=0)
+    move_checkpoint_s: float | None = Field(default=None, ge=0)
+    move_restore_s: float | None = Field(default=None, ge=0)
+    egress_usd_per_gb: float = Field(default=0.02, ge=0)  # between regions
     # AWS provider (GPUSCOUT_PROVIDER=aws); credentials come from boto3's own
     # chain (environment, ~/.aws, instance profile), never from here.
     aws_region: str = "us-east-1"

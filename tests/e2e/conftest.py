@@ -157,9 +157,10 @@ def standalone_model(tmp_path: Path, *, steps: int, seed: int) -> bytes:
 @pytest.fixture
 def e2e(tmp_path: Path) -> Iterator[E2E]:
     home = tmp_path / "home"
+    # No dwell time: these jobs run for seconds and some tests move twice.
     settings = Settings(home=home, api_token=TOKEN, scout_interval_s=0.5,
                         boot_delay_s=BOOT_DELAY_S, reconcile_interval_s=0.2,
-                        reaper_interval_s=5)
+                        reaper_interval_s=5, min_dwell_s=0)
     provider = FaultyLocalProvider(home / "local", boot_delay_s=BOOT_DELAY_S,
                                    terminate_grace_s=2)
     service = build_service(settings, provider=provider, agents=AgentClient())

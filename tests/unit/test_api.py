@@ -360,19 +360,28 @@ def test_migrate_a_job_that_is_not_running_is_409(client: TestClient) -> None:
                                     json={"offer": "x"}, headers=AUTH)) == ["offer"]
 
 
-def test_decisions_are_empty_until_the_scout_has_looked(client: TestClient,
-                                                        service: Service) -> None:
-    job_id = running_job(client, service)
+def test_decisions_show_the_placement_then_the_scouts_latest(client: TestClient,
+                                                             service: Service) -> None:
+    make_g4_spot_unavailable(service)
+    job_id = submit(client)["id"]
     assert client.get(f"/api/v1/jobs/{job_id}/decisions").json() == {"data": [], "count": 0}
+    run_until(service, job_id, JobStatus.RUNNING)
+    (placed,) = client.get(f"/api/v1/jobs/{job_id}/decisions").json()["data"]
+    assert (placed["trigger"], placed["move"], placed["target_offer_id"]) == (
+        "placement", True, P3_SPOT_A)
+    assert placed["decided_at"] and placed["remaining_work_hours"] > 0
     service.plane.scout_once(force=True)  # g4dn spot unavailable: the job stays
     decisions = client.get(f"/api/v1/jobs/{job_id}/decisions").json()
     assert decisions["count"] == 1
     decision = decisions["data"][0]
     assert decision["job_id"] == job_id and decision["move"] is False
-    assert decision["reason"]
+    assert decision["trigger"] == "price" and decision["reason"]
     assert decision["current_offer_id"] == P3_SPOT_A
     assert decision["current_cost_per_work_hour"] == pytest.approx(0.918)
-    assert set(decision) >= {"target_offer_id", "target_cost_per_work_hour", "savings"}
+    assert decision["threshold"] == pytest.approx(JOB["savings_threshold"])
+    assert set(decision) >= {"target_offer_id", "target_cost_per_work_hour", "savings",
+                             "expected_saving_usd", "move_cost_usd", "budget_left_usd",
+                             "deadline_slack_s", "decided_at"}
 
 
 # --- offers: manual changes ----------------------------------------------------------
@@ -538,3 +547,39 @@ def test_the_dashboard_is_served_at_the_root(client: TestClient) -> None:
     assert client.get("/app.js").headers["content-type"].startswith(
         ("application/javascript", "text/javascript"))
     assert client.get("/style.css").status_code == 200
+
+
+# --- instances: interruption notices ---------------------------------------------------
+
+
+def test_interrupt_delivers_a_notice_and_the_job_moves_out_of_the_zone(
+        client: TestClient, service: Service, provider: FakeProvider) -> None:
+    job_id = running_job(client, service)
+    instance_id = client.get(f"/api/v1/jobs/{job_id}").json()["instance_id"]
+    assert client.post(f"/api/v1/instances/{instance_id}/interrupt").status_code == 401
+    response = client.post(f"/api/v1/instances/{instance_id}/interrupt", headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert response.json()["id"] == instance_id
+    assert provider.get(instance_id).interruption_notice
+    service.plane.reconcile_once()
+    service.plane.wait_for_migrations()
+    (m,) = client.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]
+    assert (m["reason"], m["status"]) == ("preemption", "completed")
+    assert ":us-east-1a:" not in m["to_offer_id"] or ":spot" not in m["to_offer_id"]
+    kinds = [e["kind"] for e in client.get(f"/api/v1/jobs/{job_id}/events").json()["data"]]
+    assert {"interruption_requested", "interruption", "emergency_checkpoint"} <= set(kinds)
+
+
+def test_interrupt_unknown_is_404_and_gone_or_unsupported_is_409(
+        client: TestClient, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert client.post("/api/v1/instances/i-nope/interrupt", headers=AUTH).status_code == 404
+    job_id = running_job(client, service)
+    instance_id = client.get(f"/api/v1/jobs/{job_id}").json()["instance_id"]
+    monkeypatch.delattr(FakeProvider, "notify_interruption")
+    response = client.post(f"/api/v1/instances/{instance_id}/interrupt", headers=AUTH)
+    assert response.status_code == 409
+    assert "cannot deliver interruption notices" in response.json()["detail"]
+    monkeypatch.undo()
+    client.delete(f"/api/v1/jobs/{job_id}", headers=AUTH)
+    response = client.post(f"/api/v1/instances/{instance_id}/interrupt", headers=AUTH)
+    assert response.status_code == 409 and "already terminated" in response.json()["detail"]

@@ -120,7 +120,9 @@ def test_submit_a_yaml_file_then_list_show_and_cancel_it(
 
     shown = invoke(cli, "show", job_id)
     for text in (job_id, "yaml-job", "running", P3_SPOT_A, f"/endpoints/{job_id}/",
-                 "Migrations (0)", "Recent events", "submitted", "scout: stay"):
+                 "Migrations (0)", "Recent events", "submitted", "scout: stay [price at",
+                 "per work hour $0.9180 ->", "remaining 0.50 work h", "budget left $4.00",
+                 "deadline slack"):
         assert text in shown, text
 
     assert f"job {job_id} is cancelled" in invoke(cli, "cancel", job_id)

@@ -4,7 +4,10 @@ recovery and the reaper. Real processes are in tests/e2e."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,11 @@ from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
 from gpuscout.controllers.plane import Conflict, InvalidRequest, ManualMarketOnly
 from gpuscout.domain import (
+    Capacity,
     InstanceStatus,
     JobSpec,
     JobStatus,
+    Migration,
     MigrationPhase,
     MigrationReason,
     MigrationStatus,
@@ -30,6 +35,7 @@ from tests.unit.fake_agents import FakeAgents
 
 P3_SPOT_A = "local:us-east-1a:p3.2xlarge:spot"
 G4_SPOT_B = "local:us-east-1b:g4dn.xlarge:spot"
+P3_SPOT_B = "local:us-east-1b:p3.2xlarge:spot"
 
 
 def address_for(request: LaunchRequest, n: int) -> str:
@@ -309,6 +315,106 @@ def test_interruption_notice_moves_the_job_out_of_the_zone(
     assert m.reason == MigrationReason.PREEMPTION
     assert m.status == MigrationStatus.COMPLETED, m.error
     assert not m.to_offer_id.startswith("local:us-east-1a:p3.2xlarge:spot")
+    # Checkpointed at once, within the notice window, before the replacement
+    # booted; then again at the switch, where the replacement resumed.
+    checkpoints = [c for c in agents.calls if c[0] == "checkpoint"]
+    assert checkpoints == [("checkpoint", f"run-{old}")] * 2
+    events = {e.kind: e for e in service.repo.list_events(job_id)}
+    assert events["emergency_checkpoint"].data["step"] < (m.checkpoint_step or 0)
+    assert m.resume_step == (m.checkpoint_step or 0) + 1
+    # Spot in the zone is avoided for a while, for every job.
+    assert service.ctx.avoided_zones() == {"local:us-east-1a"}
+    decision = service.plane.decisions[job_id]
+    assert decision.trigger == "capacity" and "interruption notice" in decision.reason
+
+
+def test_interruption_with_nowhere_to_go_checkpoints_then_recovers_outside_the_zone(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    others = [o for o in service.repo.list_offers()
+              if o.gpus >= 1 and o.id != P3_SPOT_A and o.available]
+    for o in others:
+        service.plane.update_offer(o.id, available=False)
+    provider.notify_interruption(old)
+    service.plane.reconcile_once()
+    service.plane.reconcile_once()  # a second pass neither checkpoints nor logs again
+    events = [e.kind for e in service.repo.list_events(job_id)]
+    assert events.count("interruption_wait") == 1
+    deadline = time.monotonic() + 5
+    while "emergency_checkpoint" not in events and time.monotonic() < deadline:
+        time.sleep(0.01)
+        events = [e.kind for e in service.repo.list_events(job_id)]
+    assert "emergency_checkpoint" in events
+    assert service.repo.list_migrations(job_id=job_id) == []
+    # The instance is taken; capacity comes back in another zone at the same
+    # price, and the zone just reclaimed (first by id) is passed over.
+    agents.agents[f"run-{old}"].reachable = False
+    provider.die(old)
+    run_until(service, job_id, JobStatus.RECOVERING, passes=3)
+    service.plane.update_offer(P3_SPOT_B, available=True)
+    run_until(service, job_id, JobStatus.RUNNING)
+    assert service.repo.get_job(job_id).offer_id == P3_SPOT_B
+
+
+def test_a_tight_deadline_places_on_demand_and_a_loose_one_on_spot(service: Service) -> None:
+    now = service.ctx.clock.now()
+    tight = service.plane.submit(replace(SPEC, name="tight", expected_duration_hours=1.0,
+                                         deadline=now + timedelta(hours=1.2)))
+    loose = service.plane.submit(replace(SPEC, name="loose", expected_duration_hours=1.0,
+                                         deadline=now + timedelta(hours=5)))
+    run_until(service, tight.id, JobStatus.RUNNING)
+    run_until(service, loose.id, JobStatus.RUNNING)
+    assert service.repo.get_job(tight.id).offer_id == "local:us-east-1a:p3.2xlarge:on-demand"
+    assert service.repo.get_offer(service.repo.get_job(loose.id).offer_id or "").capacity \
+        == Capacity.SPOT
+    placed = service.plane.decisions[tight.id]
+    assert placed.trigger == "placement" and "on-demand" in placed.reason
+    assert placed.deadline_slack_s is not None and placed.deadline_slack_s >= 0
+
+
+def test_every_scout_decision_is_kept_with_its_numbers_and_moves_are_events(
+        service: Service) -> None:
+    job_id = running_job(service)
+    (stay,) = service.plane.scout_once(force=True)
+    assert not stay.move and service.plane.decisions[job_id] is stay
+    assert stay.decided_at is not None and stay.remaining_work_hours is not None
+    assert "scout_decision" not in [e.kind for e in service.repo.list_events(job_id)]
+    service.plane.update_offer(G4_SPOT_B, available=True)
+    (move,) = service.plane.scout_once(force=True)
+    service.plane.wait_for_migrations()
+    assert move.move and move.expected_saving_usd and move.move_cost_usd
+    assert move.expected_saving_usd > move.move_cost_usd
+    (event,) = [e for e in service.repo.list_events(job_id) if e.kind == "scout_decision"]
+    assert event.data is not None
+    assert event.data["move_cost_usd"] == pytest.approx(move.move_cost_usd)
+    assert event.data["target_offer_id"] == G4_SPOT_B
+    assert {"remaining_work_hours", "budget_left_usd", "deadline_slack_s", "savings",
+            "current_cost_per_work_hour", "target_cost_per_work_hour"} <= set(event.data)
+    # Just moved: the next pass stays for the dwell time, whatever the market.
+    service.plane.update_offer(P3_SPOT_B, price_per_hour=0.01)
+    (dwell,) = service.plane.scout_once(force=True)
+    assert not dwell.move and "minimum dwell" in dwell.reason
+
+
+def test_move_costs_come_from_the_settings_until_three_moves_are_measured(
+        service: Service) -> None:
+    base = service.plane.costs
+    assert (base.boot_s, base.checkpoint_s, base.restore_s) == (180.0, 30.0, 60.0)
+    t0 = service.ctx.clock.now()
+
+    def done(boot: float, ckpt: float, restore: float) -> Migration:
+        return Migration(id="m", job_id="j", status=MigrationStatus.COMPLETED,
+                         phase=MigrationPhase.DONE, reason=MigrationReason.PRICE,
+                         from_instance_id="a", from_offer_id="x", to_offer_id="y",
+                         started_at=t0, replacement_ready_at=t0 + timedelta(seconds=boot),
+                         checkpointed_at=t0 + timedelta(seconds=boot + ckpt),
+                         resumed_at=t0 + timedelta(seconds=boot + ckpt + restore))
+
+    two = [done(10, 1, 2), done(20, 2, 4)]
+    assert service.plane.move_costs(two) == base
+    measured = service.plane.move_costs([*two, done(30, 3, 6)])
+    assert (measured.boot_s, measured.checkpoint_s, measured.restore_s) == (20.0, 2.0, 4.0)
 
 
 def test_completed_job_terminates_its_instance(service: Service, provider: FakeProvider,

@@ -262,24 +262,43 @@ class EventsPublic(BaseModel):
 
 
 class DecisionPublic(BaseModel):
-    """One scout decision, moving or not, with the numbers behind it."""
+    """One decision of the scout, moving or not, with the numbers behind it:
+    a placement (a job without an instance), a price or deadline move, or the
+    answer to a preemption notice."""
 
     job_id: str
-    move: bool
+    move: bool = Field(description="true: it moves (or, for a placement, launches)")
+    trigger: str = Field(description="placement | price | deadline | capacity")
     reason: str
+    decided_at: datetime | None
     current_offer_id: str | None
     target_offer_id: str | None
     current_cost_per_work_hour: float | None
     target_cost_per_work_hour: float | None
     savings: float = Field(description="fraction of the current cost per work hour")
+    threshold: float | None = Field(description="the savings fraction a price move needs")
+    remaining_work_hours: float | None = Field(
+        description="work left, in hours on an instance of relative speed 1.0")
+    expected_saving_usd: float | None = Field(
+        description="what the target saves over the remaining work")
+    move_cost_usd: float | None = Field(
+        description="boot, checkpoint and restore time billed, and egress")
+    budget_left_usd: float | None = Field(description="budget less cost so far")
+    deadline_slack_s: float | None = Field(
+        description="seconds to spare at the deadline if the job stays (for a placement: "
+                    "on the chosen offer)")
 
     @classmethod
     def from_domain(cls, d: MoveDecision) -> DecisionPublic:
         return cls(
-            job_id=d.job_id, move=d.move, reason=d.reason, current_offer_id=d.current_offer_id,
+            job_id=d.job_id, move=d.move, trigger=d.trigger, reason=d.reason,
+            decided_at=d.decided_at, current_offer_id=d.current_offer_id,
             target_offer_id=d.target.id if d.target else None,
             current_cost_per_work_hour=d.current_cost_per_work_hour,
             target_cost_per_work_hour=d.target_cost_per_work_hour, savings=d.savings,
+            threshold=d.threshold, remaining_work_hours=d.remaining_work_hours,
+            expected_saving_usd=d.expected_saving_usd, move_cost_usd=d.move_cost_usd,
+            budget_left_usd=d.budget_left_usd, deadline_slack_s=d.deadline_slack_s,
         )
 
 

@@ -174,12 +174,42 @@ def events_table(events: list[Json]) -> Table:
     return table
 
 
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"${value:.4f}"
+
+
 def decision_text(decisions: list[Json]) -> Text:
+    """The latest decision: what and why, then the numbers it weighed."""
     if not decisions:
         return Text("scout: no decision yet", style="dim")
     d = decisions[-1]
-    return Text(f"scout: {'move' if d['move'] else 'stay'} ({d['reason']})",
+    trigger = d.get("trigger", "price")
+    verb = ("launch" if d["move"] else "wait") if trigger == "placement" else (
+        "move" if d["move"] else "stay")
+    when = clock_time(d.get("decided_at")) if d.get("decided_at") else ""
+    text = Text(f"scout: {verb} [{trigger}{' at ' + when if when else ''}] ({d['reason']})",
                 style="magenta" if d["move"] else "")
+    numbers = []
+    if d.get("current_cost_per_work_hour") is not None or d.get("target_cost_per_work_hour"):
+        numbers.append(f"per work hour {_money(d.get('current_cost_per_work_hour'))} -> "
+                       f"{_money(d.get('target_cost_per_work_hour'))}")
+    if d.get("target_offer_id") and trigger != "placement":
+        numbers.append(f"saving {d.get('savings', 0.0):.1%}"
+                       + (f" (threshold {d['threshold']:.0%})"
+                          if d.get("threshold") is not None else ""))
+    if d.get("remaining_work_hours") is not None:
+        numbers.append(f"remaining {d['remaining_work_hours']:.2f} work h")
+    if d.get("expected_saving_usd") is not None:
+        numbers.append(f"expected saving {_money(d['expected_saving_usd'])}")
+    if d.get("move_cost_usd") is not None:
+        numbers.append(f"move cost {_money(d['move_cost_usd'])}")
+    if d.get("budget_left_usd") is not None:
+        numbers.append(f"budget left ${d['budget_left_usd']:.2f}")
+    if d.get("deadline_slack_s") is not None:
+        numbers.append(f"deadline slack {d['deadline_slack_s'] / 3600:.2f} h")
+    if numbers:
+        text.append("\n  " + ", ".join(numbers), style="dim")
+    return text
 
 
 def show_job(job: Json, migrations: list[Json], events: list[Json],

@@ -60,7 +60,11 @@ class Context:
     poll_interval_s: float = 0.05
     # Offers that just failed to launch are skipped for a while.
     offer_backoff_s: float = 300.0
+    # Spot in a zone that just reclaimed an instance is avoided for a while:
+    # capacity taken back there is unlikely to last.
+    zone_backoff_s: float = 1800.0
     _unavailable_until: dict[str, datetime] = field(default_factory=dict)
+    _zone_avoided_until: dict[str, datetime] = field(default_factory=dict)
     billing_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- events --------------------------------------------------------------
@@ -80,6 +84,16 @@ class Context:
     def mark_unavailable(self, offer_id: str) -> None:
         self._unavailable_until[offer_id] = self.clock.now() + timedelta(
             seconds=self.offer_backoff_s)
+
+    def avoid_zone(self, zone_key: str) -> None:
+        """Leave spot offers in ``zone_key`` ("provider:zone") out of
+        placements and moves for ``zone_backoff_s``."""
+        self._zone_avoided_until[zone_key] = self.clock.now() + timedelta(
+            seconds=self.zone_backoff_s)
+
+    def avoided_zones(self) -> frozenset[str]:
+        now = self.clock.now()
+        return frozenset(k for k, until in self._zone_avoided_until.items() if until > now)
 
     # --- instances -------------------------------------------------------------
 

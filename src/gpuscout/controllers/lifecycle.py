@@ -17,7 +17,7 @@ from gpuscout.controllers.context import Context, log
 from gpuscout.db import ConcurrentChange, NotFound
 from gpuscout.domain import InstanceStatus, Job, JobStatus, MigrationReason
 from gpuscout.domain.states import IllegalTransition
-from gpuscout.policy import choose_offer
+from gpuscout.policy import PlacementDecision, choose_offer
 from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
 
 S = JobStatus
@@ -27,10 +27,17 @@ S = JobStatus
 UrgentMove = Callable[[Job, MigrationReason], None]
 
 
+# Called with a job that has no instance: where to launch it, or None with
+# the reason to wait (the policy's place_job over the current offers).
+Placer = Callable[[Job], PlacementDecision]
+
+
 class Lifecycle:
-    def __init__(self, ctx: Context, urgent_move: UrgentMove) -> None:
+    def __init__(self, ctx: Context, urgent_move: UrgentMove,
+                 placement: Placer | None = None) -> None:
         self.ctx = ctx
         self.urgent_move = urgent_move
+        self.placement = placement or self._cheapest
         # When each running agent last answered (monotonic bookkeeping of
         # the loop; losing it on restart only delays loss detection).
         self._last_seen: dict[str, datetime] = {}
@@ -58,8 +65,8 @@ class Lifecycle:
         self.ctx.repo.transition(job.id, S.SCOUTING, expect={S.PENDING})
 
     def _place(self, job: Job) -> None:
-        placement = choose_offer(job.spec.resources, self.ctx.offers())
-        if placement is None:
+        placement = self.placement(job)
+        if placement.offer is None:
             return  # keep scouting; the market may change
         offer = placement.offer
         self.ctx.event(job.id, "placement", placement.reason, offer_id=offer.id)
@@ -147,6 +154,13 @@ class Lifecycle:
             self._record_progress(job, health)
 
     # --- helpers -----------------------------------------------------------
+
+    def _cheapest(self, job: Job) -> PlacementDecision:
+        placement = choose_offer(job.spec.resources, self.ctx.offers(),
+                                 avoid_zones=self.ctx.avoided_zones())
+        if placement is None:
+            return PlacementDecision(None, "no available offer fits the job's resources")
+        return PlacementDecision(placement.offer, placement.reason)
 
     def _health(self, address: str | None) -> AgentHealth | None:
         if not address:

@@ -102,6 +102,9 @@ class MigrationExecutor:
         if not old.address:
             raise MigrationFailed("the old instance has no address")
 
+        if m.reason == MigrationReason.PREEMPTION:
+            self._emergency_checkpoint(m, old.address)
+
         # LAUNCHING: the replacement starts in standby; the job keeps training.
         try:
             new, _ = ctx.launch(job, target, standby=True)
@@ -177,6 +180,21 @@ class MigrationExecutor:
                   f"moved {m.from_instance_id} -> {m.to_instance_id}: checkpoint step "
                   f"{m.checkpoint_step}, resumed at step {m.resume_step}, downtime "
                   f"{(m.downtime_s or 0):.3f}s", migration_id=m.id)
+
+    def _emergency_checkpoint(self, m: Migration, address: str) -> None:
+        """After a preemption notice, save now, before the replacement boots
+        (minutes) and while the notice window (two on AWS) lasts: if the
+        instance is taken first, recovery resumes from this checkpoint. The
+        job keeps training; the move's own checkpoint comes at the switch."""
+        try:
+            result = self.ctx.agents.checkpoint(address, pause=False,
+                                                timeout_s=self.ctx.timeouts.checkpoint_s)
+        except AgentError as err:
+            log.warning("migration %s: emergency checkpoint failed: %s", m.id, err)
+            return
+        self.ctx.event(m.job_id, "emergency_checkpoint",
+                       f"checkpointed step {result.step} after the interruption notice",
+                       migration_id=m.id, step=result.step)
 
     # --- back --------------------------------------------------------------
 

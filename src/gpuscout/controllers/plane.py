@@ -7,13 +7,19 @@ Loops (each a thread, each taking its time from the clock):
 - scout, every second: each running job whose scout interval has passed gets
   a pure move decision; a decision to move starts a migration.
 Migrations run in their own threads, at most one per job.
+
+The policy is pure; what it needs beyond the Job value is gathered here:
+the job's time running and price moves so far (``JobView``), the zones to
+avoid after a preemption, and the cost of a move (``MoveCosts``: the
+settings' estimates, replaced by the median of the last moves measured).
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from gpuscout.agent.protocol import artifacts_prefix
@@ -22,13 +28,42 @@ from gpuscout.controllers.lifecycle import Lifecycle
 from gpuscout.controllers.migrator import MigrationExecutor
 from gpuscout.controllers.reaper import Reaper
 from gpuscout.db import ConcurrentChange, NotFound
-from gpuscout.domain import Job, JobSpec, JobStatus, Migration, MigrationReason, Offer
+from gpuscout.domain import (
+    Capacity,
+    Instance,
+    Job,
+    JobSpec,
+    JobStatus,
+    Migration,
+    MigrationReason,
+    MigrationStatus,
+    Offer,
+)
 from gpuscout.domain.states import TERMINAL, IllegalTransition
 from gpuscout.market.feeds import PriceFeed
-from gpuscout.policy import MoveDecision, MovePolicy, Offers, decide_move
+from gpuscout.policy import (
+    JobView,
+    MoveCosts,
+    MoveDecision,
+    MovePolicy,
+    Offers,
+    PlacementDecision,
+    Trigger,
+    decide_move,
+    place_job,
+    zone_key,
+)
 from gpuscout.store.base import ObjectNotFound
 
 S = JobStatus
+
+_REASON_OF_TRIGGER = {
+    Trigger.PRICE: MigrationReason.PRICE,
+    Trigger.DEADLINE: MigrationReason.DEADLINE,
+    Trigger.CAPACITY: MigrationReason.PREEMPTION,
+}
+# Past moves whose measured phases replace the estimates (most recent).
+_MEASURED_MOVES = 20
 
 
 class ManualMarketOnly(Conflict):
@@ -44,15 +79,19 @@ class Intervals:
 
 class ControlPlane:
     def __init__(self, ctx: Context, feed: PriceFeed, policy: MovePolicy,
-                 intervals: Intervals = Intervals()) -> None:
+                 intervals: Intervals = Intervals(), *, costs: MoveCosts | None = None) -> None:
         self.ctx = ctx
         self.feed = feed
         self.policy = policy
         self.intervals = intervals
+        self.costs = costs or MoveCosts()
         self.executor = MigrationExecutor(ctx)
-        self.lifecycle = Lifecycle(ctx, self._urgent_move)
+        self.lifecycle = Lifecycle(ctx, self._urgent_move, self.placement)
         self.reaper = Reaper(ctx)
+        # The latest decision per job (its time is decided_at), moving or
+        # not, placements included; decisions that act are also events.
         self.decisions: dict[str, MoveDecision] = {}
+        self._notices: set[str] = set()  # instances whose notice was handled
         self._last_scouted: dict[str, datetime] = {}
         self._migrations: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -124,25 +163,83 @@ class ControlPlane:
     def scout_once(self, *, force: bool = False) -> list[MoveDecision]:
         """Decide for every running job whose scout interval has passed."""
         now = self.ctx.clock.now()
-        offers = self.ctx.offers()
+        offers = Offers(self.ctx.offers()).ranked()
         by_id = {o.id: o for o in offers}
-        decisions = []
+        due = []
         for job in self.ctx.repo.list_jobs([S.RUNNING]):
             interval = job.spec.scout_interval_s or self.intervals.scout_s
             last = self._last_scouted.get(job.id)
-            if not force and last is not None and (now - last).total_seconds() < interval:
-                continue
+            if force or last is None or (now - last).total_seconds() >= interval:
+                due.append(job)
+        decisions = []
+        costs, avoid, price_moves = self.costs, frozenset[str](), dict[str, int]()
+        if due:
+            completed = self.ctx.repo.list_migrations(status=MigrationStatus.COMPLETED)
+            costs = self.move_costs(completed)
+            avoid = self.ctx.avoided_zones()
+            for m in completed:
+                if m.reason == MigrationReason.PRICE:
+                    price_moves[m.job_id] = price_moves.get(m.job_id, 0) + 1
+        for job in due:
             self._last_scouted[job.id] = now
-            decision = decide_move(job, by_id.get(job.offer_id or ""), offers, self.policy, now)
+            view = self._view(job, now, avoid, price_moves.get(job.id, 0))
+            decision = decide_move(job, by_id.get(job.offer_id or ""), offers, self.policy, now,
+                                   view=view, costs=costs)
             self.decisions[job.id] = decision
             decisions.append(decision)
             if decision.move and decision.target is not None:
                 self.ctx.event(job.id, "scout_decision", decision.reason,
-                               target=decision.target.id, savings=decision.savings)
-                self._start_migration(job, decision.target, MigrationReason.PRICE,
+                               target=decision.target.id, **decision.numbers())
+                self._start_migration(job, decision.target,
+                                      _REASON_OF_TRIGGER.get(decision.trigger,
+                                                             MigrationReason.PRICE),
                                       decision.savings)
         self.ctx.metrics.scout_passes.inc()
         return decisions
+
+    def placement(self, job: Job) -> PlacementDecision:
+        """Where a job without an instance goes now (lifecycle asks)."""
+        now = self.ctx.clock.now()
+        decision = place_job(job, self.ctx.offers(), now, policy=self.policy,
+                             view=self._view(job, now, self.ctx.avoided_zones(), 0),
+                             costs=self.costs)
+        previous = self.decisions.get(job.id)
+        self.decisions[job.id] = MoveDecision(
+            job_id=job.id, move=decision.offer is not None, reason=decision.reason,
+            current_offer_id=None, target=decision.offer,
+            target_cost_per_work_hour=(decision.offer.cost_per_work_hour
+                                       if decision.offer else None),
+            trigger=Trigger.PLACEMENT, decided_at=now,
+            remaining_work_hours=decision.remaining_work_hours,
+            budget_left_usd=decision.budget_left_usd,
+            deadline_slack_s=decision.deadline_slack_s)
+        if decision.offer is None and (previous is None or previous.reason != decision.reason):
+            self.ctx.event(job.id, "placement_wait", decision.reason)
+        return decision
+
+    def _view(self, job: Job, now: datetime, avoid: frozenset[str], price_moves: int) -> JobView:
+        running_s = (now - job.started_at).total_seconds() if job.started_at else 0.0
+        return JobView(running_s=running_s, price_moves=price_moves, avoid_zones=avoid)
+
+    def move_costs(self, completed: Sequence[Migration] = ()) -> MoveCosts:
+        """The settings' estimates, each replaced by the median of the last
+        moves that measured it (three at least)."""
+        recent = sorted(completed, key=lambda m: m.started_at or datetime.min)[-_MEASURED_MOVES:]
+
+        def measured(start: str, end: str) -> float | None:
+            spans = [(getattr(m, end) - getattr(m, start)).total_seconds() for m in recent
+                     if getattr(m, start) is not None and getattr(m, end) is not None]
+            return statistics.median(spans) if len(spans) >= 3 else None
+
+        boot = measured("started_at", "replacement_ready_at")
+        checkpoint = measured("replacement_ready_at", "checkpointed_at")
+        restore = measured("checkpointed_at", "resumed_at")
+        return replace(
+            self.costs,
+            boot_s=self.costs.boot_s if boot is None else boot,
+            checkpoint_s=self.costs.checkpoint_s if checkpoint is None else checkpoint,
+            restore_s=self.costs.restore_s if restore is None else restore,
+        )
 
     # --- commands -------------------------------------------------------------
 
@@ -195,6 +292,23 @@ class ControlPlane:
             raise Conflict(f"job {job_id} is already migrating")
         return migration
 
+    def interrupt(self, instance_id: str) -> Instance:
+        """Deliver a spot interruption notice to an instance, as AWS instance
+        metadata would (demos, tests); the next reconcile pass answers it.
+        NotFound if unknown; Conflict if it is gone or the provider cannot."""
+        instance = self.ctx.repo.get_instance(instance_id)
+        if instance.status.is_terminal():
+            raise Conflict(f"instance {instance_id} is already {instance.status.value}")
+        notify = getattr(self.ctx.provider, "notify_interruption", None)
+        if notify is None:
+            raise Conflict(f"the {self.ctx.provider.name} provider cannot deliver "
+                           "interruption notices")
+        notify(instance_id)
+        self.ctx.event(instance.job_id, "interruption_requested",
+                       f"interruption notice delivered to {instance_id}",
+                       instance_id=instance_id)
+        return self.ctx.repo.get_instance(instance_id)
+
     def update_offer(self, offer_id: str, *, price_per_hour: float | None = None,
                      available: bool | None = None) -> Offer:
         if not self.feed.manual:
@@ -226,17 +340,62 @@ class ControlPlane:
     # --- internals -------------------------------------------------------------
 
     def _urgent_move(self, job: Job, reason: MigrationReason) -> None:
+        """A preemption notice: avoid the zone, checkpoint within the notice
+        window (the migration's first act), and move make-before-break to
+        the best offer elsewhere. With nowhere to go, the checkpoint alone
+        is taken: the job recovers from it when the instance is gone."""
         current = self.ctx.repo.get_offer(job.offer_id) if job.offer_id else None
-        offers = Offers(self.ctx.offers()).available().compatible(job.spec.resources)
-        if current is not None:
+        first = job.instance_id not in self._notices
+        if job.instance_id:
+            self._notices.add(job.instance_id)
+        if current is not None and current.capacity == Capacity.SPOT and first:
             # Capacity in the zone just reclaimed is unlikely to last.
-            offers = Offers(o for o in offers if o.zone != current.zone or
-                            o.capacity != current.capacity)
-        target = offers.excluding({job.offer_id or ""}).cheapest()
-        if target is None:
-            log.warning("job %s: interruption notice but no offer to move to", job.id)
+            self.ctx.avoid_zone(zone_key(current))
+        offers = [o for o in self.ctx.offers() if o.id != job.offer_id]
+        now = self.ctx.clock.now()
+        decision = place_job(job, offers, now, policy=self.policy,
+                             view=self._view(job, now, self.ctx.avoided_zones(), 0),
+                             costs=self.costs)
+        self.decisions[job.id] = MoveDecision(
+            job_id=job.id, move=decision.offer is not None,
+            reason=f"interruption notice on {job.instance_id}: {decision.reason}",
+            current_offer_id=job.offer_id, target=decision.offer,
+            current_cost_per_work_hour=current.cost_per_work_hour if current else None,
+            target_cost_per_work_hour=(decision.offer.cost_per_work_hour
+                                       if decision.offer else None),
+            trigger=Trigger.CAPACITY, decided_at=now,
+            remaining_work_hours=decision.remaining_work_hours,
+            budget_left_usd=decision.budget_left_usd,
+            deadline_slack_s=decision.deadline_slack_s)
+        if decision.offer is None:
+            if first:
+                log.warning("job %s: interruption notice but no offer to move to (%s)",
+                            job.id, decision.reason)
+                self.ctx.event(job.id, "interruption_wait", decision.reason)
+                self._emergency_checkpoint(job)
             return
-        self._start_migration(job, target, reason, 0.0)
+        self._start_migration(job, decision.offer, reason, 0.0)
+
+    def _emergency_checkpoint(self, job: Job) -> None:
+        """Checkpoint without pausing, in the background (the notice window
+        is short; the reconcile loop must not wait on it)."""
+        if not job.instance_id:
+            return
+        address = self.ctx.repo.get_instance(job.instance_id).address
+        if not address:
+            return
+
+        def run() -> None:
+            try:
+                result = self.ctx.agents.checkpoint(address, pause=False,
+                                                    timeout_s=self.ctx.timeouts.checkpoint_s)
+                self.ctx.event(job.id, "emergency_checkpoint",
+                               f"checkpointed step {result.step} after the interruption notice",
+                               step=result.step)
+            except Exception as err:  # the last verified checkpoint still stands
+                log.warning("job %s: emergency checkpoint failed: %s", job.id, err)
+
+        threading.Thread(target=run, name=f"gpuscout-checkpoint-{job.id}", daemon=True).start()
 
     def _start_migration(self, job: Job, target: Offer, reason: MigrationReason,
                          savings: float) -> Migration | None:

@@ -72,7 +72,8 @@ class MigrationPhase(enum.StrEnum):
 class MigrationReason(enum.StrEnum):
     PRICE = "price"  # the scout found a cheaper placement
     MANUAL = "manual"  # a user asked for the move
-    PREEMPTION = "preemption"  # the provider reclaimed the instance
+    PREEMPTION = "preemption"  # the provider reclaimed the instance (or will: a notice)
+    DEADLINE = "deadline"  # spot no longer leaves room for the deadline: on-demand
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ class Trigger:
     PRICE = "price"  # a cheaper placement pays for the move
     DEADLINE = "deadline"  # spot is too risky for the time left: on-demand
     CAPACITY = "capacity"  # the current offer is gone (spot reclaimed)
+    PLACEMENT = "placement"  # a job without an instance: where (or whether) to launch
 
 
 @dataclass(frozen=True, slots=True)

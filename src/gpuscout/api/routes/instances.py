@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, status
 
-from gpuscout.api.deps import Reader, ServiceDep
+from gpuscout.api.deps import PlaneDep, Reader, ServiceDep, Writer
 from gpuscout.api.schemas import InstancePublic, InstancesPublic
 
 router = APIRouter(prefix="/instances", tags=["instances"], dependencies=[Reader])
@@ -21,3 +21,13 @@ def list_instances(
     instances = service.repo.list_instances(job_id=job_id, live_only=live)
     return InstancesPublic(data=[InstancePublic.from_domain(i) for i in instances],
                            count=len(instances))
+
+
+@router.post("/{instance_id}/interrupt", status_code=status.HTTP_202_ACCEPTED,
+             dependencies=[Writer],
+             summary="Deliver a spot interruption notice (409 if the provider cannot)")
+def interrupt_instance(instance_id: str, plane: PlaneDep) -> InstancePublic:
+    # 202: the notice is delivered; the control plane answers it on its next
+    # pass (checkpoint, then a move out of the zone): follow the job's
+    # migrations and events.
+    return InstancePublic.from_domain(plane.interrupt(instance_id))
