@@ -56,8 +56,16 @@ def ec2_client() -> Any:
     return boto3.client("ec2", region_name="us-east-1")
 
 
+_AMIS: dict[str, str] = {}
+
+
 def any_ami() -> str:
-    return str(ec2_client().describe_images(Owners=["amazon"])["Images"][0]["ImageId"])
+    """An image moto knows (looked up once per server: moto lists thousands)."""
+    url = os.environ["AWS_ENDPOINT_URL"]
+    if url not in _AMIS:
+        images = ec2_client().describe_images(Owners=["amazon"])["Images"]
+        _AMIS[url] = str(images[0]["ImageId"])
+    return _AMIS[url]
 
 
 def new_config(**changes: Any) -> AwsConfig:
