@@ -18,6 +18,7 @@ from gpuscout.controllers.agent_client import AgentClient
 from gpuscout.controllers.context import Timeouts
 from gpuscout.domain import Capacity, JobSpec, JobStatus, Resources
 from gpuscout.providers.aws import AwsProvider
+from gpuscout.providers.base import LaunchRequest
 from gpuscout.server import ServerThread
 from gpuscout.service import build_service
 from tests.e2e.conftest import E2E, TOKEN, linreg_command, standalone_model
@@ -82,6 +83,24 @@ def test_capacity_error_marks_the_offer_unavailable_and_the_next_one_is_launched
     assert ec2_instance.offer_id == placed.offer_id
     service.ctx.terminate(placed.instance_id or "")
     assert provider.list() == []
+
+
+def test_the_reaper_finds_unowned_ec2_instances_by_tag(tmp_path: Path) -> None:
+    provider = AwsProvider(new_config())
+    service = build_service(Settings(home=tmp_path / "home", api_token=TOKEN),
+                            provider=provider, agents=AgentClient())
+    offer = next(o for o in provider.offers() if o.instance_type == "g4dn.xlarge")
+    # Launched, then the control plane died before recording it (or lost its database).
+    orphan = provider.launch(LaunchRequest(instance_id="i-orphan", job_id="j-gone",
+                                           offer=offer, command="true", store_url="s3://b"))
+    stranger = AwsProvider(new_config())  # another cluster's: not ours to reap
+    stranger.launch(LaunchRequest(instance_id="i-theirs", job_id="j-x", offer=offer,
+                                  command="true", store_url="s3://b"))
+    assert service.plane.reaper.reap() == ["i-orphan"]
+    raw = ec2_client().describe_instances(InstanceIds=[orphan.provider_ref])
+    assert raw["Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"
+    assert [i.instance_id for i in stranger.list()] == ["i-theirs"]
+    stranger.terminate("i-theirs")
 
 
 @pytest.fixture
