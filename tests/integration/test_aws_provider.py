@@ -418,3 +418,19 @@ def test_the_iam_policy_allows_every_call_the_provider_makes(tmp_path: Any) -> N
     instance = json.loads((root / "deploy" / "aws" / "instance-policy.json").read_text())
     assert {a.split(":")[0] for s in instance["Statement"] for a in
             ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} == {"s3"}
+
+
+def test_subnets_limit_offers_to_their_zones_and_carry_the_launch() -> None:
+    ec2 = ec2_client()
+    subnet = next(s for s in ec2.describe_subnets()["Subnets"]
+                  if s["AvailabilityZone"] == "us-east-1b")
+    provider = AwsProvider(new_config(subnet_ids=(subnet["SubnetId"],)))
+    offers = provider.offers()
+    assert offers and {o.zone for o in offers} == {"us-east-1b"}
+    launched = provider.launch(request(pick(offers, "g4dn.xlarge", Capacity.SPOT), "i-sub"))
+    raw = describe(launched.provider_ref)
+    assert (raw["SubnetId"], raw["VpcId"]) == (subnet["SubnetId"], subnet["VpcId"])
+    elsewhere = pick(AwsProvider(new_config()).offers(), "g4dn.xlarge", Capacity.SPOT)
+    assert elsewhere.zone != "us-east-1b"
+    with pytest.raises(CapacityError, match="no configured subnet"):
+        provider.launch(request(elsewhere, "i-elsewhere"))

@@ -33,7 +33,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -291,8 +291,10 @@ class AwsProvider:
             "InstanceInitiatedShutdownBehavior": "terminate",
             "TagSpecifications": self._tag_specs(request),
         }
-        subnet = self._subnet_for(offer.zone)
-        if subnet:
+        if self.config.subnet_ids:
+            subnet = self._subnets().get(offer.zone)
+            if subnet is None:  # an offer from before the subnets changed
+                raise CapacityError(offer.id, f"no configured subnet in {offer.zone}")
             params["SubnetId"] = subnet
         if self.config.key_name:
             self._ensure_key_pair()
@@ -337,8 +339,7 @@ class AwsProvider:
             {"Name": "instance-state-name", "Values": builtins.list(_LIVE_STATES)},
         ])
         notices = self._spot_notices(found)
-        return [self._view(raw, notices=notices) for raw in found
-                if raw.get("Tags") and _tags(raw).get(TAG_INSTANCE)]
+        return [self._view(raw, notices=notices) for raw in found if _tags(raw).get(TAG_INSTANCE)]
 
     def terminate(self, instance_id: str) -> None:
         """Terminate every EC2 instance carrying this GPU Scout id.
@@ -526,11 +527,6 @@ class AwsProvider:
             f.write(material)
         log.info("created key pair %s; private key saved to %s", name, path)
 
-    def _subnet_for(self, zone: str) -> str | None:
-        if not self.config.subnet_ids:
-            return None
-        return self._subnets().get(zone)
-
     def _subnets(self) -> dict[str, str]:
         with self._lock:
             if self._subnet_by_zone is None:
@@ -608,8 +604,7 @@ class AwsProvider:
                 return found[0] if found else None
             self.sleep(1.0)
 
-    def _view(self, raw: dict[str, Any], *, notices: set[str] = frozenset()  # type: ignore[assignment]
-              ) -> ProviderInstance:
+    def _view(self, raw: dict[str, Any], *, notices: Collection[str] = ()) -> ProviderInstance:
         tags = _tags(raw)
         state_name = raw["State"]["Name"]
         state = {"pending": ProviderState.PENDING, "running": ProviderState.RUNNING}.get(
