@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from gpuscout.agent.protocol import checkpoint_prefix
-from gpuscout.store import FileStore, ObjectStore
+from gpuscout.store import FileDigest, FileStore, ObjectStore
+from gpuscout.store.fs import TMP_PREFIX
+from gpuscout.workload import checkpoint as checkpoint_module
 from gpuscout.workload.checkpoint import (
     MANIFEST,
     CheckpointInfo,
@@ -61,6 +63,13 @@ class RecordingStore:
 
     def get(self, key: str) -> bytes:
         return self.inner.get(key)
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        self.puts.append(key)
+        return self.inner.put_file(key, path)
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        return self.inner.get_file(key, path)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
@@ -310,3 +319,119 @@ def test_prefix_is_validated(store: ObjectStore) -> None:
     for prefix in ["", "/", "../x", "a//b"]:
         with pytest.raises(ValueError):
             CheckpointStore(store, prefix)
+
+
+# --- files on disk: save_paths and load_to_dir -----------------------------------
+
+
+def write_state(folder: Path, step: int) -> dict[str, Path]:
+    """The files of ``state(step)`` written under ``folder``."""
+    paths = {}
+    for name, data in state(step).items():
+        path = folder / f"step-{step}" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        paths[name] = path
+    return paths
+
+
+def read_dir(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_save_paths_load_to_dir_round_trip(store: ObjectStore, tmp_path: Path) -> None:
+    recording = RecordingStore(store)
+    ckpts = CheckpointStore(recording, PREFIX)
+    paths = write_state(tmp_path / "src", 7)
+    files = {name: path.read_bytes() for name, path in paths.items()}
+    info = ckpts.save_paths(7, paths)
+
+    assert info.step == 7 and info.files == {n: len(d) for n, d in files.items()}
+    assert recording.puts[-1] == info.manifest_key  # the manifest last
+    manifest = json.loads(store.get(info.manifest_key))
+    assert manifest["files"] == {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        for name, data in files.items()
+    }
+
+    dest = tmp_path / "restored"
+    reader = CheckpointStore(store, PREFIX)
+    assert reader.load_to_dir(dest) == info
+    assert read_dir(dest) == files  # nested names make folders; nothing else left
+    assert reader.load() == (info, files)  # one format: the bytes API reads it too
+    assert reader.latest() == info
+
+
+def test_load_to_dir_reads_a_checkpoint_saved_as_bytes(
+        ckpts: CheckpointStore, tmp_path: Path) -> None:
+    info = ckpts.save(3, state(3))
+    files = ckpts.load(3)[1]
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "state.json").write_bytes(b"stale")
+    (dest / "unrelated.txt").write_bytes(b"kept")
+    assert ckpts.load_to_dir(dest, 3) == info
+    assert read_dir(dest) == {**files, "unrelated.txt": b"kept"}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+def test_load_to_dir_never_restores_damage(
+        store: ObjectStore, ckpts: CheckpointStore, tmp_path: Path,
+        damage: Callable[[ObjectStore, CheckpointInfo], str]) -> None:
+    good = ckpts.save_paths(10, write_state(tmp_path / "src", 10))
+    good_files = ckpts.load(10)[1]
+    bad = ckpts.save_paths(20, write_state(tmp_path / "src", 20))
+    reason = damage(store, bad)
+
+    dest = tmp_path / "dest"
+    with pytest.raises(CorruptCheckpoint) as caught:
+        ckpts.load_to_dir(dest, 20)
+    assert caught.value.key == bad.key and reason in caught.value.reason
+    assert read_dir(dest) == {}  # nothing of the bad one landed, no staging left
+
+    assert ckpts.load_to_dir(dest) == good  # the previous good one
+    assert read_dir(dest) == good_files
+    assert not any(p.name.startswith(TMP_PREFIX) for p in dest.rglob("*"))
+
+
+def test_load_to_dir_skips_a_partial_save(
+        store: ObjectStore, ckpts: CheckpointStore, tmp_path: Path) -> None:
+    good = ckpts.save_paths(5, write_state(tmp_path / "src", 5))
+    store.put_file(f"{PREFIX}/000000000006-0123456789abcdef/state.json",
+                   write_state(tmp_path / "src", 6)["state.json"])
+    assert ckpts.load_to_dir(tmp_path / "d") == good
+    with pytest.raises(CorruptCheckpoint, match="no MANIFEST.json"):
+        ckpts.load_to_dir(tmp_path / "d", 6)
+    assert read_dir(tmp_path / "d") == ckpts.load(5)[1]
+
+
+def test_load_to_dir_without_a_checkpoint(ckpts: CheckpointStore, tmp_path: Path) -> None:
+    with pytest.raises(NoCheckpoint):
+        ckpts.load_to_dir(tmp_path / "d")
+
+
+def test_large_files_are_verified_without_holding_them(
+        store: ObjectStore, ckpts: CheckpointStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """latest() and prune() hash files above IN_MEMORY_LIMIT by streaming
+    them through a temporary file: damage is still found."""
+    monkeypatch.setattr(checkpoint_module, "IN_MEMORY_LIMIT", 100)
+    good = ckpts.save_paths(1, write_state(tmp_path / "src", 1))
+    bad = ckpts.save_paths(2, write_state(tmp_path / "src", 2))
+    flip_a_byte(store, bad)  # weights/layer0.bin: 1024 bytes, above the limit
+    assert ckpts.latest() == good
+    assert ckpts.prune(keep=1) == []
+    assert ckpts.latest() == good
+
+
+def test_save_paths_rejects_bad_input(ckpts: CheckpointStore, tmp_path: Path) -> None:
+    path = write_state(tmp_path / "src", 1)["state.json"]
+    with pytest.raises(ValueError, match="step"):
+        ckpts.save_paths(-1, {"state.json": path})
+    for name in (MANIFEST, "../escape", ""):
+        with pytest.raises(ValueError, match="MANIFEST|invalid object key"):
+            ckpts.save_paths(1, {name: path})
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        ckpts.save_paths(1, {"state.json": path, "missing.bin": tmp_path / "nope"})
+    assert ckpts.list() == []

@@ -5,6 +5,7 @@ backend, and the S3 ones each get a fresh bucket."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import pytest
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
 from gpuscout.store import (
+    FileDigest,
     FileStore,
     ObjectNotFound,
     ObjectStore,
@@ -248,6 +251,84 @@ def test_multipart_sized_object_round_trips(backend: Backend) -> None:
         assert head["ContentLength"] == len(data)
 
 
+# --- streaming files, on every backend ------------------------------------------
+
+
+def write_random(path: Path, size: int) -> FileDigest:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return FileDigest(size, hashlib.sha256(data).hexdigest())
+
+
+# Empty, small, exactly one part, and several parts with a short last one.
+FILE_SIZES = [0, 1, 1000, TEST_THRESHOLD, 3 * TEST_THRESHOLD + 777]
+
+
+@pytest.mark.parametrize("size", FILE_SIZES)
+def test_file_round_trip(backend: Backend, tmp_path: Path, size: int) -> None:
+    """put_file and get_file stream a file in and out, and each returns the
+    size and sha256 of the bytes it moved."""
+    store = backend.store
+    source = tmp_path / "in" / "weights.bin"
+    want = write_random(source, size)
+    assert store.put_file("ckpt/weights.bin", source) == want
+    assert list(store.list("")) == ["ckpt/weights.bin"]
+    assert store.get("ckpt/weights.bin") == source.read_bytes()  # bytes API agrees
+
+    dest = tmp_path / "out" / "deep" / "w.bin"  # folders are made
+    assert store.get_file("ckpt/weights.bin", dest) == want
+    assert dest.read_bytes() == source.read_bytes()
+    assert os.listdir(dest.parent) == ["w.bin"]  # no temporary file left
+
+
+def test_get_file_of_a_put_object_and_overwrites(backend: Backend, tmp_path: Path) -> None:
+    store = backend.store
+    data = os.urandom(2 * TEST_THRESHOLD + 5)
+    store.put("k", data)
+    dest = tmp_path / "dest.bin"
+    dest.write_bytes(b"an older file in the way")
+    digest = store.get_file("k", dest)
+    assert digest == FileDigest(len(data), hashlib.sha256(data).hexdigest())
+    assert dest.read_bytes() == data
+
+
+def test_get_file_of_a_missing_key_writes_nothing(backend: Backend, tmp_path: Path) -> None:
+    dest = tmp_path / "out" / "x.bin"
+    with pytest.raises(ObjectNotFound) as caught:
+        backend.store.get_file("no/such/key", dest)
+    assert caught.value.key == "no/such/key"
+    assert not dest.exists()
+    assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
+
+
+def test_put_file_of_a_missing_file_stores_nothing(backend: Backend, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        backend.store.put_file("k", tmp_path / "nope.bin")
+    assert list(backend.store.list("")) == []
+
+
+def test_streaming_memory_is_bounded_by_parts_not_size(backend: Backend,
+                                                       tmp_path: Path) -> None:
+    """A file of 12 parts moves with about concurrency x part size in
+    memory, whatever its size."""
+    if backend.name.startswith("moto"):
+        pytest.skip("moto's server runs in this process and reads whole objects per GET")
+    store = backend.store
+    if isinstance(store, S3Store):
+        store.transfers.concurrency = 2
+    source = tmp_path / "big.bin"
+    want = write_random(source, 12 * TEST_THRESHOLD)
+    tracemalloc.start()
+    try:
+        assert store.put_file("big", source) == want
+        assert store.get_file("big", tmp_path / "back.bin") == want
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * TEST_THRESHOLD, f"peak {peak / MiB:.1f} MiB"
+
+
 BAD_KEYS = ["", "/abs/key", "../escape", "a/../../b", "a//b", "a/", ".", "a/./b",
             "a\\b", "nul\x00byte", f"x/{TMP_PREFIX}1234"]
 
@@ -256,8 +337,12 @@ def test_bad_keys_are_rejected(store: ObjectStore) -> None:
     """Every verb refuses them with a ValueError that names the key, and
     nothing is written."""
     for key in BAD_KEYS:
-        for verb in ("put", "get", "exists", "delete"):
-            args: tuple[object, ...] = (key, b"x") if verb == "put" else (key,)
+        for verb in ("put", "get", "exists", "delete", "put_file", "get_file"):
+            args: tuple[object, ...] = (
+                (key, b"x") if verb == "put"
+                else (key, __file__) if verb == "put_file"
+                else (key, os.devnull + ".never") if verb == "get_file"
+                else (key,))
             with pytest.raises(ValueError) as caught:
                 getattr(store, verb)(*args)
             assert repr(key) in str(caught.value), (verb, key, caught.value)
@@ -333,6 +418,95 @@ def test_s3_store_prefix_keeps_keys_apart(moto_server: S3Endpoint) -> None:  # n
     assert list(outer.list("")) == ["k", "tenant/a/k"]
     assert list(inner.list("")) == ["k"]
     assert inner.get("k") == b"inner"
+
+
+def test_s3_put_file_sends_parts_with_checksums(moto_server: S3Endpoint,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    """Above the threshold put_file is a multipart upload whose parts carry
+    CRC32 checksums (the server keeps the composite one); below it, one PUT
+    carrying the file's sha256, which is what the caller gets back."""
+    s3 = moto_server.new_store(multipart_threshold=TEST_THRESHOLD,
+                               multipart_chunksize=TEST_THRESHOLD)
+    big = write_random(tmp_path / "big", 3 * TEST_THRESHOLD + 1)
+    assert s3.put_file("big", tmp_path / "big") == big
+    head = s3.client.head_object(Bucket=s3.bucket, Key="big", ChecksumMode="ENABLED")
+    assert head["ETag"].strip('"').endswith("-4"), head["ETag"]
+    assert head.get("ChecksumCRC32"), head
+
+    small = write_random(tmp_path / "small", 1000)
+    assert s3.put_file("small", tmp_path / "small") == small
+    head = s3.client.head_object(Bucket=s3.bucket, Key="small", ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == small.sha256
+
+
+def _refuse(operation: str, code: str, when: Any) -> Any:
+    """A botocore before-call hook: the server refuses ``operation`` with
+    ``code`` when ``when(params)`` holds (an S3-compatible server without a
+    feature, or a part that fails)."""
+    def hook(params: dict[str, Any], **_: Any) -> None:
+        if when(params):
+            raise ClientError({"Error": {"Code": code, "Message": "refused"}}, operation)
+    return hook
+
+
+def test_s3_store_falls_back_when_checksums_are_refused(
+        moto_server: S3Endpoint, tmp_path: Path) -> None:  # noqa: F811
+    s3 = moto_server.new_store(multipart_threshold=TEST_THRESHOLD,
+                               multipart_chunksize=TEST_THRESHOLD)
+    s3.client.meta.events.register(
+        "before-call.s3.CreateMultipartUpload",
+        _refuse("CreateMultipartUpload", "NotImplemented",
+                lambda p: "ChecksumAlgorithm" in p.get("headers", {}) or
+                "x-amz-checksum-algorithm" in p.get("headers", {})))
+    want = write_random(tmp_path / "f", 2 * TEST_THRESHOLD + 3)
+    assert s3.put_file("f", tmp_path / "f") == want
+    assert s3.transfers.checksum is None  # dropped for good
+    assert s3.get("f") == (tmp_path / "f").read_bytes()
+
+
+def test_s3_failed_upload_is_aborted(moto_server: S3Endpoint,  # noqa: F811
+                                     tmp_path: Path) -> None:
+    """A part that fails fails put_file, and the multipart upload is
+    aborted: no object, no upload left for S3 to bill."""
+    s3 = moto_server.new_store(multipart_threshold=TEST_THRESHOLD,
+                               multipart_chunksize=TEST_THRESHOLD)
+    s3.client.meta.events.register(
+        "before-call.s3.UploadPart",
+        _refuse("UploadPart", "InternalError",
+                lambda p: "partNumber=3" in p.get("query_string", "") or
+                p.get("query_string", {}).get("partNumber") == 3))
+    write_random(tmp_path / "f", 5 * TEST_THRESHOLD)
+    with pytest.raises(ClientError, match="InternalError"):
+        s3.put_file("f", tmp_path / "f")
+    assert list(s3.list("")) == []
+    assert s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("server", ["moto_server", "s3rver_server"])
+def test_s3_get_file_restarts_when_the_object_is_replaced(
+        server: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The object is overwritten between the first and the second ranged
+    GET of a download: the download starts again and writes one whole
+    version (moto answers the pinned GET 412; s3rver ignores If-Match, and
+    the changed ETag gives it away)."""
+    endpoint: S3Endpoint = request.getfixturevalue(server)
+    s3 = endpoint.new_store(multipart_threshold=TEST_THRESHOLD,
+                            multipart_chunksize=TEST_THRESHOLD)
+    old, new = os.urandom(3 * TEST_THRESHOLD), os.urandom(3 * TEST_THRESHOLD)
+    s3.put("k", old)
+    writer = endpoint.client()
+    calls = []
+
+    def overwrite_once(**_: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            writer.put_object(Bucket=s3.bucket, Key=s3._full("k"), Body=new)
+
+    s3.client.meta.events.register("after-call.s3.GetObject", overwrite_once)
+    digest = s3.get_file("k", tmp_path / "k")
+    assert (tmp_path / "k").read_bytes() == new
+    assert digest.sha256 == hashlib.sha256(new).hexdigest()
+    assert len(calls) > 3  # the first attempt was thrown away
 
 
 # --- open_store ----------------------------------------------------------------

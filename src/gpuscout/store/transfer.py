@@ -169,8 +169,9 @@ class Transfers:
                 future = pool.submit(send, number, data)
                 future.add_done_callback(settle)
                 futures.append(future)
-            if source.read(1):
-                raise SourceChanged(f"{source.name} grew while it was uploaded")
+            else:
+                if source.read(1):
+                    raise SourceChanged(f"{source.name} grew while it was uploaded")
             done = [future.result() for future in futures]  # raises the first failure
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id,
