@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     aws_ingress_cidr: str | None = None  # who reaches the agent port; default: the group
     aws_agent_port: int = Field(default=8700, ge=1, le=65535)
     aws_public_ip: bool = False  # reach instances by public IP
-    aws_package_spec: str | None = "gpuscout"  # pip-installed where the AMI lacks it
+    aws_package_spec: str | None = None  # pip-installed where the AMI lacks gpuscout
     aws_offers_refresh_s: float = Field(default=300.0, gt=0)
 
     @field_validator("market")

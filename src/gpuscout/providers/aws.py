@@ -28,6 +28,7 @@ and friends), which is how the tests point it at moto's server.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import logging
 import os
 import random
@@ -164,7 +165,9 @@ class AwsConfig:
     ingress_cidr: str | None = None  # who may reach the agent port; default: the group itself
     agent_port: int = DEFAULT_AGENT_PORT
     public_ip: bool = False  # address instances by public IP (control plane outside the VPC)
-    package_spec: str | None = "gpuscout"  # pip-installed on an image without gpuscout
+    # What bootstrap.sh pip-installs on an image without gpuscout (a wheel URL,
+    # a pinned name on your index); None: the AMI must have gpuscout.
+    package_spec: str | None = None
     offers_ttl_s: float = 300.0
     max_attempts: int = 6  # per API call, throttling retries included
     backoff_factor_s: float = 0.2
@@ -371,12 +374,7 @@ class AwsProvider:
         """
         env = {**request.env, ENV_IMDS_ENDPOINT: IMDS_ENDPOINT,
                "AWS_DEFAULT_REGION": self.config.region}
-        prepared = LaunchRequest(
-            instance_id=request.instance_id, job_id=request.job_id, offer=request.offer,
-            command=request.command, store_url=request.store_url,
-            control_url=request.control_url, agent_token=request.agent_token,
-            standby=request.standby, workdir=request.workdir, env=env,
-        )
+        prepared = dataclasses.replace(request, env=env)
         try:
             script = render_bootstrap(prepared, agent_host="0.0.0.0",  # noqa: S104
                                       agent_port=self._agent_port_for(request),
