@@ -1,11 +1,24 @@
 """Table tests of the pure placement and move policy."""
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gpuscout.domain import Capacity, Job, JobSpec, JobStatus, Offer, Resources
-from gpuscout.policy import MovePolicy, choose_offer, decide_move, plan_moves
+from gpuscout.domain import Capacity, Job, JobSpec, JobStatus, Offer, Progress, Resources
+from gpuscout.policy import (
+    JobView,
+    MoveCosts,
+    MovePolicy,
+    Trigger,
+    choose_offer,
+    decide_move,
+    move_cost_usd,
+    place_job,
+    plan_moves,
+    remaining_work_hours,
+    uniform_progress_line,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -117,3 +130,210 @@ def test_plan_moves_covers_running_jobs_only() -> None:
     jobs = [job(), job(status=JobStatus.PENDING)]
     decisions = plan_moves(jobs, [current, offer("x", 0.5)], POLICY, NOW)
     assert [d.move for d in decisions] == [True]
+
+
+# --- the cost of moving, budget, deadline, fallback -------------------------------------
+
+COSTS = MoveCosts(boot_s=180, checkpoint_s=30, restore_s=60)
+
+
+def offer_at(name: str, price: float, *, zone: str = "z", region: str = "r",
+             capacity: Capacity = Capacity.SPOT, speed: float = 1.0,
+             available: bool = True, provider: str = "local") -> Offer:
+    return Offer(id=name, provider=provider, region=region, zone=zone, instance_type=name,
+                 capacity=capacity, gpus=1, gpu_type="V100", vcpus=8, memory_gb=61,
+                 price_per_hour=price, available=available, relative_speed=speed)
+
+
+def job_with(*, hours: float = 10.0, step: int = 0, total_steps: int | None = 1000,
+             budget: float | None = None, spent: float = 0.0,
+             deadline_in_h: float | None = None, dataset_gb: float = 0.0,
+             status: JobStatus = JobStatus.RUNNING, offer_id: str = "cur",
+             started_h_ago: float | None = None, created_h_ago: float = 0.0,
+             last_migration_at: datetime | None = None) -> Job:
+    spec = JobSpec(name="j", command="true", resources=ONE_GPU, expected_duration_hours=hours,
+                   budget_usd=budget, dataset_size_gb=dataset_gb,
+                   deadline=NOW + timedelta(hours=deadline_in_h) if deadline_in_h else None)
+    return Job(id="job-1", spec=spec, status=status,
+               created_at=NOW - timedelta(hours=created_h_ago), offer_id=offer_id,
+               instance_id="i-1", progress=Progress(step=step, total_steps=total_steps),
+               cost_usd=spent, last_migration_at=last_migration_at,
+               started_at=NOW - timedelta(hours=started_h_ago) if started_h_ago else None)
+
+
+def test_move_cost_counts_boot_on_the_replacement_and_downtime_on_both() -> None:
+    cur, tgt = offer_at("cur", 1.0), offer_at("x", 0.5)
+    # 0.5 $/h x (180 + 90) s + 1.0 $/h x 90 s, no egress within a region.
+    assert move_cost_usd(cur, tgt, COSTS, gb=100) == pytest.approx(0.5 * 270 / 3600 + 90 / 3600)
+    far = offer_at("x", 0.5, region="other")
+    assert move_cost_usd(cur, far, COSTS, gb=100) == pytest.approx(
+        0.5 * 270 / 3600 + 90 / 3600 + 100 * 0.02)
+    elsewhere = offer_at("x", 0.5, provider="gcp")
+    assert move_cost_usd(cur, elsewhere, COSTS, gb=100) == pytest.approx(
+        0.5 * 270 / 3600 + 90 / 3600 + 100 * 0.09)
+
+
+@pytest.mark.parametrize(
+    ("job_", "view", "expected"),
+    [
+        (job_with(hours=10, step=250, total_steps=1000), JobView(), 7.5),
+        (job_with(hours=10, step=1000, total_steps=1000), JobView(), 0.0),
+        # No step count: from the time it has run (at the speed it runs).
+        (job_with(hours=10, total_steps=None), JobView(running_s=3 * 3600), 7.0),
+        (job_with(hours=10, total_steps=None, started_h_ago=4), JobView(), 6.0),
+        (job_with(hours=10, total_steps=None), JobView(running_s=11 * 3600), 0.0),
+    ],
+)
+def test_remaining_work(job_: Job, view: JobView, expected: float) -> None:
+    assert remaining_work_hours(job_, NOW, view) == pytest.approx(expected)
+
+
+CUR = offer_at("cur", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("case", "job_", "others", "view", "move", "target", "reason_part"),
+    [
+        ("pays: 50% off over 10 work hours", job_with(), [offer_at("x", 0.5)], JobView(),
+         True, "x", "saves $"),
+        ("nearly done: the saving does not pay the move",
+         job_with(step=995), [offer_at("x", 0.5)], JobView(), False, "x", "does not pay"),
+        ("no step count, past its estimate", job_with(total_steps=None),
+         [offer_at("x", 0.5)], JobView(running_s=10 * 3600), False, "x", "does not pay"),
+        ("egress of a big dataset to another region does not pay",
+         job_with(hours=2, dataset_gb=500), [offer_at("x", 0.5, region="far")], JobView(),
+         False, "x", "does not pay"),
+        ("same dataset, same region: free to move", job_with(hours=2, dataset_gb=500),
+         [offer_at("x", 0.5)], JobView(), True, "x", "cheaper"),
+        ("a cheaper offer far away, one nearly as cheap nearby: the nearby one nets more",
+         job_with(hours=2, dataset_gb=500),
+         [offer_at("far", 0.4, region="far"), offer_at("near", 0.5)], JobView(), True, "near",
+         "cheaper"),
+        ("budget nearly spent", job_with(budget=10.0, spent=9.0, step=900),
+         [offer_at("x", 0.5)], JobView(), False, "x", "break the budget"),
+        ("budget fine", job_with(budget=100.0, spent=9.0), [offer_at("x", 0.5)], JobView(),
+         True, "x", "cheaper"),
+        ("staying overruns the budget, the move brings it back", job_with(
+            budget=10.0, spent=9.0, step=850), [offer_at("x", 0.5)], JobView(), True, "x",
+         "cheaper"),
+        ("overruns either way: no bet on top", job_with(budget=10.0, spent=9.5, step=850),
+         [offer_at("x", 0.5)], JobView(), False, "x", "break the budget"),
+        ("slow spot target would miss the deadline", job_with(deadline_in_h=14),
+         [offer_at("slow", 0.2, speed=0.5)], JobView(), False, "slow", "break the deadline"),
+        ("at the cap", job_with(), [offer_at("x", 0.5)], JobView(price_moves=10), False, None,
+         "the cap is 10"),
+        ("spot in an avoided zone is no target", job_with(),
+         [offer_at("x", 0.5, zone="bad"), offer_at("y", 0.7, zone="ok")],
+         JobView(avoid_zones=frozenset({"local:bad"})), True, "y", "cheaper"),
+    ],
+)
+def test_price_moves(case: str, job_: Job, others: list[Offer], view: JobView, move: bool,
+                     target: str | None, reason_part: str) -> None:
+    d = decide_move(job_, CUR, [CUR, *others], MovePolicy(), NOW, view=view, costs=COSTS)
+    assert d.move is move, (case, d.reason)
+    assert (d.target.id if d.target else None) == target, case
+    assert reason_part in d.reason, (case, d.reason)
+    assert d.decided_at == NOW and d.remaining_work_hours is not None
+    if d.target is not None:
+        assert d.expected_saving_usd is not None and d.move_cost_usd is not None
+        assert d.move == (d.expected_saving_usd > d.move_cost_usd and d.savings >= 0.2
+                          and "break" not in d.reason)
+
+
+def test_every_decision_reports_its_numbers() -> None:
+    d = decide_move(job_with(budget=50.0, spent=10.0, deadline_in_h=20), CUR,
+                    [CUR, offer_at("x", 0.5)], MovePolicy(), NOW, costs=COSTS)
+    assert d.move and d.trigger == Trigger.PRICE
+    assert d.current_cost_per_work_hour == 1.0 and d.target_cost_per_work_hour == 0.5
+    assert d.savings == pytest.approx(0.5) and d.threshold == 0.2
+    assert d.remaining_work_hours == pytest.approx(10.0)
+    # The saving starts after the replacement boots (3 min of work at the old price).
+    assert d.expected_saving_usd == pytest.approx(0.5 * (10 - 180 / 3600))
+    assert d.move_cost_usd == pytest.approx(move_cost_usd(CUR, offer_at("x", 0.5), COSTS, 0))
+    assert d.budget_left_usd == pytest.approx(40.0)
+    assert d.deadline_slack_s == pytest.approx(10 * 3600)
+    assert d.net_saving_usd == pytest.approx(d.expected_saving_usd - d.move_cost_usd)
+    assert set(d.numbers()) >= {"remaining_work_hours", "move_cost_usd", "budget_left_usd"}
+
+
+ON_DEMAND = offer_at("od", 3.06, capacity=Capacity.ON_DEMAND)
+SPOT = offer_at("spot", 0.918)
+
+
+@pytest.mark.parametrize(
+    ("case", "job_", "current", "others", "move", "target", "trigger"),
+    [
+        ("spot gone: move now, even right after a move",
+         job_with(last_migration_at=NOW - timedelta(seconds=5)),
+         SPOT.with_(available=False), [ON_DEMAND], True, "od", Trigger.CAPACITY),
+        ("spot gone, nothing else: stay and say so", job_with(),
+         SPOT.with_(available=False), [], False, None, Trigger.PRICE),
+        ("spot job whose slack no longer covers a preemption: on-demand",
+         job_with(hours=10, deadline_in_h=10.2), SPOT, [ON_DEMAND], True, "od",
+         Trigger.DEADLINE),
+        ("spot job with slack: stays", job_with(hours=10, deadline_in_h=14), SPOT,
+         [ON_DEMAND], False, "od", Trigger.PRICE),
+        ("on-demand, spot returns, slack ample: back to spot", job_with(deadline_in_h=20),
+         ON_DEMAND, [SPOT], True, "spot", Trigger.PRICE),
+        ("on-demand, spot returns, slack too thin for a preemption: stay",
+         job_with(deadline_in_h=10.3), ON_DEMAND, [SPOT], False, "spot", Trigger.PRICE),
+        ("on-demand, spot returns, but the job is nearly done", job_with(step=999),
+         ON_DEMAND, [SPOT], False, "spot", Trigger.PRICE),
+    ],
+)
+def test_deadline_and_capacity(case: str, job_: Job, current: Offer, others: list[Offer],
+                               move: bool, target: str | None, trigger: str) -> None:
+    job_ = replace(job_, offer_id=current.id)
+    d = decide_move(job_, current, [current, *others], MovePolicy(), NOW, costs=COSTS)
+    assert (d.move, d.target.id if d.target else None, d.trigger) == (move, target, trigger), (
+        case, d.reason)
+
+
+@pytest.mark.parametrize(
+    ("case", "job_", "offers", "view", "expected", "reason_part"),
+    [
+        ("no deadline: cheapest", job_with(status=JobStatus.SCOUTING),
+         [ON_DEMAND, SPOT], JobView(), "spot", "cheapest"),
+        ("no deadline, only on-demand: take it", job_with(status=JobStatus.SCOUTING),
+         [ON_DEMAND, SPOT.with_(available=False)], JobView(), "od", "cheapest"),
+        ("loose deadline: spot", job_with(status=JobStatus.SCOUTING, deadline_in_h=20),
+         [ON_DEMAND, SPOT], JobView(), "spot", "room for a preemption"),
+        ("tight deadline: on-demand", job_with(status=JobStatus.SCOUTING, deadline_in_h=10.2),
+         [ON_DEMAND, SPOT], JobView(), "od", "on-demand"),
+        ("spot gone, ahead of the uniform-progress line: wait",
+         job_with(status=JobStatus.RECOVERING, deadline_in_h=20, step=500, created_h_ago=5),
+         [ON_DEMAND, SPOT.with_(available=False)], JobView(), None, "waiting for spot"),
+        ("spot gone, behind the line: on-demand",
+         job_with(status=JobStatus.RECOVERING, deadline_in_h=20, step=100, created_h_ago=10),
+         [ON_DEMAND, SPOT.with_(available=False)], JobView(), "od", "behind"),
+        ("spot only in the zone just reclaimed: treated as gone",
+         job_with(status=JobStatus.RECOVERING, deadline_in_h=20, step=100, created_h_ago=10),
+         [ON_DEMAND, SPOT], JobView(avoid_zones=frozenset({"local:z"})), "od", "behind"),
+        ("budget: the cheapest that fits it", job_with(status=JobStatus.SCOUTING, budget=12),
+         [ON_DEMAND, SPOT], JobView(), "spot", "cheapest"),
+        ("no offer at all", job_with(status=JobStatus.SCOUTING), [], JobView(), None,
+         "no available offer"),
+    ],
+)
+def test_place_job(case: str, job_: Job, offers: list[Offer], view: JobView,
+                   expected: str | None, reason_part: str) -> None:
+    p = place_job(job_, offers, NOW, view=view, costs=COSTS)
+    assert (p.offer.id if p.offer else None) == expected, (case, p.reason)
+    assert reason_part in p.reason, (case, p.reason)
+
+
+def test_uniform_progress_line() -> None:
+    assert uniform_progress_line(job_with(), NOW) is None
+    j = job_with(deadline_in_h=10, created_h_ago=10)
+    assert uniform_progress_line(j, NOW) == pytest.approx(0.5)
+
+
+def test_plan_moves_ranks_once_and_decides_as_decide_move() -> None:
+    offers = [CUR, *[offer_at(f"o{i}", 0.3 + i / 100) for i in range(50)]]
+    jobs = [replace(job_with(), id=f"job-{i}") for i in range(5)]
+    views = {"job-3": JobView(price_moves=10)}
+    planned = plan_moves(jobs, offers, MovePolicy(), NOW, views=views, costs=COSTS)
+    one_by_one = [decide_move(j, CUR, offers, MovePolicy(), NOW, view=views.get(j.id),
+                              costs=COSTS) for j in jobs]
+    assert planned == one_by_one
+    assert [d.move for d in planned] == [True, True, True, False, True]

@@ -10,6 +10,7 @@ from gpuscout.policy.migration import (
     budget_left,
     deadline_slack_s,
     decide_move,
+    dwell_s,
     move_cost_usd,
     plan_moves,
     remaining_work_hours,
@@ -20,6 +21,6 @@ from gpuscout.policy.placement import Offers, Placement, choose_offer
 __all__ = [
     "JobView", "MoveCosts", "MoveDecision", "MovePolicy", "Offers", "Placement",
     "PlacementDecision", "Trigger", "budget_left", "choose_offer", "deadline_slack_s",
-    "decide_move", "move_cost_usd", "place_job", "plan_moves", "remaining_work_hours",
+    "decide_move", "dwell_s", "move_cost_usd", "place_job", "plan_moves", "remaining_work_hours",
     "uniform_progress_line", "zone_key",
 ]

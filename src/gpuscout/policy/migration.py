@@ -10,16 +10,20 @@ The rule, for a job running on ``current``:
    preemption now would miss the deadline). Neither is held back by the dwell
    time or the cap.
 2. *Price moves* need all of:
-   - the job has stayed ``min_dwell_s`` since its last move, and has made
-     fewer than ``max_moves`` price moves (no ping-pong);
+   - the job has stayed ``min_dwell_s`` since its last move (doubled for
+     each price move so far, up to ``max_dwell_s``), and has made fewer than
+     ``max_moves`` price moves (no ping-pong);
    - the target is at least ``savings_threshold`` cheaper per unit of work
      (price / relative speed);
    - the expected saving over the job's remaining work exceeds the cost of
      moving (``MoveCosts``: boot, checkpoint and restore time billed on the
      instances that are not training, and egress between regions);
-   - the move breaks neither the budget (spent + move cost + remaining work
-     on the target) nor the deadline (with room for one more restart when
-     the target is spot).
+   - the move breaks neither the budget nor the deadline. Budget: spent +
+     move cost + the remaining work at the *current* price must fit (the
+     move's cost is certain, its saving is not), unless staying overruns
+     and the move's expected cost fits. Deadline: boot, downtime and the
+     rest at the target's speed must fit, with room for one more restart
+     when the target is spot.
 
 Remaining work, in hours at relative speed 1.0, comes from
 ``expected_duration_hours`` and progress (step / total_steps) or, without a
@@ -61,6 +65,11 @@ class MovePolicy:
     # is five scout passes at the default interval, and short next to the
     # hours a training job runs.
     min_dwell_s: float = 600.0
+    # Each price move multiplies the dwell by this, up to max_dwell_s, so a
+    # market that keeps flipping gets followed less and less often (10 min,
+    # 20, 40, ... 6 h) instead of spending the cap in the first hour.
+    dwell_backoff: float = 2.0
+    max_dwell_s: float = 6 * 3600.0
     # At most this many price-driven moves per job (None: no cap). Forced
     # moves (capacity gone, deadline) do not count and are never capped.
     max_moves: int | None = 10
@@ -187,6 +196,14 @@ def remaining_work_hours(job: Job, now: datetime, view: JobView | None = None,
     return max(0.0, total - max(0.0, running_s) / 3600.0 * speed)
 
 
+def dwell_s(policy: MovePolicy, price_moves: int) -> float:
+    """How long a job stays put after a move, given its price moves so far."""
+    if policy.min_dwell_s <= 0:
+        return 0.0
+    grown = policy.min_dwell_s * policy.dwell_backoff ** max(0, price_moves - 1)
+    return min(max(policy.min_dwell_s, policy.max_dwell_s), grown)
+
+
 def budget_left(job: Job) -> float | None:
     if job.spec.budget_usd is None:
         return None
@@ -236,8 +253,15 @@ def _weigh(job: Job, current: Offer, target: Offer, work: float, costs: MoveCost
     after_boot = max(0.0, work - costs.boot_s / 3600.0 * current.relative_speed)
     saving_usd = (cur - target.cost_per_work_hour) * after_boot
     cost = move_cost_usd(current, target, costs, job.spec.dataset_size_gb + view.checkpoint_gb)
+    # Budget: the move's cost is certain, its saving is not (prices move,
+    # spot is reclaimed). A move may not take the job over its budget even
+    # if the saving never comes; only a move whose expected cost brings back
+    # within budget a job that would overrun where it is is let through.
     left = budget_left(job)
-    budget_ok = left is None or cost + after_boot * target.cost_per_work_hour <= left + _EPS
+    stay = work * cur
+    worst = cost + stay
+    expected = cost + after_boot * target.cost_per_work_hour + (work - after_boot) * cur
+    budget_ok = left is None or worst <= left + _EPS or (stay > left and expected <= left)
     # Deadline: boot (still training), down for checkpoint + restore, then
     # the rest on the target; a spot target must leave room for one more
     # restart, or a preemption there would miss the deadline.
@@ -335,10 +359,12 @@ def decide_move(
         # No on-demand move would make it either: staying is the best chance.
 
     # 3. Price moves.
-    if job.last_migration_at is not None and policy.min_dwell_s > 0:
+    min_dwell = dwell_s(policy, view.price_moves)
+    if job.last_migration_at is not None and min_dwell > 0:
         dwell = (now - job.last_migration_at).total_seconds()
-        if dwell < policy.min_dwell_s:
-            return stay(f"moved {dwell:.0f}s ago, minimum dwell is {policy.min_dwell_s:.0f}s")
+        if dwell < min_dwell:
+            return stay(f"moved {dwell:.0f}s ago, minimum dwell is {min_dwell:.0f}s "
+                        f"after {view.price_moves} price moves")
     if policy.max_moves is not None and view.price_moves >= policy.max_moves:
         return stay(f"already moved {view.price_moves} times for price, the cap is "
                     f"{policy.max_moves}")
