@@ -131,3 +131,54 @@ def test_the_endpoint_comes_from_the_user_data_environment() -> None:
 
 async def _ignore(_: SpotNotice) -> None:
     pass
+
+
+def test_an_agent_on_ec2_reports_the_notice_and_saves_an_emergency_checkpoint(
+        imds: FakeImds, tmp_path: Any) -> None:
+    """The real agent, started with the user-data's metadata endpoint, sees
+    the notice, reports it in its health (the control plane then moves the
+    job) and checkpoints at the next step boundary without pausing."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from gpuscout.agent import protocol as p
+
+    imds.notice = {"action": "terminate", "time": "2026-11-24T12:02:00Z"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSCOUT_")}
+    env.update({
+        p.ENV_INSTANCE_ID: "i-spot", p.ENV_JOB_ID: "job-spot", p.ENV_AGENT_HOST: "127.0.0.1",
+        p.ENV_AGENT_PORT: str(port), p.ENV_STORE_URL: (tmp_path / "store").as_uri(),
+        p.ENV_COMMAND: (f"{sys.executable} -m gpuscout.examples.linreg --steps 100000 "
+                        "--step-sleep 0.01 --checkpoint-every 100000"),
+        p.ENV_STANDBY: "0", p.ENV_WORKDIR: str(tmp_path),
+        "GPUSCOUT_IMDS_ENDPOINT": imds.url,
+    })
+    log = (tmp_path / "agent.log").open("wb")
+    agent = subprocess.Popen([sys.executable, "-m", "gpuscout.agent"], env=env, stdout=log,
+                             stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        health: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/agent/health", timeout=2).json()
+            except httpx.HTTPError:
+                health = {}
+            if health.get("interruption_notice") and health.get("last_checkpoint_step"):
+                break
+            time.sleep(0.05)
+        assert health.get("interruption_notice") == "spot terminate at 2026-11-24T12:02:00Z"
+        assert health["last_checkpoint_step"] >= 1  # long before the periodic one
+        assert health["state"] == "running"  # an emergency checkpoint does not pause
+    finally:
+        agent.terminate()
+        agent.wait(15)
+        log.close()

@@ -163,6 +163,20 @@ def checkpoint_outcome(
     return None
 
 
+def on_interruption(status: AgentStatus, notice: str) -> AgentStatus:
+    """A spot reclaim notice: record it (health reports it, and the control
+    plane moves the job) and save an emergency checkpoint at the next step
+    boundary without pausing, so at most one step is at risk if the move
+    cannot finish inside the notice window. A second notice changes nothing."""
+    if status.interruption_notice is not None:
+        return status
+    status = replace(status, interruption_notice=notice)
+    if status.state not in CHECKPOINTABLE_STATES:
+        return status
+    queued, _ = request_checkpoint(status, pause=False)
+    return queued
+
+
 def withdraw_checkpoint(status: AgentStatus, request_id: int) -> AgentStatus:
     """Drop a request whose caller gave up (timeout), so a pause nobody waits
     for any more cannot freeze the workload later."""

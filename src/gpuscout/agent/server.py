@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from gpuscout.agent import core
+from gpuscout.agent import core, imds
 from gpuscout.agent.config import AgentConfig
 from gpuscout.agent.protocol import AGENT_PREFIX, WORKLOAD_PREFIX
 from gpuscout.agent.supervisor import Supervisor
@@ -370,6 +370,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _watch_spot_notices(agent: Agent) -> asyncio.Task[imds.SpotNotice] | None:
+    """On EC2 (the user-data names the metadata endpoint), poll IMDSv2 for a
+    spot reclaim notice; elsewhere there is nothing to watch."""
+    endpoint = imds.imds_endpoint_from_env()
+    if endpoint is None:
+        return None
+
+    async def on_notice(notice: imds.SpotNotice) -> None:
+        await agent.update(lambda s: core.on_interruption(s, notice.describe()))
+
+    return asyncio.create_task(imds.watch_spot_interruption(endpoint, on_notice))
+
+
 async def run_agent(config: AgentConfig) -> int:
     """Serve until SIGTERM/SIGINT; stop the job's command before exiting.
 
@@ -418,6 +431,7 @@ async def run_agent(config: AgentConfig) -> int:
     log.info("agent %s (job %s) listening on %s:%d%s", config.instance_id, config.job_id,
              config.host, port, " in standby" if config.standby else "")
 
+    spot_watch = _watch_spot_notices(agent)
     watcher: asyncio.Task[None] | None = None
     if agent.closing or server.should_exit:
         pass  # a signal came while the server started: never start the job
@@ -433,6 +447,10 @@ async def run_agent(config: AgentConfig) -> int:
     try:
         await serving
     finally:
+        if spot_watch is not None:
+            spot_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await spot_watch
         await agent.stop_child()
         if watcher is not None:
             await watcher
