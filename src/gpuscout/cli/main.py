@@ -175,9 +175,11 @@ def _serve(settings: Settings, *, demo: bool, log_level: str) -> None:
         for noisy in ("httpx", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     host, port = settings.host, settings.port
+    from gpuscout.providers.base import ProviderError
+
     try:
         service = build_service(settings, control_url=f"http://{host}:{port}")
-    except (ValueError, OSError, SQLAlchemyError) as error:
+    except (ValueError, OSError, SQLAlchemyError, ProviderError) as error:
         fail(f"cannot start: {error}")
 
     def started(url: str) -> None:
