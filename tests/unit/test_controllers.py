@@ -357,6 +357,26 @@ def test_interruption_with_nowhere_to_go_checkpoints_then_recovers_outside_the_z
     assert service.repo.get_job(job_id).offer_id == P3_SPOT_B
 
 
+def test_a_notice_during_a_move_checkpoints_at_once(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    job = service.repo.get_job(job_id)
+    target = service.plane.update_offer(G4_SPOT_B, available=True)
+    service.plane.executor.begin(job, target, MigrationReason.PRICE, 0.5)  # not run yet
+    provider.notify_interruption(job.instance_id or "")
+    service.plane.reconcile_once()
+    service.plane.reconcile_once()  # once only
+    deadline = time.monotonic() + 5
+    while ("checkpoint", f"run-{job.instance_id}") not in agents.calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert agents.calls.count(("checkpoint", f"run-{job.instance_id}")) == 1
+    assert service.ctx.avoided_zones() == {"local:us-east-1a"}
+    kinds = [e.kind for e in service.repo.list_events(job_id)]
+    assert kinds.count("interruption") == 1
+
+
 def test_a_tight_deadline_places_on_demand_and_a_loose_one_on_spot(service: Service) -> None:
     now = service.ctx.clock.now()
     tight = service.plane.submit(replace(SPEC, name="tight", expected_duration_hours=1.0,

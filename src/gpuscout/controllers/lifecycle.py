@@ -152,6 +152,10 @@ class Lifecycle:
         health = self._health(instance.address)
         if health is not None:
             self._record_progress(job, health)
+            if health.interruption_notice or self._provider_notice(instance.id):
+                # The instance a move is leaving is being reclaimed: the
+                # control plane saves now rather than at the switch.
+                self.urgent_move(job, MigrationReason.PREEMPTION)
 
     # --- helpers -----------------------------------------------------------
 

@@ -351,6 +351,14 @@ class ControlPlane:
         if current is not None and current.capacity == Capacity.SPOT and first:
             # Capacity in the zone just reclaimed is unlikely to last.
             self.ctx.avoid_zone(zone_key(current))
+        if job.status != S.RUNNING:
+            # A move is already under way (it checkpoints at its switch);
+            # the notice window may close before that: save now as well.
+            if first:
+                self.ctx.event(job.id, "interruption",
+                               f"{job.instance_id} got a spot interruption notice during a move")
+                self._emergency_checkpoint(job)
+            return
         offers = [o for o in self.ctx.offers() if o.id != job.offer_id]
         now = self.ctx.clock.now()
         decision = place_job(job, offers, now, policy=self.policy,
