@@ -184,27 +184,30 @@ class FileStore:
 
 
 @contextlib.contextmanager
-def temp_beside(path: Path, *, durable: bool = False) -> Iterator[BinaryIO]:
+def temp_beside(path: Path, *, durable: bool = False,
+                readable: bool = False) -> Iterator[BinaryIO]:
     """A new temporary file in ``path``'s folder (made if missing), renamed
     over ``path`` when the block ends without error and deleted when it
     raises: whoever opens ``path`` sees the old file or the new one, whole.
     ``durable``: fsync the file before the rename and the folder after it,
     so the new version survives a crash (the store's own objects; a
-    download that can be fetched again needs not pay for it)."""
+    download that can be fetched again needs not pay for it). ``readable``:
+    open it for reading too (``os.pread`` on its descriptor)."""
     # A concurrent delete may remove an emptied folder between our mkdir
     # and our open; making the folder again and retrying handles it.
     for attempt in range(5):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            mode = os.O_RDWR if readable else os.O_WRONLY
+            fd = os.open(tmp, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:
             if attempt == 4:
                 raise
             continue
         break
     try:
-        with os.fdopen(fd, "wb", buffering=0) as out:
+        with os.fdopen(fd, "rb+" if readable else "wb", buffering=0) as out:
             yield out  # type: ignore[misc]
             if durable:
                 os.fsync(fd)

@@ -27,7 +27,6 @@ Integrity, layer by layer:
 from __future__ import annotations
 
 import base64
-import collections
 import hashlib
 import math
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from s3transfer.utils import ReadFileChunk  # type: ignore[import-untyped]
 
 from gpuscout.store.base import FileDigest
 from gpuscout.store.fs import COPY_CHUNK, temp_beside
@@ -49,6 +49,8 @@ CHECKSUM_ALGORITHMS = ("CRC32", "SHA256")
 _UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest",
                                 "XAmzContentChecksumMismatch", "InvalidChecksum"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
+# How much one download worker reads from its socket at a time.
+_NET_CHUNK = 1024 * 1024
 
 
 class ObjectChanged(Exception):
@@ -111,10 +113,16 @@ class Transfers:
 
     def upload(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         with open(path, "rb") as source:
-            size = os.fstat(source.fileno()).st_size
-            if size < self.threshold or size <= self.part_size:
-                return self._put_whole(key, source)
-            return self._put_parts(key, source, size)
+            before = os.fstat(source.fileno())
+            if before.st_size < self.threshold or before.st_size <= self.part_size:
+                digest = self._put_whole(key, source)
+            else:
+                digest = self._put_parts(key, source, before.st_size)
+            after = os.fstat(source.fileno())
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            # What was stored may not be what was hashed: do not vouch for it.
+            raise SourceChanged(f"{path} changed while it was uploaded")
+        return digest
 
     def _put_whole(self, key: str, source: BinaryIO) -> FileDigest:
         data = source.read()  # under the multipart threshold: small enough
@@ -133,21 +141,27 @@ class Transfers:
         return FileDigest(len(data), digest.hexdigest())
 
     def _put_parts(self, key: str, source: BinaryIO, size: int) -> FileDigest:
-        algorithm = self.checksum
-        upload_id, algorithm = self._create_upload(key, algorithm)
+        """The caller's thread reads the file once, in order, into one
+        reused buffer: the sha256 of the whole file and each part's
+        checksum come from that pass. Each part is then sent by a worker
+        that reads its own byte range of the file (from the page cache,
+        just read), so no part is ever held in memory; S3 checks the part's
+        bytes against the checksum taken in the first pass."""
+        upload_id, algorithm = self._create_upload(key, self.checksum)
         digest = hashlib.sha256()
-        parts = plan_parts(size, self.part_size)
-        window = threading.BoundedSemaphore(self.concurrency)
-        failed = threading.Event()
+        buffer = memoryview(bytearray(COPY_CHUNK))
         futures: list[Future[dict[str, Any]]] = []
+        window = threading.BoundedSemaphore(self.concurrency * 2)
+        failed = threading.Event()
 
-        def send(number: int, data: bytes) -> dict[str, Any]:
-            kwargs: dict[str, Any] = {}
-            if algorithm is not None:
-                kwargs[f"Checksum{algorithm}"] = part_checksum(algorithm, data)
-            answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                             PartNumber=number, Body=data, **kwargs)
-            return {"PartNumber": number, "ETag": answer["ETag"], **kwargs}
+        def send(number: int, offset: int, length: int, checksum: dict[str, str]) -> dict[str, Any]:
+            with open(source.name, "rb") as own:
+                own.seek(offset)
+                body = ReadFileChunk(own, length, size, enable_callbacks=False)
+                answer = self.client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                    Body=body, ContentLength=length, **checksum)
+            return {"PartNumber": number, "ETag": answer["ETag"], **checksum}
 
         def settle(future: Future[dict[str, Any]]) -> None:
             if future.cancelled() or future.exception() is not None:
@@ -156,22 +170,25 @@ class Transfers:
 
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-upload")
         try:
-            for number, (_, length) in enumerate(parts, start=1):
+            for number, (offset, length) in enumerate(plan_parts(size, self.part_size), 1):
+                part = _PartSum(algorithm)
+                remaining = length
+                while remaining:
+                    got = source.readinto(buffer[:min(len(buffer), remaining)])  # type: ignore[attr-defined]
+                    if not got:
+                        raise SourceChanged(f"{source.name} shrank while it was uploaded")
+                    digest.update(buffer[:got])
+                    part.update(buffer[:got])
+                    remaining -= got
+                # Bounds the parts queued ahead of the workers (no memory is
+                # held per part; this keeps reads close behind the hashing).
                 window.acquire()
                 if failed.is_set():
                     window.release()
                     break
-                data = source.read(length)
-                if len(data) != length:
-                    window.release()
-                    raise SourceChanged(f"{source.name} shrank while it was uploaded")
-                digest.update(data)
-                future = pool.submit(send, number, data)
+                future = pool.submit(send, number, offset, length, part.headers())
                 future.add_done_callback(settle)
                 futures.append(future)
-            else:
-                if source.read(1):
-                    raise SourceChanged(f"{source.name} grew while it was uploaded")
             done = [future.result() for future in futures]  # raises the first failure
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -219,10 +236,13 @@ class Transfers:
 
         The first GET asks for the first part: for an object of one part
         that is the whole download, and for a larger one its answer names
-        the size and the ETag the other parts are pinned to. Raises
-        ClientError for a missing key (as boto3 does), and ObjectChanged
-        when the object is replaced mid-download: the caller decides
-        whether to try again."""
+        the size and the ETag the other parts are pinned to. Workers write
+        each part's bytes straight into the file at its offset as they
+        arrive; the caller's thread hashes the file in order behind them,
+        reading back what was just written (from the page cache), so no
+        part is held in memory. Raises ClientError for a missing key (as
+        boto3 does), and ObjectChanged when the object is replaced
+        mid-download: the caller decides whether to try again."""
         first_range = max(self.part_size, MIN_PART)
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=key,
@@ -232,7 +252,7 @@ class Transfers:
                 raise
             # An empty object has no byte 0 to ask for.
             answer = self.client.get_object(Bucket=self.bucket, Key=key)
-        with temp_beside(Path(path)) as out:
+        with temp_beside(Path(path), readable=True) as out:
             digest = hashlib.sha256()
             if not answer.get("ContentRange"):
                 # The whole object came back (empty, or a server that
@@ -254,51 +274,95 @@ class Transfers:
             if size == 0:  # s3rver answers "bytes 0-0/0" for an empty object
                 answer["Body"].close()
                 return FileDigest(0, digest.hexdigest())
-            head = _read_body(answer, min(size, first_range))
-            digest.update(head)
-            _write_all(out, head)
-            del head
+            fd = out.fileno()
+            first = min(size, first_range)
             rest = [(offset, min(first_range, size - offset))
                     for offset in range(first_range, size, first_range)]
-            if rest:
-                self._get_ranges(key, answer["ETag"], rest, digest, out)
+            etag = answer["ETag"]
+            buffer = memoryview(bytearray(COPY_CHUNK))
+            with ThreadPoolExecutor(self.concurrency,
+                                    thread_name_prefix="s3-download") as pool:
+                futures = [pool.submit(self._fetch_range, key, etag, fd, offset, length)
+                           for offset, length in rest]
+                try:
+                    _stream_into(answer, fd, 0, first, buffer)
+                    _hash_range(fd, 0, first, digest, buffer)
+                    for future, (offset, length) in zip(futures, rest, strict=True):
+                        future.result()
+                        _hash_range(fd, offset, length, digest, buffer)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
             return FileDigest(size, digest.hexdigest())
 
-    def _get_ranges(self, key: str, etag: str, ranges: list[tuple[int, int]],
-                    digest: Any, out: BinaryIO) -> None:
-        def fetch(offset: int, length: int) -> bytes:
-            try:
-                answer = self.client.get_object(
-                    Bucket=self.bucket, Key=key, IfMatch=etag,
-                    Range=f"bytes={offset}-{offset + length - 1}")
-            except ClientError as exc:
-                if error_code(exc) in _PRECONDITION_CODES or _status(exc) == 404:
-                    raise ObjectChanged(key) from None
-                raise
-            if answer.get("ETag", etag) != etag:  # servers that ignore If-Match
-                answer["Body"].close()
-                raise ObjectChanged(key)
-            return _read_body(answer, length)
+    def _fetch_range(self, key: str, etag: str, fd: int, offset: int, length: int) -> None:
+        try:
+            answer = self.client.get_object(
+                Bucket=self.bucket, Key=key, IfMatch=etag,
+                Range=f"bytes={offset}-{offset + length - 1}")
+        except ClientError as exc:
+            if error_code(exc) in _PRECONDITION_CODES or _status(exc) == 404:
+                raise ObjectChanged(key) from None
+            raise
+        if answer.get("ETag", etag) != etag:  # servers that ignore If-Match
+            answer["Body"].close()
+            raise ObjectChanged(key)
+        _stream_into(answer, fd, offset, length, memoryview(bytearray(_NET_CHUNK)))
 
-        pending: collections.deque[Future[bytes]] = collections.deque()
-        queue = iter(ranges)
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-download") as pool:
-            try:
-                for _ in range(self.concurrency):
-                    item = next(queue, None)
-                    if item is not None:
-                        pending.append(pool.submit(fetch, *item))
-                while pending:
-                    data = pending.popleft().result()
-                    item = next(queue, None)
-                    if item is not None:
-                        pending.append(pool.submit(fetch, *item))
-                    digest.update(data)
-                    _write_all(out, data)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+
+class _PartSum:
+    """The running S3 additional checksum of one part."""
+
+    def __init__(self, algorithm: str | None) -> None:
+        self.algorithm = algorithm
+        self._crc = 0
+        self._sha = hashlib.sha256() if algorithm == "SHA256" else None
+
+    def update(self, data: memoryview) -> None:
+        if self.algorithm == "CRC32":
+            self._crc = zlib.crc32(data, self._crc)
+        elif self._sha is not None:
+            self._sha.update(data)
+
+    def headers(self) -> dict[str, str]:
+        if self.algorithm == "CRC32":
+            return {"ChecksumCRC32": b64(self._crc.to_bytes(4, "big"))}
+        if self._sha is not None:
+            return {"ChecksumSHA256": b64(self._sha.digest())}
+        return {}
+
+
+def _stream_into(answer: dict[str, Any], fd: int, offset: int, length: int,
+                 buffer: memoryview) -> None:
+    """Write a GET answer's body into ``fd`` at ``offset``, one buffer at a
+    time; it must be exactly ``length`` bytes."""
+    body = answer["Body"]
+    done = 0
+    try:
+        while done < length:
+            got = body.readinto(buffer[:min(len(buffer), length - done)])
+            if not got:
+                break
+            view = buffer[:got]
+            while view:
+                written = os.pwrite(fd, view, offset + done)
+                view = view[written:]
+                done += written
+        if done != length or body.read(1):
+            raise OSError(f"S3 answered a byte count other than the {length} asked for")
+    finally:
+        body.close()
+
+
+def _hash_range(fd: int, offset: int, length: int, digest: Any, buffer: memoryview) -> None:
+    end = offset + length
+    while offset < end:
+        got = os.preadv(fd, [buffer[:min(len(buffer), end - offset)]], offset)
+        if not got:
+            raise OSError("the download's file is shorter than what was written to it")
+        digest.update(buffer[:got])
+        offset += got
 
 
 def _write_all(out: BinaryIO, data: bytes) -> None:
@@ -315,17 +379,6 @@ def _total_size(answer: dict[str, Any]) -> int:
         if total.isdigit():
             return int(total)
     return int(answer["ContentLength"])
-
-
-def _read_body(answer: dict[str, Any], expected: int) -> bytes:
-    body = answer["Body"]
-    try:
-        data: bytes = body.read()
-    finally:
-        body.close()
-    if len(data) != expected:
-        raise OSError(f"S3 answered {len(data)} bytes where {expected} were asked for")
-    return data
 
 
 def _status(exc: ClientError) -> int:
