@@ -125,8 +125,10 @@ def test_two_moves_in_a_row_and_a_manual_move(e2e: E2E, tmp_path: Path) -> None:
     assert second["checkpoint_step"] > first["resume_step"]
 
     # Nothing cheaper is left, so only a user's move can take it elsewhere.
+    # (The job's own offer stays available: capacity gone under a job is a
+    # reclaim, which the scout answers with a move of its own.)
     e2e.patch_offer(G4_SPOT_B, available=False)
-    e2e.patch_offer(P3_SPOT_F, available=False)
+    e2e.patch_offer(P3_SPOT_F, price_per_hour=0.918)
     response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": P3_SPOT_B})
     assert response.status_code == 202, response.text
     third = e2e.wait_migration(job_id, 3)

@@ -377,6 +377,20 @@ def test_a_notice_during_a_move_checkpoints_at_once(
     assert kinds.count("interruption") == 1
 
 
+def test_capacity_gone_under_a_job_moves_it_even_within_its_dwell(service: Service) -> None:
+    job_id = running_job(service)
+    service.repo.update_job(job_id, last_migration_at=service.ctx.clock.now())
+    (stay,) = service.plane.scout_once(force=True)
+    assert not stay.move and "minimum dwell" in stay.reason
+    service.plane.update_offer(P3_SPOT_A, available=False)
+    (move,) = service.plane.scout_once(force=True)
+    service.plane.wait_for_migrations()
+    assert move.move and move.trigger == "capacity"
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert (m.reason, m.status) == (MigrationReason.PREEMPTION, MigrationStatus.COMPLETED)
+    assert m.to_offer_id != P3_SPOT_A
+
+
 def test_a_tight_deadline_places_on_demand_and_a_loose_one_on_spot(service: Service) -> None:
     now = service.ctx.clock.now()
     tight = service.plane.submit(replace(SPEC, name="tight", expected_duration_hours=1.0,

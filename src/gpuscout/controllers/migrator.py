@@ -223,8 +223,8 @@ class MigrationExecutor:
             try:
                 ctx.agents.resume(old.address)  # type: ignore[arg-type]
             except AgentError as err:
-                old_alive = self._agent_state(old.address) in (  # type: ignore[arg-type]
-                    AgentState.RUNNING, AgentState.COMPLETED)
+                state = self._agent_state(old.address)  # type: ignore[arg-type]
+                old_alive = state in (AgentState.RUNNING, AgentState.COMPLETED)
                 log.warning("could not resume %s: %s", old.id, err)
         m = ctx.repo.update_migration(
             m.id, phase=P.ROLLED_BACK, status=MigrationStatus.FAILED, error=error[:2000],

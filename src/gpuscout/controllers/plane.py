@@ -131,7 +131,7 @@ class ControlPlane:
                 instance = self.ctx.repo.get_instance(job.instance_id)
                 self.ctx.router.switch(job.id, instance.address)
 
-    def _loop(self, interval_s: float, body: Callable[[], None]) -> None:
+    def _loop(self, interval_s: float, body: Callable[[], object]) -> None:
         while not self._stop.is_set():
             try:
                 body()

@@ -38,6 +38,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from gpuscout.domain import Capacity, Job, JobStatus, Offer
 from gpuscout.policy.placement import Offers
@@ -145,7 +146,8 @@ class MoveDecision:
     trigger: str = Trigger.PRICE
     decided_at: datetime | None = None
     remaining_work_hours: float | None = None  # at relative speed 1.0
-    expected_saving_usd: float | None = None  # over the remaining work, net of nothing
+    # Saved over the remaining work after the switch, before the move cost.
+    expected_saving_usd: float | None = None
     move_cost_usd: float | None = None
     budget_left_usd: float | None = None  # budget - spent; None without a budget
     deadline_slack_s: float | None = None  # if it stays; None without a deadline
@@ -302,11 +304,11 @@ def decide_move(
         if job.spec.savings_threshold is not None
         else policy.savings_threshold
     )
-    base: dict[str, object] = {"decided_at": now, "threshold": threshold,
-                               "budget_left_usd": budget_left(job)}
+    base: dict[str, Any] = {"decided_at": now, "threshold": threshold,
+                             "budget_left_usd": budget_left(job)}
 
-    def stay(reason: str, **numbers: object) -> MoveDecision:
-        return MoveDecision(job_id=job.id, move=False, reason=reason,  # type: ignore[arg-type]
+    def stay(reason: str, **numbers: Any) -> MoveDecision:
+        return MoveDecision(job_id=job.id, move=False, reason=reason,
                             current_offer_id=current.id if current else None,
                             **{**base, **numbers})
 
@@ -315,6 +317,7 @@ def decide_move(
     if current is None:
         return stay("the job's current offer is unknown")
 
+    here: Offer = current  # (closures below do not see the narrowing)
     work = remaining_work_hours(job, now, view, current.relative_speed)
     cur_cost = current.cost_per_work_hour
     slack_stay = deadline_slack_s(job, now, work, current.relative_speed)
@@ -326,12 +329,12 @@ def decide_move(
 
     def go(w: _Weighed, trigger: str, reason: str) -> MoveDecision:
         return MoveDecision(
-            job_id=job.id, move=True, reason=reason, current_offer_id=current.id,  # type: ignore[arg-type]
+            job_id=job.id, move=True, reason=reason, current_offer_id=here.id,
             target=w.offer, target_cost_per_work_hour=w.offer.cost_per_work_hour,
             savings=w.savings, trigger=trigger, expected_saving_usd=w.saving_usd,
             move_cost_usd=w.cost_usd, **base)
 
-    def numbers_of(w: _Weighed) -> dict[str, object]:
+    def numbers_of(w: _Weighed) -> dict[str, Any]:
         return {"target": w.offer, "target_cost_per_work_hour": w.offer.cost_per_work_hour,
                 "savings": w.savings, "expected_saving_usd": w.saving_usd,
                 "move_cost_usd": w.cost_usd}
