@@ -6,6 +6,7 @@ backend, and the S3 ones each get a fresh bucket."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -371,6 +372,21 @@ def test_file_store_leaves_no_temp_files_or_empty_folders(tmp_path: Path) -> Non
     assert sorted(p.name for p in (tmp_path / "root" / "a" / "b").iterdir()) == ["c"]
     store.delete("a/b/c")
     assert list((tmp_path / "root").iterdir()) == []
+
+
+def test_file_store_copies_without_copy_file_range(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel cannot copy between the two files (another
+    filesystem, an old kernel), put_file and get_file copy through a buffer."""
+    def cannot(*_: object) -> int:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cannot)
+    store = FileStore(tmp_path / "root")
+    want = write_random(tmp_path / "src.bin", 3 * MiB + 5)
+    assert store.put_file("a/b", tmp_path / "src.bin") == want
+    assert store.get_file("a/b", tmp_path / "out.bin") == want
+    assert (tmp_path / "out.bin").read_bytes() == (tmp_path / "src.bin").read_bytes()
 
 
 def test_file_store_url_and_path_forms(tmp_path: Path) -> None:

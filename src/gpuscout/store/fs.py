@@ -8,9 +8,9 @@ crash at any point leaves the old object readable. What a crash can leave
 behind is a temporary file, named with ``TMP_PREFIX``: it is never listed or
 returned, and that name is reserved so no key can collide with one.
 
-``put_file`` and ``get_file`` copy in ``COPY_CHUNK`` pieces through the same
-temporary-file-then-rename path, hashing as they go, so neither holds more
-than one piece in memory.
+``put_file`` and ``get_file`` go through the same temporary-file-then-rename
+path; the kernel copies (``copy_file_range``) while a thread hashes the same
+bytes, so neither holds more than one ``COPY_CHUNK`` in memory.
 
 A filesystem cannot hold both ``a`` and ``a/b``; S3 can. Nothing here needs
 both, and putting the second one raises the ``OSError`` the OS gives.
@@ -19,10 +19,12 @@ both, and putting the second one raises the ``OSError`` the OS gives.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -130,7 +132,12 @@ class FileStore:
     def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         target = self._path(key)
         with open(path, "rb") as source, temp_beside(target, durable=True) as out:
-            return copy_hashing(source, out)
+            before = os.fstat(source.fileno())
+            digest = copy_hashing(source, out)
+            after = os.fstat(source.fileno())
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise OSError(f"{path} changed while it was stored")
+            return digest
 
     def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         try:
@@ -220,24 +227,62 @@ def temp_beside(path: Path, *, durable: bool = False,
         _fsync_dir(path.parent)
 
 
-def copy_hashing(source: BinaryIO, out: BinaryIO, chunk: int = COPY_CHUNK) -> FileDigest:
-    """Copy ``source`` to ``out`` to its end, one ``chunk`` at a time, and
-    return the size and sha256 of what was copied."""
+def copy_hashing(source: BinaryIO, out: BinaryIO) -> FileDigest:
+    """Copy all of ``source`` into ``out`` (both at offset 0) and return the
+    size and sha256 of the bytes copied.
+
+    The kernel copies (``copy_file_range``: no pass through Python, and a
+    reflink where the filesystem has them) while a second thread hashes the
+    same bytes from ``source``: the two overlap, so hashing costs about
+    nothing on top of the copy. ``source`` must not change meanwhile (a
+    store object never does: it is replaced by rename, not rewritten);
+    ``put_file`` checks that the caller's file did not.
+    """
+    src, dst = source.fileno(), out.fileno()
+    size = os.fstat(src).st_size
+    with ThreadPoolExecutor(1, thread_name_prefix="hash") as pool:
+        hashed = pool.submit(_hash_fd, src, size)
+        _copy_fd(src, dst, size)
+        return FileDigest(size, hashed.result())
+
+
+def _hash_fd(fd: int, size: int) -> str:
     digest = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    size = 0
-    while True:
-        got = source.readinto(view)  # type: ignore[attr-defined]
+    buffer = memoryview(bytearray(COPY_CHUNK))
+    offset = 0
+    while offset < size:
+        got = os.preadv(fd, [buffer[:min(len(buffer), size - offset)]], offset)
         if not got:
-            break
-        piece = view[:got]
-        digest.update(piece)
-        while piece:
-            written = out.write(piece)
-            piece = piece[written:]
-        size += got
-    return FileDigest(size, digest.hexdigest())
+            raise OSError(f"file shrank to {offset} bytes while it was copied")
+        digest.update(buffer[:got])
+        offset += got
+    return digest.hexdigest()
+
+
+def _copy_fd(src: int, dst: int, size: int) -> None:
+    offset = 0
+    try:
+        while offset < size:
+            copied = os.copy_file_range(src, dst, size - offset, offset, offset)
+            if not copied:
+                raise OSError(f"file shrank to {offset} bytes while it was copied")
+            offset += copied
+        return
+    except OSError as exc:
+        # Filesystems (and kernels) without it: copy through a buffer.
+        if offset or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                       errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    buffer = memoryview(bytearray(COPY_CHUNK))
+    while offset < size:
+        got = os.preadv(src, [buffer[:min(len(buffer), size - offset)]], offset)
+        if not got:
+            raise OSError(f"file shrank to {offset} bytes while it was copied")
+        view = buffer[:got]
+        while view:
+            written = os.pwrite(dst, view, offset)
+            view = view[written:]
+            offset += written
 
 
 def _walk(folder: Path, key_base: str, prefix: str, out: list[str]) -> None:

@@ -3,11 +3,14 @@ parallel, checksummed, hashed in order while they stream.
 
 Why not boto3's ``upload_file`` / ``download_file``: they read and write
 parts out of order (each thread at its own offset), so the sha256 of the
-whole file (what the checkpoint manifest records) would take a second pass
-over a multi-GB file. Here the caller's thread reads (uploads) or writes
-(downloads) the file strictly in order and hashes it as it goes, while up to
-``concurrency`` parts travel at once on worker threads. Memory is bounded by
-``concurrency`` parts plus one, whatever the object's size.
+whole file (what the checkpoint manifest records) would take a separate
+pass over a multi-GB file, and their in-memory queues hold up to hundreds
+of MiB. Here the caller's thread hashes the file strictly in order while up
+to ``concurrency`` parts travel at once on worker threads, and the parts
+move between the socket and the file through small reused buffers: memory
+stays at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker) whatever the
+object's size or the part size. Objects under the multipart threshold go in
+one PUT, read whole (at most ``threshold`` bytes).
 
 Integrity, layer by layer:
 - each part is sent with an S3 additional checksum (``CRC32`` by default,
