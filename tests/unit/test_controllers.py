@@ -407,6 +407,26 @@ def test_a_tight_deadline_places_on_demand_and_a_loose_one_on_spot(service: Serv
     assert placed.deadline_slack_s is not None and placed.deadline_slack_s >= 0
 
 
+def test_with_slack_and_no_spot_a_job_waits_for_spot_as_uniform_progress_does(
+        service: Service, provider: FakeProvider) -> None:
+    for o in service.repo.list_offers():
+        if o.capacity == Capacity.SPOT:
+            service.plane.update_offer(o.id, available=False)
+    now = service.ctx.clock.now()
+    job = service.plane.submit(replace(SPEC, expected_duration_hours=1.0,
+                                       deadline=now + timedelta(hours=20)))
+    for _ in range(5):
+        service.plane.reconcile_once()
+    assert service.repo.get_job(job.id).status == JobStatus.SCOUTING
+    assert provider.launch_calls == []
+    waits = [e for e in service.repo.list_events(job.id) if e.kind == "placement_wait"]
+    assert len(waits) == 1 and "waiting for spot" in waits[0].message
+    assert not service.plane.decisions[job.id].move
+    service.plane.update_offer(P3_SPOT_B, available=True)
+    run_until(service, job.id, JobStatus.RUNNING)
+    assert service.repo.get_job(job.id).offer_id == P3_SPOT_B
+
+
 def test_every_scout_decision_is_kept_with_its_numbers_and_moves_are_events(
         service: Service) -> None:
     job_id = running_job(service)

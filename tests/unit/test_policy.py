@@ -266,6 +266,12 @@ SPOT = offer_at("spot", 0.918)
         ("spot gone: move now, even right after a move",
          job_with(last_migration_at=NOW - timedelta(seconds=5)),
          SPOT.with_(available=False), [ON_DEMAND], True, "od", Trigger.CAPACITY),
+        ("spot gone, ahead of the uniform-progress line: wait for spot, not on-demand",
+         job_with(hours=10, deadline_in_h=40), SPOT.with_(available=False), [ON_DEMAND],
+         False, "od", Trigger.PRICE),
+        ("spot gone and the deadline needs it: on-demand",
+         job_with(hours=10, deadline_in_h=10.3), SPOT.with_(available=False), [ON_DEMAND],
+         True, "od", Trigger.CAPACITY),
         ("spot gone, nothing else: stay and say so", job_with(),
          SPOT.with_(available=False), [], False, None, Trigger.PRICE),
         ("spot job whose slack no longer covers a preemption: on-demand",
@@ -322,7 +328,7 @@ def test_place_job(case: str, job_: Job, offers: list[Offer], view: JobView,
     assert reason_part in p.reason, (case, p.reason)
 
 
-def test_uniform_progress_line() -> None:
+def test_uniform_progress_line_and_behind_it() -> None:
     assert uniform_progress_line(job_with(), NOW) is None
     j = job_with(deadline_in_h=10, created_h_ago=10)
     assert uniform_progress_line(j, NOW) == pytest.approx(0.5)

@@ -64,7 +64,8 @@ class Run:
 def replay(market: Callable[[datetime], list[Offer]], start: Job, *, hours: float,
            policy: MovePolicy = POLICY, interval_s: float = 120.0) -> Run:
     """The scout over ``hours`` of ``market``: bill and progress the job on
-    its offer, decide, follow the move (its cost billed, its downtime lost)."""
+    its offer, decide, follow the move (its cost billed, its downtime lost).
+    A job left on an offer that is no longer available waits, unbilled."""
     j, now, price_moves = start, T0, 0
     moves: list[tuple[datetime, MoveDecision]] = []
     end = T0 + timedelta(hours=hours)
@@ -83,6 +84,10 @@ def replay(market: Callable[[datetime], list[Offer]], start: Job, *, hours: floa
             work_s = interval_s - COSTS.downtime_s
             j = replace(j, offer_id=d.target.id, last_migration_at=now)
             current = d.target
+        elif not current.available:
+            # Reclaimed and waiting for capacity: no progress, no bill.
+            now += timedelta(seconds=interval_s)
+            continue
         else:
             work_s = interval_s
         spent += current.price_per_hour * interval_s / 3600
@@ -222,19 +227,38 @@ def test_a_deadline_forces_on_demand_once_the_slack_cannot_absorb_a_preemption()
 
 
 def test_spot_gone_goes_to_on_demand_and_comes_back_when_it_returns_and_pays() -> None:
-    deadline = T0 + timedelta(hours=70)
+    # 48 work hours, 52 h to the deadline: spot goes away from hour 1 to 6.
+    deadline = T0 + timedelta(hours=52)
     spot_back_at = 6.0
 
     def market(now: datetime) -> list[Offer]:
         hours = (now - T0).total_seconds() / 3600
         return [SPOT.with_(available=not 1.0 <= hours < spot_back_at), OD]
 
-    run = replay(market, job(deadline=deadline, offer_id="spot"), hours=70)
+    run = replay(market, job(deadline=deadline, offer_id="spot"), hours=52)
     path = [(d.trigger, d.target.id) for _, d in run.moves if d.target]
     assert path == [(Trigger.CAPACITY, "od"), (Trigger.PRICE, "spot")]
-    back = run.moves[1][0]
-    assert spot_back_at <= (back - T0).total_seconds() / 3600 < spot_back_at + 0.5
+    # Uniform Progress: on-demand only once the job fell behind its line
+    # (minutes after spot went), back on spot as soon as it returned.
+    to_od, back = ((at - T0).total_seconds() / 3600 for at, _ in run.moves)
+    assert 1.0 < to_od < 1.5
+    assert spot_back_at <= back < spot_back_at + 0.1
+    assert run.job.progress.step == run.job.progress.total_steps  # by the deadline
+
+
+def test_a_job_ahead_of_the_line_waits_out_a_spot_gap_instead_of_paying_on_demand() -> None:
+    # After 10 h on spot a 48 h job due in 70 h is 3 h of work ahead of the
+    # uniform-progress line: a 3 h gap in spot costs it nothing.
+    deadline = T0 + timedelta(hours=70)
+
+    def market(now: datetime) -> list[Offer]:
+        hours = (now - T0).total_seconds() / 3600
+        return [SPOT.with_(available=not 10.0 <= hours < 13.0), OD]
+
+    run = replay(market, job(deadline=deadline, offer_id="spot"), hours=70)
+    assert run.moves == []
     assert run.job.progress.step == run.job.progress.total_steps
+    assert run.cost_usd == pytest.approx(48 * 0.918, rel=0.01)
 
 
 def test_on_demand_with_thin_slack_does_not_gamble_on_spot_returning() -> None:

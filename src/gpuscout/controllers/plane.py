@@ -66,6 +66,10 @@ _REASON_OF_TRIGGER = {
 _MEASURED_MOVES = 20
 
 
+def _gist(reason: str) -> str:
+    return reason.split(":", 1)[0]
+
+
 class ManualMarketOnly(Conflict):
     """Offers can be changed by hand only when the market is manual."""
 
@@ -213,7 +217,9 @@ class ControlPlane:
             remaining_work_hours=decision.remaining_work_hours,
             budget_left_usd=decision.budget_left_usd,
             deadline_slack_s=decision.deadline_slack_s)
-        if decision.offer is None and (previous is None or previous.reason != decision.reason):
+        # One event per reason to wait (its numbers change every pass).
+        if decision.offer is None and (previous is None or previous.move
+                                       or _gist(previous.reason) != _gist(decision.reason)):
             self.ctx.event(job.id, "placement_wait", decision.reason)
         return decision
 

@@ -1,12 +1,13 @@
 """Pure decisions: placement and migration. No I/O, no clock reads."""
 
-from gpuscout.policy.job_placement import PlacementDecision, place_job, uniform_progress_line
+from gpuscout.policy.job_placement import PlacementDecision, place_job
 from gpuscout.policy.migration import (
     JobView,
     MoveCosts,
     MoveDecision,
     MovePolicy,
     Trigger,
+    behind_uniform_progress,
     budget_left,
     deadline_slack_s,
     decide_move,
@@ -14,13 +15,14 @@ from gpuscout.policy.migration import (
     move_cost_usd,
     plan_moves,
     remaining_work_hours,
+    uniform_progress_line,
     zone_key,
 )
 from gpuscout.policy.placement import Offers, Placement, choose_offer
 
 __all__ = [
     "JobView", "MoveCosts", "MoveDecision", "MovePolicy", "Offers", "Placement",
-    "PlacementDecision", "Trigger", "budget_left", "choose_offer", "deadline_slack_s",
-    "decide_move", "dwell_s", "move_cost_usd", "place_job", "plan_moves", "remaining_work_hours",
-    "uniform_progress_line", "zone_key",
+    "PlacementDecision", "Trigger", "behind_uniform_progress", "budget_left", "choose_offer",
+    "deadline_slack_s", "decide_move", "dwell_s", "move_cost_usd", "place_job", "plan_moves",
+    "remaining_work_hours", "uniform_progress_line", "zone_key",
 ]

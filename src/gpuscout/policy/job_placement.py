@@ -6,8 +6,9 @@ work, as ``choose_offer``. With a deadline, Can't Be Late's Uniform Progress:
 - spot is taken when one is available and the slack left after it leaves
   room for one more restart (a preemption there would still make it);
 - otherwise on-demand is taken if progress is behind the uniform line
-  (work done / total work < time since submission / (deadline - submission))
-  or the slack is down to ``deadline_margin_s``;
+  (work done / total work < time since submission / (deadline - submission),
+  by more than one restart's worth of work) or the slack is down to
+  ``deadline_margin_s``;
 - otherwise the job waits for spot (it is ahead of the line), and the
   decision says so.
 
@@ -27,9 +28,11 @@ from gpuscout.policy.migration import (
     JobView,
     MoveCosts,
     MovePolicy,
+    behind_uniform_progress,
     budget_left,
     deadline_slack_s,
     remaining_work_hours,
+    uniform_progress_line,
     zone_key,
 )
 from gpuscout.policy.placement import Offers
@@ -45,17 +48,6 @@ class PlacementDecision:
     deadline_slack_s: float | None = None  # on ``offer``, after its restart
     progress: float | None = None  # fraction of the work done
     uniform_line: float | None = None  # the fraction Uniform Progress asks for now
-
-
-def uniform_progress_line(job: Job, now: datetime) -> float | None:
-    """Fraction of the work Uniform Progress asks to have done by ``now``."""
-    deadline = job.spec.deadline
-    if deadline is None:
-        return None
-    span = (deadline - job.created_at).total_seconds()
-    if span <= 0:
-        return 1.0
-    return min(1.0, max(0.0, (now - job.created_at).total_seconds() / span))
 
 
 def place_job(
@@ -111,7 +103,7 @@ def place_job(
         return decide(pick, f"spot with room for a preemption before the deadline: {pick.id} "
                             f"at ${pick.cost_per_work_hour:.4f} per work hour")
     cheapest_od = next((o for o in od_ok if fits_budget(o)), od_ok[0] if od_ok else None)
-    behind = line is not None and progress < line
+    behind = behind_uniform_progress(job, now, work, costs)
     tight = cheapest_od is not None and (slack(cheapest_od) or 0.0) < policy.deadline_margin_s
     spot_now = any(o.capacity == Capacity.SPOT for o in candidates)
     spot_exists = any(o.capacity == Capacity.SPOT for o in compatible)

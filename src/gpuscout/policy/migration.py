@@ -4,7 +4,10 @@ The rule, for a job running on ``current``:
 
 1. *Forced moves* come first. If the current offer is no longer available
    (spot capacity gone: the instance will be reclaimed), the job moves to
-   the best offer that keeps its deadline. If the job runs on spot and its
+   the best offer that keeps its deadline, except that a job with a
+   deadline goes to on-demand only when Uniform Progress asks for it
+   (behind the line, or slack down to the margin); otherwise it waits for
+   spot. If the job runs on spot and its
    deadline slack has shrunk to one restart overhead plus
    ``deadline_margin_s``, it moves to on-demand (Can't Be Late's guard: a
    preemption now would miss the deadline). Neither is held back by the dwell
@@ -206,6 +209,30 @@ def dwell_s(policy: MovePolicy, price_moves: int) -> float:
     return min(max(policy.min_dwell_s, policy.max_dwell_s), grown)
 
 
+def uniform_progress_line(job: Job, now: datetime) -> float | None:
+    """Fraction of the work Can't Be Late's Uniform Progress asks to have
+    done by ``now``: time since submission / (deadline - submission)."""
+    deadline = job.spec.deadline
+    if deadline is None:
+        return None
+    span = (deadline - job.created_at).total_seconds()
+    if span <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (now - job.created_at).total_seconds() / span))
+
+
+def behind_uniform_progress(job: Job, now: datetime, work_left: float,
+                            costs: MoveCosts) -> bool:
+    """Behind the line by more than one restart's worth of work (a fresh job
+    is not behind a second after it was submitted). False without a deadline."""
+    line = uniform_progress_line(job, now)
+    total = job.spec.expected_duration_hours
+    if line is None or total <= 0:
+        return False
+    progress = 1.0 - work_left / total
+    return (line - progress) * total * 3600.0 > costs.restart_s
+
+
 def budget_left(job: Job) -> float | None:
     if job.spec.budget_usd is None:
         return None
@@ -345,6 +372,14 @@ def decide_move(
         pick = min(keeps or weighed, key=lambda w: (-w.net, w.offer.id), default=None)
         if pick is None:
             return stay(f"{current.id} is no longer available and no other offer fits")
+        if (job.spec.deadline is not None and pick.offer.capacity == Capacity.ON_DEMAND
+                and slack_stay is not None
+                and slack_stay >= costs.restart_s + policy.deadline_margin_s
+                and not behind_uniform_progress(job, now, work, costs)):
+            # Uniform Progress: on-demand only when the deadline needs it.
+            return stay(f"{current.id} is no longer available; ahead of the uniform-progress "
+                        "line, so waiting for spot rather than paying for on-demand",
+                        **numbers_of(pick))
         return go(pick, Trigger.CAPACITY,
                   f"{current.id} is no longer available; moving to {pick.offer.id} at "
                   f"${pick.offer.cost_per_work_hour:.4f} per work hour")
