@@ -455,6 +455,13 @@ def test_s3_put_file_sends_parts_with_checksums(moto_server: S3Endpoint,  # noqa
     assert base64.b64decode(head["ChecksumSHA256"]).hex() == small.sha256
 
 
+def test_s3_store_rejects_an_unknown_checksum_algorithm(
+        moto_server: S3Endpoint) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match="MD5"):
+        moto_server.new_store(checksum_algorithm="MD5")
+    assert moto_server.new_store(checksum_algorithm=None).transfers.checksum is None
+
+
 def _refuse(operation: str, code: str, when: Any) -> Any:
     """A botocore before-call hook: the server refuses ``operation`` with
     ``code`` when ``when(params)`` holds (an S3-compatible server without a

@@ -49,8 +49,9 @@ MAX_PARTS = 10_000  # S3's limit for one multipart upload
 MIN_PART = 5 * 1024 * 1024  # S3's minimum part size (all parts but the last)
 CHECKSUM_ALGORITHMS = ("CRC32", "SHA256")
 # Answers of servers that do not support an additional checksum we sent.
-_UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest",
-                                "XAmzContentChecksumMismatch", "InvalidChecksum"})
+# (A checksum that does not match, BadDigest and the like, is not one: that
+# is damage in transit, and it fails the transfer.)
+_UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest"})
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 # How much one download worker reads from its socket at a time.
 _NET_CHUNK = 1024 * 1024
@@ -62,21 +63,13 @@ class ObjectChanged(Exception):
 
 
 class SourceChanged(Exception):
-    """The file changed size while it was being uploaded."""
+    """The file changed (size, mtime, or was replaced) while it was being
+    uploaded: what the key now holds may not be what was hashed, so the
+    upload is not vouched for."""
 
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
-
-
-def part_checksum(algorithm: str, data: bytes) -> str:
-    """The base64 value S3 expects in ``x-amz-checksum-<algorithm>``."""
-    if algorithm == "CRC32":
-        return b64(zlib.crc32(data).to_bytes(4, "big"))
-    if algorithm == "SHA256":
-        return b64(hashlib.sha256(data).digest())
-    raise ValueError(f"unsupported checksum algorithm {algorithm!r}: use one of "
-                     f"{', '.join(CHECKSUM_ALGORITHMS)} or None")
 
 
 def error_code(exc: ClientError) -> str:
@@ -100,8 +93,9 @@ class Transfers:
 
     def __init__(self, client: Any, bucket: str, *, threshold: int, part_size: int,
                  concurrency: int, checksum: str | None) -> None:
-        if checksum is not None:
-            part_checksum(checksum, b"")  # validates the name
+        if checksum is not None and checksum not in CHECKSUM_ALGORITHMS:
+            raise ValueError(f"unsupported checksum algorithm {checksum!r}: use one of "
+                             f"{', '.join(CHECKSUM_ALGORITHMS)} or None")
         if concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {concurrency}")
         self.client = client
@@ -157,8 +151,14 @@ class Transfers:
         window = threading.BoundedSemaphore(self.concurrency * 2)
         failed = threading.Event()
 
+        first = os.fstat(source.fileno())
+
         def send(number: int, offset: int, length: int, checksum: dict[str, str]) -> dict[str, Any]:
+            # Its own handle on the file: a position of its own.
             with open(source.name, "rb") as own:
+                now = os.fstat(own.fileno())
+                if (now.st_dev, now.st_ino) != (first.st_dev, first.st_ino):
+                    raise SourceChanged(f"{source.name} was replaced while it was uploaded")
                 own.seek(offset)
                 body = ReadFileChunk(own, length, size, enable_callbacks=False)
                 answer = self.client.upload_part(
