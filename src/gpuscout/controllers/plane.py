@@ -230,7 +230,8 @@ class ControlPlane:
     def move_costs(self, completed: Sequence[Migration] = ()) -> MoveCosts:
         """The settings' estimates, each replaced by the median of the last
         moves that measured it (three at least)."""
-        recent = sorted(completed, key=lambda m: m.started_at or datetime.min)[-_MEASURED_MOVES:]
+        recent = sorted(completed, key=lambda m: m.started_at.timestamp() if m.started_at
+                        else 0.0)[-_MEASURED_MOVES:]
 
         def measured(start: str, end: str) -> float | None:
             spans = [(getattr(m, end) - getattr(m, start)).total_seconds() for m in recent
