@@ -328,6 +328,22 @@ def test_interruption_notice_moves_the_job_out_of_the_zone(
     assert decision.trigger == "capacity" and "interruption notice" in decision.reason
 
 
+def test_a_notice_seen_by_the_agent_moves_the_job_the_same_way(
+        service: Service, agents: FakeAgents) -> None:
+    # On EC2 the agent reads the notice from instance metadata and reports it
+    # in its health; the provider may not know yet.
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    agents.agents[f"run-{old}"].notice = True
+    service.plane.reconcile_once()
+    service.plane.wait_for_migrations()
+    (m,) = service.repo.list_migrations(job_id=job_id)
+    assert (m.reason, m.status) == (MigrationReason.PREEMPTION, MigrationStatus.COMPLETED)
+    assert service.repo.get_offer(m.to_offer_id).zone != "us-east-1a" or \
+        service.repo.get_offer(m.to_offer_id).capacity == Capacity.ON_DEMAND
+    assert "emergency_checkpoint" in [e.kind for e in service.repo.list_events(job_id)]
+
+
 def test_interruption_with_nowhere_to_go_checkpoints_then_recovers_outside_the_zone(
         service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
     job_id = running_job(service)
