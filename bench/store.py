@@ -44,6 +44,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +146,14 @@ def bench_store(name: str, store: ObjectStore, source: Path, data: bytes, work: 
     times: dict[str, list[float]] = {"write": [], "read": [], "put": [], "get": []}
     for step in range(rounds):
         times["put"].append(timed(baseline_put))
-        times["write"].append(timed(lambda s=step: ckpts.save_paths(s, {"w.bin": source})))
+        times["write"].append(timed(partial(ckpts.save_paths, step, {"w.bin": source})))
         start = time.perf_counter()
         got = baseline_get()
         times["get"].append(time.perf_counter() - start)
         assert got == data, f"{name}: baseline read back other bytes"
         del got
         dest = work / f"restored-{name}-{step}"
-        times["read"].append(timed(lambda d=dest: ckpts.load_to_dir(d)))
+        times["read"].append(timed(partial(ckpts.load_to_dir, dest)))
         assert ckpts.latest() is not None
         with (dest / "w.bin").open("rb") as restored:
             assert hashlib.file_digest(restored, "sha256").hexdigest() == want
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 session = boto3.session.Session(aws_access_key_id=secret,
                                                  aws_secret_access_key=secret,
                                                  region_name="us-east-1")
-                tuning: dict[str, int] = {}
+                tuning: dict[str, Any] = {}
                 if args.part_mib:
                     tuning["multipart_chunksize"] = tuning["multipart_threshold"] = (
                         args.part_mib * MiB)

@@ -42,7 +42,6 @@ files above ``IN_MEMORY_LIMIT`` through a temporary file.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import json
 import os
@@ -52,12 +51,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from gpuscout.store import FileDigest, ObjectNotFound, ObjectStore, check_key, check_prefix
 from gpuscout.store.fs import TMP_PREFIX
@@ -69,6 +68,7 @@ MAX_STEP = 10**STEP_DIGITS - 1
 _NAME = re.compile(r"^(\d{12})-([0-9a-z]{1,32})$")
 # Files up to this size are checked in memory; larger ones stream to disk.
 IN_MEMORY_LIMIT = 64 * 1024 * 1024
+_T = TypeVar("_T")
 
 
 class CheckpointError(Exception):
@@ -265,7 +265,7 @@ class CheckpointStore:
         folder.mkdir(parents=True, exist_ok=True)
         return self._first_good(step, lambda manifest: self._restore(manifest, folder))
 
-    def _first_good(self, step: int | None, use: Any) -> Any:
+    def _first_good(self, step: int | None, use: Callable[[_Manifest], _T]) -> _T:
         """``use(manifest)`` for the newest checkpoint (of ``step``) for
         which it does not raise CorruptCheckpoint; see ``load``."""
         first_error: CorruptCheckpoint | None = None
@@ -381,17 +381,18 @@ class CheckpointStore:
 
     def _verify(self, key: str, names: set[str]) -> CheckpointInfo:
         """Check every file's size and sha256, holding at most
-        IN_MEMORY_LIMIT bytes of it in memory."""
+        IN_MEMORY_LIMIT bytes of one in memory: larger files stream through
+        a temporary file, deleted at once."""
         manifest = self._read_manifest(key, names)
-        with contextlib.ExitStack() as stack:
-            for name, entry in manifest.entries.items():
-                if entry.size <= IN_MEMORY_LIMIT:
-                    self._read_files(_Manifest(manifest.info, {name: entry}))
-                    continue
-                scratch = Path(stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix="gpuscout-verify-")))
-                self._fetch(key, name, entry, scratch / "file")
-                (scratch / "file").unlink()
+        small = {n: e for n, e in manifest.entries.items() if e.size <= IN_MEMORY_LIMIT}
+        for name, entry in small.items():
+            self._read_files(_Manifest(manifest.info, {name: entry}))  # one at a time
+        large = {n: e for n, e in manifest.entries.items() if n not in small}
+        if large:
+            with tempfile.TemporaryDirectory(prefix="gpuscout-verify-") as scratch:
+                for name, entry in large.items():
+                    self._fetch(key, name, entry, Path(scratch) / "file")
+                    (Path(scratch) / "file").unlink()
         return manifest.info
 
 
