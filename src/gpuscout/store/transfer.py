@@ -35,6 +35,7 @@ import math
 import os
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -277,29 +278,50 @@ class Transfers:
             if size == 0:  # s3rver answers "bytes 0-0/0" for an empty object
                 answer["Body"].close()
                 return FileDigest(0, digest.hexdigest())
-            fd = out.fileno()
-            first = min(size, first_range)
-            rest = [(offset, min(first_range, size - offset))
-                    for offset in range(first_range, size, first_range)]
-            etag = answer["ETag"]
-            buffer = memoryview(bytearray(COPY_CHUNK))
-            with ThreadPoolExecutor(self.concurrency,
-                                    thread_name_prefix="s3-download") as pool:
-                futures = [pool.submit(self._fetch_range, key, etag, fd, offset, length)
-                           for offset, length in rest]
-                try:
-                    _stream_into(answer, fd, 0, first, buffer)
-                    _hash_range(fd, 0, first, digest, buffer)
-                    for future, (offset, length) in zip(futures, rest, strict=True):
-                        future.result()
-                        _hash_range(fd, offset, length, digest, buffer)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+            parts = [(offset, min(first_range, size - offset))
+                     for offset in range(0, size, first_range)]
+            self._get_parts(key, answer, parts, out.fileno(), digest)
             return FileDigest(size, digest.hexdigest())
 
-    def _fetch_range(self, key: str, etag: str, fd: int, offset: int, length: int) -> None:
+    def _get_parts(self, key: str, first: dict[str, Any], parts: list[tuple[int, int]],
+                   fd: int, digest: Any) -> None:
+        """Workers stream each part into ``fd`` at its offset (the first
+        from the answer already open, the others by ranged GETs pinned to
+        its ETag) and report each piece written; this thread hashes the
+        file in order right behind them, so hashing overlaps the transfer."""
+        progress = _Progress(len(parts))
+        etag = first["ETag"]
+
+        def fetch(index: int) -> None:
+            try:
+                offset, length = parts[index]
+                answer = first if index == 0 else self._get_range(key, etag, offset, length)
+                _stream_into(answer, fd, offset, length, lambda n: progress.add(index, n))
+            finally:
+                progress.wake()
+
+        buffer = memoryview(bytearray(COPY_CHUNK))
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-download") as pool:
+            futures = [pool.submit(fetch, index) for index in range(len(parts))]
+            try:
+                for index, (offset, length) in enumerate(parts):
+                    hashed = 0
+                    while hashed < length:
+                        written = progress.wait_past(index, hashed)
+                        if written > hashed:
+                            _hash_range(fd, offset + hashed, written - hashed, digest, buffer)
+                            hashed = written
+                        elif futures[index].done():
+                            futures[index].result()  # raises what stopped it
+                            raise OSError(f"part at {offset} ended after {hashed} bytes")
+                    futures[index].result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                first["Body"].close()  # in case its worker never started
+                raise
+
+    def _get_range(self, key: str, etag: str, offset: int, length: int) -> dict[str, Any]:
         try:
             answer = self.client.get_object(
                 Bucket=self.bucket, Key=key, IfMatch=etag,
@@ -311,7 +333,33 @@ class Transfers:
         if answer.get("ETag", etag) != etag:  # servers that ignore If-Match
             answer["Body"].close()
             raise ObjectChanged(key)
-        _stream_into(answer, fd, offset, length, memoryview(bytearray(_NET_CHUNK)))
+        return answer
+
+
+class _Progress:
+    """Bytes written so far into each part of a download: workers add to
+    it, the hashing thread waits on it."""
+
+    def __init__(self, parts: int) -> None:
+        self._written = [0] * parts
+        self._changed = threading.Condition()
+
+    def add(self, index: int, count: int) -> None:
+        with self._changed:
+            self._written[index] += count
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_past(self, index: int, count: int, timeout: float = 1.0) -> int:
+        """The bytes written into part ``index`` once more than ``count``
+        are, or after ``timeout`` (or a wake) whatever it is then."""
+        with self._changed:
+            if self._written[index] <= count:
+                self._changed.wait(timeout)
+            return self._written[index]
 
 
 class _PartSum:
@@ -337,10 +385,12 @@ class _PartSum:
 
 
 def _stream_into(answer: dict[str, Any], fd: int, offset: int, length: int,
-                 buffer: memoryview) -> None:
-    """Write a GET answer's body into ``fd`` at ``offset``, one buffer at a
-    time; it must be exactly ``length`` bytes."""
+                 written: Callable[[int], None]) -> None:
+    """Write a GET answer's body into ``fd`` at ``offset`` through a small
+    buffer, calling ``written(n)`` after each piece; it must be exactly
+    ``length`` bytes."""
     body = answer["Body"]
+    buffer = memoryview(bytearray(_NET_CHUNK))
     done = 0
     try:
         while done < length:
@@ -349,9 +399,10 @@ def _stream_into(answer: dict[str, Any], fd: int, offset: int, length: int,
                 break
             view = buffer[:got]
             while view:
-                written = os.pwrite(fd, view, offset + done)
-                view = view[written:]
-                done += written
+                count = os.pwrite(fd, view, offset + done)
+                view = view[count:]
+                done += count
+                written(count)
         if done != length or body.read(1):
             raise OSError(f"S3 answered a byte count other than the {length} asked for")
     finally:
