@@ -53,6 +53,7 @@ from gpuscout.policy import (
     place_job,
     zone_key,
 )
+from gpuscout.providers.base import InstanceNotFound
 from gpuscout.store.base import ObjectNotFound
 
 S = JobStatus
@@ -310,10 +311,15 @@ class ControlPlane:
         if notify is None:
             raise Conflict(f"the {self.ctx.provider.name} provider cannot deliver "
                            "interruption notices")
-        notify(instance_id)
+        # Recorded before it is delivered: the reconcile loop may answer the
+        # notice before this call returns.
         self.ctx.event(instance.job_id, "interruption_requested",
                        f"interruption notice delivered to {instance_id}",
                        instance_id=instance_id)
+        try:
+            notify(instance_id)
+        except InstanceNotFound:
+            raise Conflict(f"instance {instance_id} is gone") from None
         return self.ctx.repo.get_instance(instance_id)
 
     def update_offer(self, offer_id: str, *, price_per_hour: float | None = None,
