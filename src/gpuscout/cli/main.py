@@ -208,7 +208,26 @@ def _serve(settings: Settings, *, demo: bool, log_level: str) -> None:
         fail(str(error))
     except KeyboardInterrupt:
         pass
+    _leave_instances(service, demo=demo)
     out.print("GPU Scout stopped")
+
+
+def _leave_instances(service: Service, *, demo: bool) -> None:
+    """Instances outlive the control plane, as cloud machines do, so a
+    restart resumes their jobs. The demo's job is the exception: it is
+    cancelled, so `make run` followed by Ctrl-C leaves no process behind."""
+    from gpuscout.demo import demo_job_spec
+    from gpuscout.domain.states import TERMINAL, JobStatus
+
+    live = service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
+    if demo:
+        for job in [j for j in live if j.spec.name == demo_job_spec().name]:
+            service.plane.cancel(job.id)
+            out.print(f"  demo job   {job.id} cancelled; its instances are terminated")
+        live = service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
+    if live:
+        out.print(f"  {len(live)} job(s) keep running on their instances; `gpuscout up` with "
+                  "the same home picks them up again (or cancel them to stop them)")
 
 
 def _submit_demo(service: Service, url: str) -> None:
@@ -533,6 +552,10 @@ def plan(
         line += f"  ({verdict} the budget of {render.money(spec.budget_usd)})"
     out.print(line, highlight=False)
 
+
+from gpuscout.cli.sim import simulate as _simulate  # noqa: E402
+
+app.command("simulate")(_simulate)
 
 if __name__ == "__main__":  # python -m gpuscout.cli.main
     app(prog_name="gpuscout")

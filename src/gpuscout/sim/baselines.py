@@ -1,0 +1,192 @@
+"""Baselines GPU Scout is measured against (BENCHMARKS.md).
+
+- ``on_demand``: the cheapest on-demand offer, never moves.
+- ``naive``: scout every 2 minutes, move when an offer is 20% cheaper per
+  unit of work by price alone (no cost of moving counted, no dwell).
+- ``skypilot``: SkyPilot managed jobs: the cheapest spot offer at launch,
+  spot only; moves only when preempted, to another zone; waits for spot.
+- ``uniform_progress``: Can't Be Late (NSDI '24): spot when available; on
+  spot's absence, on-demand only while progress is behind the line
+  work x elapsed / (deadline - submission), idle otherwise; back to spot as
+  soon as it returns. With the paper's safety net: once the slack left is
+  down to one restart (plus a margin), on-demand to the end.
+- ``greedy``: Can't Be Late's greedy: spot whenever available, idle when
+  not, on-demand (to the end) only when the deadline forces it.
+
+All are ``SimPolicy``; the offline optimum is in ``optimal.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gpuscout.domain import Capacity, Offer
+from gpuscout.policy import Offers, zone_key
+from gpuscout.sim.engine import STOP, Action, JobRun, SimConfig
+
+
+def _fitting(run: JobRun, t: float) -> Offers:
+    """Available offers that fit the job, ranked cheapest per work hour."""
+    return run.market.offers(t).available().compatible(run.job.spec.resources)
+
+
+def _cheapest(run: JobRun, t: float, capacity: Capacity | None = None,
+              avoid: frozenset[str] = frozenset()) -> Offer | None:
+    for o in _fitting(run, t):
+        if capacity is not None and o.capacity != capacity:
+            continue
+        if o.capacity == Capacity.SPOT and zone_key(o) in avoid:
+            continue
+        return o
+    return None
+
+
+class _Base:
+    name = "base"
+    scout_interval_s = 120.0
+
+    def wake(self, run: JobRun, t: float) -> float:
+        # Price-only rules change their mind only when the market does.
+        return t + self.scout_interval_s if run.offer_id is None else math.inf
+
+    def scout(self, run: JobRun, t: float) -> Action | None:
+        return None
+
+
+class OnDemandPolicy(_Base):
+    name = "on_demand"
+
+    def place(self, run: JobRun, t: float) -> Offer | None:
+        return _cheapest(run, t, Capacity.ON_DEMAND)
+
+    def on_notice(self, run: JobRun, t: float) -> Offer | None:
+        return _cheapest(run, t, Capacity.ON_DEMAND)
+
+
+class NaivePolicy(_Base):
+    name = "naive"
+
+    def __init__(self, threshold: float = 0.20) -> None:
+        self.threshold = threshold
+
+    def place(self, run: JobRun, t: float) -> Offer | None:
+        return _cheapest(run, t)
+
+    def scout(self, run: JobRun, t: float) -> Action | None:
+        best = _cheapest(run, t)
+        current = run.current(t)
+        if best is None or current is None or best.id == current.id:
+            return None
+        if best.cost_per_work_hour <= (1 - self.threshold) * current.cost_per_work_hour + 1e-12:
+            return best, "price"
+        return None
+
+    def on_notice(self, run: JobRun, t: float) -> Offer | None:
+        for o in _fitting(run, t):
+            if o.id != run.offer_id:
+                return o
+        return None
+
+
+class SkyPilotPolicy(_Base):
+    name = "skypilot"
+
+    def place(self, run: JobRun, t: float) -> Offer | None:
+        return _cheapest(run, t, Capacity.SPOT, run.avoided_zones(t))
+
+    def on_notice(self, run: JobRun, t: float) -> Offer | None:
+        return _cheapest(run, t, Capacity.SPOT, run.avoided_zones(t))
+
+
+class UniformProgressPolicy(_Base):
+    """Can't Be Late's Uniform Progress (``uniform=True``) or greedy."""
+
+    def __init__(self, config: SimConfig | None = None, *, uniform: bool = True,
+                 margin_s: float = 900.0) -> None:
+        self.config = config or SimConfig()
+        self.uniform = uniform
+        self.margin_s = margin_s
+        self.name = "uniform_progress" if uniform else "greedy"
+        self._forced: set[str] = set()  # jobs that went on-demand for good
+
+    @property
+    def restart_s(self) -> float:
+        return self.config.boot_s + self.config.restore_s
+
+    def _slack(self, run: JobRun, t: float, speed: float) -> float:
+        if run.deadline is None:
+            return math.inf
+        work = run.total_work - run.work_at(t)
+        return run.deadline - t - work / speed * 3600.0
+
+    def _behind(self, run: JobRun, t: float) -> bool:
+        if run.deadline is None:
+            return True  # no line to stay ahead of: never idle
+        span = run.deadline - run.submit
+        line = 1.0 if span <= 0 else min(1.0, (t - run.submit) / span)
+        return run.work_at(t) < line * run.total_work - 1e-9
+
+    def _forced_now(self, run: JobRun, t: float, od: Offer | None) -> bool:
+        if run.job.name in self._forced:
+            return True
+        if od is None or run.deadline is None:
+            return False
+        overhead = 0.0 if run.on_capacity(Capacity.ON_DEMAND) else self.restart_s
+        if self._slack(run, t, od.relative_speed) - overhead <= self.margin_s + self.restart_s:
+            self._forced.add(run.job.name)
+            return True
+        return False
+
+    def _want(self, run: JobRun, t: float) -> Offer | None:
+        """Where the job should be now (None: idle)."""
+        od = _cheapest(run, t, Capacity.ON_DEMAND)
+        if self._forced_now(run, t, od):
+            return od
+        spot = _cheapest(run, t, Capacity.SPOT)
+        if spot is not None:
+            return spot
+        if self.uniform and self._behind(run, t):
+            return od
+        if run.deadline is None:
+            return od
+        return None
+
+    def place(self, run: JobRun, t: float) -> Offer | None:
+        return self._want(run, t)
+
+    def scout(self, run: JobRun, t: float) -> Action | None:
+        want = self._want(run, t)
+        if run.on_capacity(Capacity.SPOT):
+            # On spot: stay while it lasts (a preemption moves it), unless
+            # the deadline now forces on-demand.
+            if want is not None and want.capacity == Capacity.ON_DEMAND:
+                return want, "deadline"
+            return None
+        # On on-demand.
+        if want is None:
+            return None if run.job.name in self._forced else (None, STOP)
+        if want.capacity == Capacity.SPOT:
+            return want, "price"
+        return None
+
+    def on_notice(self, run: JobRun, t: float) -> Offer | None:
+        want = self._want(run, t)
+        if want is not None and want.id == run.offer_id:
+            spot = [o for o in _fitting(run, t) if o.id != run.offer_id]
+            return spot[0] if spot else None
+        return want
+
+    def wake(self, run: JobRun, t: float) -> float:
+        return t + self.scout_interval_s
+
+
+def baseline(name: str, config: SimConfig | None = None) -> object:
+    """A fresh baseline policy by name; KeyError for an unknown name."""
+    makers = {
+        "on_demand": OnDemandPolicy,
+        "naive": NaivePolicy,
+        "skypilot": SkyPilotPolicy,
+        "uniform_progress": lambda: UniformProgressPolicy(config),
+        "greedy": lambda: UniformProgressPolicy(config, uniform=False),
+    }
+    return makers[name]()
