@@ -1,17 +1,22 @@
 """The offline optimum: the cheapest way to run one job with full knowledge
 of the trace, by dynamic programming over a discretized timeline.
 
-The timeline is cut into steps of ``step_s``; in each step the job is idle
-or on one offer that has capacity for the whole step (knowing the future,
-it is never preempted). State: (step, offer or idle, work done in units).
-A step on offer o costs the trace's price for that step and does
-``speed_o x step`` of work. Arriving on an offer (launch, restart, move)
-costs the same dollars the simulator bills for it (boot on the new
-instance; checkpoint and restore on both for a move from a running one)
-and one step without progress. That step is at least as long as a restart
-(``step_s >= boot + restore``), so the bound is exact in dollars and
-pessimistic in time by at most one step per move; ``step_s`` of 5 minutes
-against a 4-minute restart keeps that small.
+The timeline is cut into steps of ``step_s`` (the scout interval, 2
+minutes); in each step the job is idle or on one offer that has capacity
+for the step (an instance runs through its 2-minute notice, so capacity
+that ends within ``notice_s`` of the step's end still counts). State: (step,
+offer or idle, work done in units of 30 s of work). A step on offer o costs
+the trace's price for that step and does ``speed_o x step`` of work.
+Arriving on an offer costs what the simulator bills: a launch bills the
+whole step and trains after the boot (and the restore, when there is work
+to restore); a make-before-break move keeps training on the old offer while
+the replacement boots, then bills both for checkpoint + restore. Offers
+with the same speed, prices and capacity over time are one choice.
+
+Known approximations (each within a step per move; the bench checks that
+no policy that meets its deadline beats the bound): arrivals and stops sit
+on the step grid; a job finishing during an arrival step is billed to the
+end of it.
 
 With a deadline, the answer is the cheapest finish by the deadline (or, if
 none is possible, the earliest finish); without one, the cheapest finish
@@ -24,6 +29,7 @@ import math
 
 import numpy as np
 
+from gpuscout.domain import Offer
 from gpuscout.sim.engine import JobResult, SimConfig, to_datetime
 from gpuscout.sim.jobs import SimJob
 from gpuscout.sim.market import SimMarket
@@ -31,6 +37,19 @@ from gpuscout.sim.market import SimMarket
 # Work units are refined so that every offer's work per step is a whole
 # number of units; above this many units per job they are coarsened.
 _MAX_UNITS = 4000
+_UNIT_S = 30.0
+
+
+def _distinct(offers: list[Offer], market: SimMarket) -> list[Offer]:
+    """One offer per class of offers that are interchangeable for the bound
+    (same speed, same price and capacity over time): on-demand in nine zones
+    is one choice, not nine."""
+    seen: dict[tuple[object, ...], Offer] = {}
+    for o in sorted(offers, key=lambda o: o.id):
+        s = market.series[o.id]
+        key = (o.relative_speed, tuple(s.times), tuple(s.prices), tuple(s.available))
+        seen.setdefault(key, o)
+    return list(seen.values())
 
 
 class OptimalPolicy:
@@ -38,7 +57,7 @@ class OptimalPolicy:
 
     name = "optimal"
 
-    def __init__(self, config: SimConfig | None = None, step_s: float = 300.0,
+    def __init__(self, config: SimConfig | None = None, step_s: float = 120.0,
                  horizon_factor: float = 2.0) -> None:
         self.config = config or SimConfig()
         self.step_s = step_s
@@ -48,20 +67,21 @@ class OptimalPolicy:
         cfg, dt = self.config, self.step_s
         submit = job.submit_at.timestamp()
         deadline = job.spec.deadline.timestamp() if job.spec.deadline else None
-        offers = [o for o in market.templates.values() if o.satisfies(job.spec.resources)]
+        offers = _distinct([o for o in market.templates.values()
+                            if o.satisfies(job.spec.resources)], market)
         if not offers:
             return JobResult(job.name, 0.0, 0, None, True, False)
         total = job.spec.expected_duration_hours
         speeds = np.array([o.relative_speed for o in offers])
         base = float(speeds.min())
-        unit_h = base * dt / 3600.0  # work per unit
-        per_step = np.maximum(1, np.rint(speeds / base)).astype(int)
+        # A unit is _UNIT_S of work at the slowest speed, so that a move's
+        # downtime is counted to within a unit, not a whole step.
+        unit_h = base * _UNIT_S / 3600.0
         n_units = math.ceil(total / unit_h - 1e-9)
         if n_units > _MAX_UNITS:
-            scale = math.ceil(n_units / _MAX_UNITS)
-            unit_h *= scale
-            per_step = np.maximum(1, np.rint(speeds * dt / 3600.0 / unit_h)).astype(int)
+            unit_h *= math.ceil(n_units / _MAX_UNITS)
             n_units = math.ceil(total / unit_h - 1e-9)
+        per_step = np.maximum(1, np.floor(speeds * dt / 3600.0 / unit_h + 1e-9)).astype(int)
         fastest_h = total / float(speeds.max())
         horizon = fastest_h * 3600.0 * self.horizon_factor + 12 * 3600.0
         if deadline is not None:
@@ -77,64 +97,76 @@ class OptimalPolicy:
         cost = np.full((n + 1, n_units), inf)
         moves = np.zeros((n + 1, n_units))
         cost[idle, 0] = 0.0
-        best = (inf, 0.0, None)  # (cost, moves, finish time)
-        boot_h, down_h = cfg.boot_s / 3600.0, (cfg.checkpoint_s + cfg.restore_s) / 3600.0
-        restore_h = cfg.restore_s / 3600.0
+        best: tuple[float, float, float | None] = (inf, 0.0, None)
+        # The shortest boot the simulator can draw: the bound must not be beaten by luck.
+        boot_s = cfg.boot_s * (1.0 - cfg.boot_jitter)
+        down_s = cfg.checkpoint_s + cfg.restore_s
         ids = [o.id for o in offers]
+        notice = cfg.notice_s
         w_index = np.arange(n_units)
+        nonzero = w_index > 0
+
+        def push(dst: np.ndarray, dst_m: np.ndarray, src: np.ndarray, src_m: np.ndarray,
+                 u: int, t0: float, used: float) -> None:
+            """States ``src`` advanced by ``u`` units into ``dst``; those that
+            finish record a candidate (billed for the whole step: ``used``
+            is the cost of it, already in ``src``)."""
+            nonlocal best
+            if u < n_units:
+                seg, tgt = src[: n_units - u], dst[u:]
+                better = seg < tgt
+                dst[u:] = np.where(better, seg, tgt)
+                dst_m[u:] = np.where(better, src_m[: n_units - u], dst_m[u:])
+            lo = max(0, n_units - u)
+            tail = src[lo:]
+            if u > 0 and np.isfinite(tail).any():
+                i = int(np.argmin(tail))
+                frac = min(1.0, max(0.0, (total / unit_h - (lo + i)) / u))
+                done = float(tail[i]) - used * (1.0 - frac)
+                if done < best[0]:
+                    best = (done, float(src_m[lo + i]), t0 + dt * frac)
+
         for k in range(n_steps):
             t0 = submit + k * dt
             t1 = t0 + dt
-            avail = [market.next_unavailable(i, t0) >= t1 for i in ids]
+            # An instance runs through its 2-minute notice: capacity that
+            # ends within notice_s of the step's end still serves the step.
+            avail = [market.available(i, t0) and market.next_unavailable(i, t0) + notice >= t1
+                     for i in ids]
             step_cost = [market.cost(i, t0, t1) for i in ids]
-            price_now = [market.price(i, t0) for i in ids]
+            price_now = np.array([market.price(i, t0) for i in ids])
             new = np.full_like(cost, inf)
             new_moves = np.zeros_like(moves)
-            # Stop (checkpoint, terminate) at the step boundary: free in the bound.
+            # Stop (checkpoint, terminate) at the step boundary, or stay idle.
             running_best = cost[:n].min(axis=0)
-            stop_better = running_best < cost[idle]
             arg = cost[:n].argmin(axis=0)
+            stop_better = running_best < cost[idle]
             idle_cost = np.where(stop_better, running_best, cost[idle])
             idle_moves = np.where(stop_better, moves[arg, w_index], moves[idle])
             new[idle], new_moves[idle] = idle_cost, idle_moves
-            # Leaving a running offer for another: its checkpoint + restore.
-            leave = cost[:n] + np.array(price_now)[:, None] * down_h
+            # Leaving a running offer (make-before-break): it trains while the
+            # replacement boots, then both are billed for checkpoint + restore.
+            leave = cost[:n] + price_now[:, None] * (boot_s + down_s) / 3600.0
             leave_best = leave.min(axis=0)
-            leave_arg = leave.argmin(axis=0)
-            from_running = leave_best < idle_cost
-            arrive_base = np.where(from_running, leave_best, idle_cost)
-            arrive_moves = np.where(from_running, moves[leave_arg, w_index] + 1,
-                                    idle_moves + (w_index > 0))
+            leave_moves = moves[leave.argmin(axis=0), w_index] + 1
             for j in range(n):
                 if not avail[j]:
                     continue
-                p = price_now[j]
-                extra = np.where(from_running, boot_h + down_h,
-                                 np.where(w_index > 0, boot_h + restore_h, boot_h)) * p
-                arrive = arrive_base + extra
-                better = arrive < new[j]
-                new[j] = np.where(better, arrive, new[j])
-                new_moves[j] = np.where(better, arrive_moves, new_moves[j])
-                # Run a step on j (it was already there).
                 u = int(per_step[j])
-                c = cost[j] + step_cost[j]
-                if u < n_units:
-                    seg = c[: n_units - u]
-                    tgt = new[j, u:]
-                    better = seg < tgt
-                    new[j, u:] = np.where(better, seg, tgt)
-                    new_moves[j, u:] = np.where(better, moves[j, : n_units - u],
-                                                new_moves[j, u:])
-                # Finishing within this step: bill the part of it used.
-                lo = max(0, n_units - u)
-                if np.isfinite(cost[j, lo:]).any():
-                    remaining = (total / unit_h - w_index[lo:]).clip(min=0)
-                    frac = np.minimum(1.0, remaining / u)
-                    done = cost[j, lo:] + step_cost[j] * frac
-                    i = int(np.argmin(done))
-                    if done[i] < best[0]:
-                        finish = t0 + dt * float(frac[i])
-                        best = (float(done[i]), float(moves[j, lo + i]), finish)
+                c = step_cost[j]
+                # Run a step on j.
+                push(new[j], new_moves[j], cost[j] + c, moves[j], u, t0, c)
+                # Arrive from idle: boot (and restore if there is work to restore).
+                fresh = np.full(n_units, inf)
+                fresh[0] = idle_cost[0] + c
+                push(new[j], new_moves[j], fresh, idle_moves, int(u * max(0.0, dt - boot_s) / dt),
+                     t0, 0.0)
+                again = np.where(nonzero, idle_cost + c, inf)
+                push(new[j], new_moves[j], again, idle_moves + nonzero,
+                     int(u * max(0.0, dt - boot_s - cfg.restore_s) / dt), t0, 0.0)
+                # Arrive from another running offer.
+                push(new[j], new_moves[j], leave_best + c, leave_moves,
+                     int(u * max(0.0, dt - down_s) / dt), t0, 0.0)
             cost, moves = new, new_moves
             if k + 1 >= k_deadline and best[2] is not None:
                 break

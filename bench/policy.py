@@ -1,0 +1,294 @@
+"""Policy benchmark (issue 3): every policy on the same jobs, against the
+offline optimum, on real traces from ``../shared/traces``.
+
+Suites
+- ``availability_9zone``: p3.2xlarge in 9 zones (skypilot spot-traces,
+  availability/1-node/aws-02-15-2023) priced at the 2021 spot price 0.918
+  $/h, on-demand 3.06 $/h always available.
+- ``prices_2009_2013``: the 2009-2013 us-east-1 spot price history (the
+  bidding era) for m1.large, m2.xlarge, c1.xlarge and cc2.8xlarge, each job
+  on one type across its zones, on-demand at that type's list price.
+- ``prices_2021_types``: the 2021 us-east-1 spot price history of the
+  single-GPU types (p3.2xlarge, g4dn.xlarge/2xlarge, p2.xlarge, g3.4xlarge,
+  g3s.xlarge) across zones; jobs ask for one GPU and pick the type.
+- ``single_zone`` (Can't Be Late's setting): one zone's availability at a
+  time (us-east-1c, us-east-1f, us-east-2a), spot or on-demand, deadlines.
+
+Jobs: durations x deadline slack (0, 10, 25, 50% of the duration, plus 15
+minutes to boot) x start times spread over the trace; budget 1.2x the job on
+the cheapest on-demand offer of speed >= 1. Costs of moving as in
+``SimConfig`` (boot 180 s, checkpoint 30 s, restore 60 s, 2-minute notice).
+
+    .venv/bin/python bench/policy.py [--json] [--quick]
+
+Prints a table per suite; with --json, one JSON object on the last line:
+{"suites": {SUITE: {POLICY: {"cost_vs_optimal", "deadline_misses",
+"budget_misses", "migrations_per_job"}}}}. Saves bench/out/policy_slack.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from gpuscout.domain import Capacity, JobSpec, Resources
+from gpuscout.market import catalog
+from gpuscout.market.combined import combined_market
+from gpuscout.market.loaders import (
+    load_availability_dir,
+    load_ondemand,
+    load_spot_prices,
+    read_availability,
+    traces_dir,
+)
+from gpuscout.market.trace import TraceRow
+from gpuscout.sim import GpuScoutPolicy, SimConfig, SimJob, SimMarket, SimResult, simulate
+from gpuscout.sim.baselines import (
+    NaivePolicy,
+    OnDemandPolicy,
+    SkyPilotPolicy,
+    UniformProgressPolicy,
+)
+from gpuscout.sim.optimal import OptimalPolicy
+
+OUT = Path(__file__).resolve().parent / "out"
+MAIN_POLICIES = ("gpuscout", "naive", "skypilot", "uniform_progress", "on_demand", "optimal")
+SINGLE_ZONE_POLICIES = ("greedy", "uniform_progress", "gpuscout", "on_demand", "optimal")
+SLACKS = (0.0, 0.10, 0.25, 0.50)
+BOOT_ALLOWANCE_H = 0.25
+# 2012-13 us-east-1 on-demand list prices (Linux) for the 2009-2013 types the
+# traces' ondemand.csv lacks; approximate public figures of the time.
+ONDEMAND_2012 = {"m1.large": 0.24, "m2.xlarge": 0.41, "cc2.8xlarge": 2.40}
+SINGLE_GPU_TYPES = ("p3.2xlarge", "g4dn.xlarge", "g4dn.2xlarge", "p2.xlarge", "g3.4xlarge",
+                    "g3s.xlarge")
+ONDEMAND_EXTRA = {"g3s.xlarge": 0.75}  # AWS list price, not in the traces or catalog
+
+
+@dataclass
+class Group:
+    """Jobs on one market."""
+
+    market: SimMarket
+    jobs: list[SimJob]
+    slack_of: dict[str, float]
+
+
+def ondemand_table() -> dict[tuple[str, str], float]:
+    table = load_ondemand(traces_dir() / "prices" / "ondemand.csv")
+    packaged = Path(catalog.__file__).parent / "data" / "aws_ondemand.csv"
+    with open(packaged, newline="") as fh:
+        for rec in csv.DictReader(fh):
+            table.setdefault((rec["region"], rec["instance_type"]),
+                             float(rec["ondemand_usd_per_hour"]))
+    for t in catalog.INSTANCE_TYPES:
+        table.setdefault(("us-east-1", t.name), t.on_demand_price)
+    for name, price in {**ONDEMAND_2012, **ONDEMAND_EXTRA}.items():
+        table.setdefault(("us-east-1", name), price)
+    return table
+
+
+def make_jobs(prefix: str, market: SimMarket, durations: Sequence[float], n_starts: int,
+              resources: Resources, *, slacks: Sequence[float] = SLACKS,
+              start: float | None = None, end: float | None = None) -> Group:
+    """durations x slacks x starts, starts evenly spread over [start, end - longest]."""
+    start = market.start if start is None else start
+    end = market.end if end is None else end
+    longest = max(durations) * (1 + max(slacks)) * 3600 + 3600
+    span = max(0.0, end - longest - start)
+    # Budget: 1.2x the job on the cheapest on-demand offer fast enough (speed
+    # >= 1) to keep a deadline without slack.
+    od = min(o.cost_per_work_hour for o in market.templates.values()
+             if o.capacity == Capacity.ON_DEMAND and o.satisfies(resources)
+             and o.relative_speed >= 1.0)
+    jobs: list[SimJob] = []
+    slack_of: dict[str, float] = {}
+    for s in range(n_starts):
+        t = start + span * (s + 0.5) / n_starts
+        submit = datetime.fromtimestamp(t, UTC).replace(microsecond=0)
+        for d in durations:
+            for slack in slacks:
+                name = f"{prefix}-s{s}-d{d:g}-k{int(slack * 100)}"
+                deadline = submit + timedelta(hours=d * (1 + slack) + BOOT_ALLOWANCE_H)
+                spec = JobSpec(name=name, command="sim", expected_duration_hours=d,
+                               deadline=deadline, budget_usd=round(1.2 * d * od + 1.0, 2),
+                               resources=resources)
+                jobs.append(SimJob(spec, submit))
+                slack_of[name] = slack
+    return Group(market, jobs, slack_of)
+
+
+# --- suites ---------------------------------------------------------------------
+
+
+def suite_availability_9zone(n_starts: int) -> list[Group]:
+    series = load_availability_dir(traces_dir() / "availability/1-node/aws-02-15-2023")
+    rows = combined_market(availability=series, spot_price={"p3.2xlarge": 0.918},
+                           ondemand={(s.region, "p3.2xlarge"): 3.06 for s in series})
+    market = SimMarket(rows)
+    return [make_jobs("a9", market, (4, 12, 24, 48), n_starts, Resources(gpus=1))]
+
+
+def suite_prices_2009_2013(n_starts: int) -> list[Group]:
+    path = traces_dir() / "prices/iantruslove-us-east-1-2009-2013.csv.gz"
+    table = ondemand_table()
+    groups = []
+    for itype in ("m1.large", "m2.xlarge", "c1.xlarge", "cc2.8xlarge"):
+        spot = load_spot_prices(path, instance_types={itype})
+        rows = combined_market(price_rows=spot, ondemand=table)
+        market = SimMarket(rows)
+        # The sample is dense only from 2012-12-31; start where every zone has a price.
+        firsts: dict[str, float] = {}
+        for r in spot:
+            firsts.setdefault(r.zone, r.timestamp.timestamp())
+        groups.append(make_jobs(f"p13-{itype}", market, (2, 6, 12, 24), n_starts,
+                                Resources(), start=max(firsts.values())))
+    return groups
+
+
+def suite_prices_2021_types(n_starts: int) -> list[Group]:
+    path = traces_dir() / "prices/lucianamarques-us-east-1-2021.csv.gz"
+    spot = load_spot_prices(path, instance_types=set(SINGLE_GPU_TYPES))
+    rows = combined_market(price_rows=spot, ondemand=ondemand_table())
+    market = SimMarket(rows)
+    firsts: dict[str, float] = {}
+    for r in spot:
+        firsts.setdefault(r.offer_id, r.timestamp.timestamp())
+    return [make_jobs("p21", market, (4, 12, 24, 48), n_starts, Resources(gpus=1),
+                      start=max(firsts.values()))]
+
+
+def suite_single_zone(n_starts: int) -> list[Group]:
+    folder = traces_dir() / "availability/1-node/aws-02-15-2023"
+    groups = []
+    for zone in ("us-east-1c", "us-east-1f", "us-east-2a"):
+        s = read_availability(folder / f"{zone}_v100_1.json")
+        rows: list[TraceRow] = combined_market(availability=[s],
+                                               spot_price={"p3.2xlarge": 0.918},
+                                               ondemand={(s.region, "p3.2xlarge"): 3.06})
+        groups.append(make_jobs(f"z-{zone}", SimMarket(rows), (12, 24, 48), n_starts,
+                                Resources(gpus=1), slacks=(0.1, 0.25, 0.5)))
+    return groups
+
+
+SUITES = {
+    "availability_9zone": (suite_availability_9zone, MAIN_POLICIES),
+    "prices_2009_2013": (suite_prices_2009_2013, MAIN_POLICIES),
+    "prices_2021_types": (suite_prices_2021_types, MAIN_POLICIES),
+    "single_zone": (suite_single_zone, SINGLE_ZONE_POLICIES),
+}
+
+
+def make(name: str, config: SimConfig):  # type: ignore[no-untyped-def]
+    return {
+        # At every scout tick, as the live scout asks.
+        "gpuscout": lambda: GpuScoutPolicy.for_config(config, heartbeat_s=120.0),
+        "naive": NaivePolicy,
+        "skypilot": SkyPilotPolicy,
+        "uniform_progress": lambda: UniformProgressPolicy(config),
+        "greedy": lambda: UniformProgressPolicy(config, uniform=False),
+        "on_demand": OnDemandPolicy,
+        "optimal": lambda: OptimalPolicy(config),
+    }[name]()
+
+
+def run_suite(groups: list[Group], policies: Sequence[str], config: SimConfig,
+              seed: int) -> tuple[dict[str, dict[str, float]], dict[str, dict[float, float]]]:
+    results: dict[str, list[SimResult]] = defaultdict(list)
+    for group in groups:
+        for name in policies:
+            results[name].append(simulate(group.jobs, group.market, make(name, config),
+                                          config, seed))
+    optimum = {j.name: j.cost_usd for r in results["optimal"] for j in r.jobs}
+    slack_of = {k: v for g in groups for k, v in g.slack_of.items()}
+    table: dict[str, dict[str, float]] = {}
+    by_slack: dict[str, dict[float, float]] = {}
+    for name in policies:
+        jobs = [j for r in results[name] for j in r.jobs]
+        ratios = [j.cost_usd / optimum[j.name] for j in jobs if optimum.get(j.name, 0) > 0]
+        per_slack: dict[float, list[float]] = defaultdict(list)
+        for j in jobs:
+            if optimum.get(j.name, 0) > 0:
+                per_slack[slack_of[j.name]].append(j.cost_usd / optimum[j.name])
+        table[name] = {
+            "cost_vs_optimal": round(statistics.fmean(ratios), 4) if ratios else float("nan"),
+            "deadline_misses": sum(j.deadline_missed for j in jobs),
+            "budget_misses": sum(j.budget_missed for j in jobs),
+            "migrations_per_job": round(statistics.fmean(j.migrations for j in jobs), 3),
+            "moves_per_6h": round(6 * sum(j.migrations for j in jobs) / max(1e-9, sum(
+                (j.finished_at.timestamp() if j.finished_at else 0) - sj.submit_at.timestamp()
+                for j, sj in zip(jobs, [x for g in groups for x in g.jobs], strict=True)
+                if j.finished_at) / 3600), 3),
+            "jobs": len(jobs),
+        }
+        by_slack[name] = {k: statistics.fmean(v) for k, v in sorted(per_slack.items())}
+    return table, by_slack
+
+
+def plot(by_suite: dict[str, dict[str, dict[float, float]]], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, axes = plt.subplots(1, len(by_suite), figsize=(5 * len(by_suite), 4), squeeze=False)
+    for ax, (suite, curves) in zip(axes[0], by_suite.items(), strict=True):
+        for name, points in curves.items():
+            xs = [k * 100 for k in points]
+            ax.plot(xs, list(points.values()), marker="o", label=name)
+        ax.set_title(suite)
+        ax.set_xlabel("deadline slack (% of duration)")
+        ax.set_ylabel("mean cost / optimal")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return f"plot: {path}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="GPU Scout policy benchmark")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer start times")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES))
+    args = parser.parse_args()
+    config = SimConfig()
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    curves: dict[str, dict[str, dict[float, float]]] = {}
+    for suite in args.suite or list(SUITES):
+        build, policies = SUITES[suite]
+        t0 = time.perf_counter()
+        n_starts = {"availability_9zone": 8, "prices_2009_2013": 3, "prices_2021_types": 6,
+                    "single_zone": 6}[suite]
+        groups = build(max(1, n_starts // 3) if args.quick else n_starts)
+        table, by_slack = run_suite(groups, policies, config, args.seed)
+        report[suite], curves[suite] = table, by_slack
+        n = sum(len(g.jobs) for g in groups)
+        print(f"\n{suite}: {n} jobs ({time.perf_counter() - t0:.1f}s)")
+        print(f"  {'policy':<17}{'cost/opt':>9}{'deadline':>9}{'budget':>8}"
+              f"{'moves/job':>10}{'moves/6h':>9}")
+        for name, row in table.items():
+            print(f"  {name:<17}{row['cost_vs_optimal']:>9.3f}{row['deadline_misses']:>9}"
+                  f"{row['budget_misses']:>8}{row['migrations_per_job']:>10.2f}"
+                  f"{row['moves_per_6h']:>9.2f}")
+    print(plot(curves, OUT / "policy_slack.png"))
+    if args.json:
+        print(json.dumps({"suites": {s: {p: {k: v for k, v in row.items() if k in (
+            "cost_vs_optimal", "deadline_misses", "budget_misses", "migrations_per_job")}
+            for p, row in t.items()} for s, t in report.items()}}))
+
+
+if __name__ == "__main__":
+    main()
