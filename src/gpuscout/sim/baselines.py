@@ -6,10 +6,12 @@
 - ``skypilot``: SkyPilot managed jobs: the cheapest spot offer at launch,
   spot only; moves only when preempted, to another zone; waits for spot.
 - ``uniform_progress``: Can't Be Late (NSDI '24): spot when available; on
-  spot's absence, on-demand only while progress is behind the line
-  work x elapsed / (deadline - submission), idle otherwise; back to spot as
-  soon as it returns. With the paper's safety net: once the slack left is
-  down to one restart (plus a margin), on-demand to the end.
+  spot's absence, wait while progress is ahead of the line
+  work x elapsed / (deadline - submission), on-demand once it is behind;
+  back to spot as soon as it returns (an on-demand instance is kept, not
+  stopped, while spot is away: stopping it when ahead would pay a restart
+  each time the line catches up). With the paper's safety net: once the
+  slack left is down to one restart (plus a margin), on-demand to the end.
 - ``greedy``: Can't Be Late's greedy: spot whenever available, idle when
   not, on-demand (to the end) only when the deadline forces it.
 
@@ -22,7 +24,7 @@ import math
 
 from gpuscout.domain import Capacity, Offer
 from gpuscout.policy import Offers, zone_key
-from gpuscout.sim.engine import STOP, Action, JobRun, SimConfig
+from gpuscout.sim.engine import Action, JobRun, SimConfig
 
 
 def _fitting(run: JobRun, t: float) -> Offers:
@@ -162,10 +164,10 @@ class UniformProgressPolicy(_Base):
             if want is not None and want.capacity == Capacity.ON_DEMAND:
                 return want, "deadline"
             return None
-        # On on-demand.
-        if want is None:
-            return None if run.job.name in self._forced else (None, STOP)
-        if want.capacity == Capacity.SPOT:
+        # On on-demand: back to spot as soon as it returns. Ahead of the line
+        # without spot, it keeps the on-demand instance rather than stop and
+        # pay a restart each time it falls behind again (hysteresis).
+        if want is not None and want.capacity == Capacity.SPOT:
             return want, "price"
         return None
 
