@@ -17,7 +17,7 @@ from gpuscout.sim.baselines import (
 )
 from gpuscout.sim.engine import JobRun
 from gpuscout.sim.optimal import OptimalPolicy
-from tests.unit.sim_helpers import EXACT, at, job, market, row
+from tests.unit.test_sim_helpers import EXACT, at, job, market, row
 
 
 class Recording:

@@ -16,7 +16,7 @@ from gpuscout.policy import JobView, MovePolicy, Offers, decide_move
 from gpuscout.sim import GpuScoutPolicy, SimConfig, Simulator, simulate
 from gpuscout.sim import policies as sim_policies
 from gpuscout.sim.baselines import NaivePolicy, OnDemandPolicy, SkyPilotPolicy
-from tests.unit.sim_helpers import EXACT, at, job, market, row
+from tests.unit.test_sim_helpers import EXACT, at, job, market, row
 
 
 def test_cost_and_progress_on_demand() -> None:

@@ -1,4 +1,4 @@
-"""Tiny hand-made markets for the simulator tests."""
+"""Tiny hand-made markets for the simulator tests (helpers, no tests here)."""
 
 from __future__ import annotations
 
