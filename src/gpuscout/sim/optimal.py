@@ -26,6 +26,7 @@ within ``horizon``.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 
 import numpy as np
 
@@ -34,22 +35,50 @@ from gpuscout.sim.engine import JobResult, SimConfig, to_datetime
 from gpuscout.sim.jobs import SimJob
 from gpuscout.sim.market import SimMarket
 
-# Work units are refined so that every offer's work per step is a whole
-# number of units; above this many units per job they are coarsened.
-_MAX_UNITS = 4000
+# Work units per job, at most (more when a step of the slowest offer's work
+# is already finer).
+_MAX_UNITS = 6000
 _UNIT_S = 30.0
 
 
-def _distinct(offers: list[Offer], market: SimMarket) -> list[Offer]:
+def _distinct(offers: list[Offer], market: SimMarket, start: float,
+              end: float) -> list[Offer]:
     """One offer per class of offers that are interchangeable for the bound
-    (same speed, same price and capacity over time): on-demand in nine zones
-    is one choice, not nine."""
+    between ``start`` and ``end`` (same speed, same price and capacity over
+    that time): on-demand in nine zones is one choice, not nine."""
     seen: dict[tuple[object, ...], Offer] = {}
     for o in sorted(offers, key=lambda o: o.id):
         s = market.series[o.id]
-        key = (o.relative_speed, tuple(s.times), tuple(s.prices), tuple(s.available))
+        lo, hi = bisect_right(s.times, start), bisect_right(s.times, end)
+        changes = tuple((s.times[i], s.prices[i], s.available[i]) for i in range(lo, hi))
+        key = (o.relative_speed, market.price(o.id, start), market.available(o.id, start),
+               changes)
         seen.setdefault(key, o)
     return list(seen.values())
+
+
+def _undominated(offers: list[Offer], market: SimMarket, start: float,
+                 end: float) -> list[Offer]:
+    """Leave out an offer with a steady price and capacity over the window
+    when another steady, always available one is at least as fast and no
+    dearer per unit of work: any schedule on the first does better on the
+    second (same work, sooner, for less)."""
+    def steady(o: Offer) -> bool:
+        s = market.series[o.id]
+        return (bisect_right(s.times, end) == bisect_right(s.times, start)
+                and market.available(o.id, start))
+
+    fixed = [o.with_(price_per_hour=market.price(o.id, start)) for o in offers if steady(o)]
+    keep = []
+    for o in offers:
+        if steady(o):
+            mine = market.price(o.id, start) / o.relative_speed
+            if any(b.id != o.id and b.relative_speed >= o.relative_speed
+                   and (b.cost_per_work_hour, -b.relative_speed, b.id)
+                   < (mine, -o.relative_speed, o.id) for b in fixed):
+                continue
+        keep.append(o)
+    return keep
 
 
 class OptimalPolicy:
@@ -67,27 +96,29 @@ class OptimalPolicy:
         cfg, dt = self.config, self.step_s
         submit = job.submit_at.timestamp()
         deadline = job.spec.deadline.timestamp() if job.spec.deadline else None
-        offers = _distinct([o for o in market.templates.values()
-                            if o.satisfies(job.spec.resources)], market)
+        offers = [o for o in market.templates.values() if o.satisfies(job.spec.resources)]
         if not offers:
             return JobResult(job.name, 0.0, 0, None, True, False)
         total = job.spec.expected_duration_hours
-        speeds = np.array([o.relative_speed for o in offers])
-        base = float(speeds.min())
-        # A unit is _UNIT_S of work at the slowest speed, so that a move's
-        # downtime is counted to within a unit, not a whole step.
-        unit_h = base * _UNIT_S / 3600.0
-        n_units = math.ceil(total / unit_h - 1e-9)
-        if n_units > _MAX_UNITS:
-            unit_h *= math.ceil(n_units / _MAX_UNITS)
-            n_units = math.ceil(total / unit_h - 1e-9)
-        per_step = np.maximum(1, np.floor(speeds * dt / 3600.0 / unit_h + 1e-9)).astype(int)
-        fastest_h = total / float(speeds.max())
+        fastest_h = total / max(o.relative_speed for o in offers)
         horizon = fastest_h * 3600.0 * self.horizon_factor + 12 * 3600.0
         if deadline is not None:
             horizon = max(horizon, deadline - submit)
         horizon = min(horizon, cfg.max_hours * 3600.0)
         n_steps = max(1, math.ceil(horizon / dt))
+        offers = _undominated(_distinct(offers, market, submit, submit + n_steps * dt), market,
+                              submit, submit + n_steps * dt)
+        speeds = np.array([o.relative_speed for o in offers])
+        base = float(speeds.min())
+        # A unit is 1/m of a step's work at the slowest speed (m steps of
+        # about _UNIT_S each), so a move's downtime is counted to within a
+        # unit, and every offer's work per step is a whole number of units
+        # when speeds are multiples of the slowest (V100 1, T4 0.5, K80 0.25).
+        step_units = total / (base * dt / 3600.0)  # steps of work at the slowest speed
+        m = int(max(1, min(round(dt / _UNIT_S), _MAX_UNITS // max(1.0, step_units))))
+        unit_h = base * dt / 3600.0 / m
+        n_units = math.ceil(total / unit_h - 1e-9)
+        per_step = np.maximum(1, np.rint(speeds / base * m)).astype(int)
         k_deadline = (math.floor((deadline - submit) / dt + 1e-9) if deadline is not None
                       else n_steps)
 
