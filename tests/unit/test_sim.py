@@ -201,3 +201,22 @@ def test_cli_bad_input(files: tuple[Path, Path], tmp_path: Path, change: dict[st
     assert message in result.output
     assert "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_cli_availability_folder(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    _, jobs = files
+    folder = tmp_path / "aws-01-01-2023"
+    folder.mkdir()
+    (folder / "us-east-1a_v100_1.json").write_text(
+        json.dumps({"metadata": {"gap_seconds": 600}, "data": [1] * 6 + [0] * 6 + [1] * 100}))
+    result = CliRunner().invoke(app, ["simulate", "--trace", str(folder), "--policy", "skypilot",
+                                      "--jobs", str(jobs), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    first = summary["jobs"][0]
+    assert first["migrations"] == 0 and first["cost_usd"] > 2 * 0.918  # waited out the gap
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["simulate", "--trace", str(empty), "--policy", "naive",
+                                      "--jobs", str(jobs)])
+    assert result.exit_code == 1 and "no availability JSON files" in result.output

@@ -19,8 +19,33 @@ out = Console()
 err = Console(stderr=True)
 
 
+def availability_market(folder: Path) -> list:  # type: ignore[type-arg]
+    """A market from a folder of availability traces: each type at the
+    catalog's spot price where it has capacity, on-demand at its list price."""
+    from gpuscout.market import catalog
+    from gpuscout.market.combined import combined_market
+    from gpuscout.market.loaders import load_availability_dir
+    from gpuscout.market.trace import TraceError
+
+    series = load_availability_dir(folder)
+    if not series:
+        raise TraceError(f"{folder}: no availability JSON files")
+    spot, ondemand = {}, {}
+    for s in series:
+        try:
+            itype = catalog.instance_type(s.instance_type)
+        except KeyError:
+            raise TraceError(f"{folder}: {s.instance_type} is not in the catalog") from None
+        spot[itype.name] = min(itype.spot_price_by_zone.values())
+        ondemand[(s.region, itype.name)] = itype.on_demand_price
+    return combined_market(availability=series, spot_price=spot, ondemand=ondemand)
+
+
 def simulate(
-    trace: Annotated[Path, typer.Option("--trace", help="market trace (DESIGN.md CSV, .gz ok)")],
+    trace: Annotated[Path, typer.Option(
+        "--trace", help="market trace (DESIGN.md CSV, .gz ok), or a folder of spot-traces "
+                        "availability JSON (priced from the catalog: spot when available, "
+                        "on-demand always)")],
     policy: Annotated[str, typer.Option("--policy", help="gpuscout | naive | skypilot | "
                                         "uniform_progress | greedy | on_demand | optimal")],
     jobs: Annotated[Path, typer.Option("--jobs", help="YAML list of job specs with submit_at")],
@@ -39,7 +64,7 @@ def simulate(
 
     try:
         chosen = make_policy(policy)
-        rows = read_trace(trace)
+        rows = availability_market(trace) if trace.is_dir() else read_trace(trace)
         if not rows:
             fail(f"{trace}: the trace has no rows")
         market = SimMarket(rows)
