@@ -3,7 +3,7 @@ trace, with a simulated clock and provider (see ``engine.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gpuscout.sim.baselines import (
     NaivePolicy,
@@ -27,7 +27,7 @@ class UnknownPolicy(ValueError):
 
 def make_policy(name: str, config: SimConfig | None = None) -> SimPolicy | OptimalPolicy:
     config = config or SimConfig()
-    makers = {
+    makers: dict[str, Callable[[], SimPolicy | OptimalPolicy]] = {
         "gpuscout": lambda: GpuScoutPolicy.for_config(config),
         "naive": NaivePolicy,
         "skypilot": SkyPilotPolicy,
@@ -38,7 +38,7 @@ def make_policy(name: str, config: SimConfig | None = None) -> SimPolicy | Optim
     }
     if name not in makers:
         raise UnknownPolicy(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
-    return makers[name]()  # type: ignore[no-any-return]
+    return makers[name]()
 
 
 def simulate(jobs: Sequence[SimJob], market: SimMarket, policy: str | SimPolicy | OptimalPolicy,

@@ -181,14 +181,3 @@ class UniformProgressPolicy(_Base):
     def wake(self, run: JobRun, t: float) -> float:
         return t + self.scout_interval_s
 
-
-def baseline(name: str, config: SimConfig | None = None) -> object:
-    """A fresh baseline policy by name; KeyError for an unknown name."""
-    makers = {
-        "on_demand": OnDemandPolicy,
-        "naive": NaivePolicy,
-        "skypilot": SkyPilotPolicy,
-        "uniform_progress": lambda: UniformProgressPolicy(config),
-        "greedy": lambda: UniformProgressPolicy(config, uniform=False),
-    }
-    return makers[name]()

@@ -335,11 +335,11 @@ class Simulator:
             run.last_move_at = t
             return
         run.work_base = saved
-        target = policy.on_notice(run, t)
+        replacement = policy.on_notice(run, t)
         run.spent += market.cost(run.offer_id, run.bill_from, kill)
         run.offer_id = None
-        if target is not None:
-            launch(target, t)
+        if replacement is not None:
+            launch(replacement, t)
             if run.offer_id is not None:
                 run.migrations += 1
                 run.last_move_at = t
