@@ -283,6 +283,9 @@ def main() -> None:
             print(f"  {name:<17}{row['cost_vs_optimal']:>9.3f}{row['deadline_misses']:>9}"
                   f"{row['budget_misses']:>8}{row['migrations_per_job']:>10.2f}"
                   f"{row['moves_per_6h']:>9.2f}")
+        print("  cost/opt by deadline slack: " + "; ".join(
+            f"{name} " + " ".join(f"{k:.0%}:{v:.2f}" for k, v in by_slack[name].items())
+            for name in policies if name != "optimal"))
     print(plot(curves, OUT / "policy_slack.png"))
     if args.json:
         print(json.dumps({"suites": {s: {p: {k: v for k, v in row.items() if k in (
