@@ -63,6 +63,9 @@ OUT = Path(__file__).resolve().parent / "out"
 MAIN_POLICIES = ("gpuscout", "naive", "skypilot", "uniform_progress", "on_demand", "optimal")
 SINGLE_ZONE_POLICIES = ("greedy", "uniform_progress", "gpuscout", "on_demand", "optimal")
 SLACKS = (0.0, 0.10, 0.25, 0.50)
+COLORS = {"gpuscout": "tab:blue", "naive": "tab:orange", "skypilot": "tab:green",
+          "uniform_progress": "tab:red", "on_demand": "tab:purple", "optimal": "tab:brown",
+          "greedy": "tab:gray"}
 BOOT_ALLOWANCE_H = 0.25
 # 2012-13 us-east-1 on-demand list prices (Linux) for the 2009-2013 types the
 # traces' ondemand.csv lacks; approximate public figures of the time.
@@ -244,13 +247,13 @@ def plot(by_suite: dict[str, dict[str, dict[float, float]]], path: Path) -> str:
     for ax, (suite, curves) in zip(axes[0], by_suite.items(), strict=True):
         for name, points in curves.items():
             xs = [k * 100 for k in points]
-            ax.plot(xs, list(points.values()), marker="o", label=name)
+            ax.plot(xs, list(points.values()), marker="o", label=name, color=COLORS.get(name))
         ax.set_title(suite)
         ax.set_xlabel("deadline slack (% of duration)")
         ax.set_ylabel("mean cost / optimal")
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
