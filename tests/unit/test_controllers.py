@@ -373,6 +373,50 @@ def test_interruption_with_nowhere_to_go_checkpoints_then_recovers_outside_the_z
     assert service.repo.get_job(job_id).offer_id == P3_SPOT_B
 
 
+@pytest.mark.parametrize(("submitted_h_ago", "moves_to"), [
+    (0.0, None),  # ahead of the uniform-progress line: checkpoint, wait for spot
+    (10.0, Capacity.ON_DEMAND),  # behind it: on-demand now
+])
+def test_a_notice_in_a_single_zone_market_waits_for_spot_unless_the_deadline_needs_it(
+        service: Service, provider: FakeProvider, agents: FakeAgents,
+        monkeypatch: pytest.MonkeyPatch, submitted_h_ago: float,
+        moves_to: Capacity | None) -> None:
+    for offer in service.repo.list_offers():
+        if offer.instance_type == "g4dn.xlarge" and offer.capacity == Capacity.SPOT:
+            service.plane.update_offer(offer.id, available=False)
+    now = service.ctx.clock.now()
+    job_id = service.plane.submit(replace(SPEC, expected_duration_hours=1.0,
+                                          deadline=now + timedelta(hours=20))).id
+    run_until(service, job_id, JobStatus.RUNNING)
+    assert service.repo.get_job(job_id).offer_id == P3_SPOT_A
+    service.repo.update_job(job_id, created_at=now - timedelta(hours=submitted_h_ago))
+    # One zone, and the only spot the job fits is the offer being reclaimed.
+    zone_a = [o for o in service.ctx.offers() if o.zone == "us-east-1a"
+              and (o.capacity == Capacity.ON_DEMAND or o.id == P3_SPOT_A)]
+    monkeypatch.setattr(service.ctx, "offers", lambda: list(zone_a))
+    old = service.repo.get_job(job_id).instance_id or ""
+    provider.notify_interruption(old)
+    service.plane.reconcile_once()
+    service.plane.wait_for_migrations()
+    decision = service.plane.decisions[job_id]
+    if moves_to is None:
+        assert not decision.move and "waiting for spot" in decision.reason, decision.reason
+        assert service.repo.list_migrations(job_id=job_id) == []
+        events = [e.kind for e in service.repo.list_events(job_id)]
+        assert events.count("interruption_wait") == 1
+        deadline = time.monotonic() + 5
+        while "emergency_checkpoint" not in events and time.monotonic() < deadline:
+            time.sleep(0.01)
+            events = [e.kind for e in service.repo.list_events(job_id)]
+        assert "emergency_checkpoint" in events
+    else:
+        assert decision.move and "behind the uniform-progress line" in decision.reason, \
+            decision.reason
+        (m,) = service.repo.list_migrations(job_id=job_id)
+        assert m.reason == MigrationReason.PREEMPTION
+        assert service.repo.get_offer(m.to_offer_id).capacity == moves_to
+
+
 def test_a_notice_during_a_move_checkpoints_at_once(
         service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
     job_id = running_job(service)

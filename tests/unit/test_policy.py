@@ -10,6 +10,7 @@ from gpuscout.policy import (
     JobView,
     MoveCosts,
     MovePolicy,
+    PlacementDecision,
     Trigger,
     choose_offer,
     decide_move,
@@ -18,6 +19,7 @@ from gpuscout.policy import (
     plan_moves,
     remaining_work_hours,
     uniform_progress_line,
+    zone_key,
 )
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -326,6 +328,58 @@ def test_place_job(case: str, job_: Job, offers: list[Offer], view: JobView,
     p = place_job(job_, offers, NOW, view=view, costs=COSTS)
     assert (p.offer.id if p.offer else None) == expected, (case, p.reason)
     assert reason_part in p.reason, (case, p.reason)
+
+
+SPOT_Y = offer_at("spot-y", 0.918, zone="y")
+
+
+def on_notice(job_: Job, current: Offer, market: list[Offer]) -> PlacementDecision:
+    """place_job as ControlPlane._urgent_move calls it on a preemption notice:
+    the current offer left out and passed as ``leaving``, its zone avoided."""
+    return place_job(replace(job_, offer_id=current.id),
+                     [o for o in market if o.id != current.id], NOW,
+                     view=JobView(avoid_zones=frozenset({zone_key(current)})), costs=COSTS,
+                     leaving=current)
+
+
+@pytest.mark.parametrize(
+    ("case", "job_", "market", "expected", "reason_part"),
+    [
+        # 30.5% done against a line of 17.1%: the deadline does not need on-demand.
+        ("single zone, ahead of the line: checkpoint and wait for spot",
+         job_with(deadline_in_h=16.58, step=305, created_h_ago=3.42),
+         [SPOT, ON_DEMAND], None, "waiting for spot"),
+        ("single zone, other spot types only in the zone just reclaimed: wait",
+         job_with(deadline_in_h=16.58, step=305, created_h_ago=3.42),
+         [SPOT, offer_at("spot2", 1.0), ON_DEMAND], None, "waiting for spot"),
+        ("single zone, behind the line by more than a restart: on-demand",
+         job_with(deadline_in_h=20, step=100, created_h_ago=10),
+         [SPOT, ON_DEMAND], "od", "behind the uniform-progress line"),
+        ("single zone, ahead of the line but slack down to the margin: on-demand",
+         job_with(deadline_in_h=7.1, step=305, created_h_ago=0.5),
+         [SPOT, ON_DEMAND], "od", "slack is down to the margin"),
+        ("multi-zone: spot in another zone",
+         job_with(deadline_in_h=16.58, step=305, created_h_ago=3.42),
+         [SPOT, SPOT_Y, ON_DEMAND], "spot-y", "room for a preemption"),
+        ("multi-zone, behind the line: still spot in another zone when it has room",
+         job_with(deadline_in_h=20, step=100, created_h_ago=10),
+         [SPOT, SPOT_Y, ON_DEMAND], "spot-y", "room for a preemption"),
+        ("no deadline, single zone: the cheapest other offer",
+         job_with(), [SPOT, ON_DEMAND], "od", "cheapest"),
+    ],
+)
+def test_place_job_on_a_preemption_notice(case: str, job_: Job, market: list[Offer],
+                                          expected: str | None, reason_part: str) -> None:
+    p = on_notice(job_, SPOT, market)
+    assert (p.offer.id if p.offer else None) == expected, (case, p.reason)
+    assert reason_part in p.reason, (case, p.reason)
+
+
+def test_the_offer_being_left_is_never_the_target() -> None:
+    # Without a deadline the cheapest offer wins, and that is the one being left.
+    j = replace(job_with(), offer_id="spot")
+    p = place_job(j, [SPOT, ON_DEMAND], NOW, costs=COSTS, leaving=SPOT)
+    assert p.offer is not None and p.offer.id == "od", p.reason
 
 
 def test_uniform_progress_line_and_behind_it() -> None:

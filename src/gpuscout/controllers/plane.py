@@ -355,8 +355,10 @@ class ControlPlane:
     def _urgent_move(self, job: Job, reason: MigrationReason) -> None:
         """A preemption notice: avoid the zone, checkpoint within the notice
         window (the migration's first act), and move make-before-break to
-        the best offer elsewhere. With nowhere to go, the checkpoint alone
-        is taken: the job recovers from it when the instance is gone."""
+        the best offer elsewhere. With nowhere to go, or when Uniform
+        Progress would rather wait for spot than pay for on-demand (the job
+        is ahead of its deadline line), the checkpoint alone is taken: the
+        job recovers from it when the instance is gone."""
         current = self.ctx.repo.get_offer(job.offer_id) if job.offer_id else None
         first = job.instance_id not in self._notices
         if job.instance_id:
@@ -376,7 +378,7 @@ class ControlPlane:
         now = self.ctx.clock.now()
         decision = place_job(job, offers, now, policy=self.policy,
                              view=self._view(job, now, self.ctx.avoided_zones(), 0),
-                             costs=self.costs)
+                             costs=self.costs, leaving=current)
         self.decisions[job.id] = MoveDecision(
             job_id=job.id, move=decision.offer is not None,
             reason=f"interruption notice on {job.instance_id}: {decision.reason}",

@@ -12,6 +12,12 @@ work, as ``choose_offer``. With a deadline, Can't Be Late's Uniform Progress:
 - otherwise the job waits for spot (it is ahead of the line), and the
   decision says so.
 
+On a preemption notice the caller passes the offer the job is ``leaving``:
+it is not a target, but it is spot the job fits, so a job ahead of the line
+takes its emergency checkpoint and waits for spot (in a single-zone market
+there is no other spot to go to) instead of going to on-demand because
+"no spot offer fits".
+
 A budget is respected where it can be: among the offers that keep the
 deadline, one whose projected cost fits the budget left is preferred. A
 deadline that no offer can keep gets the offer that finishes first.
@@ -52,8 +58,11 @@ class PlacementDecision:
 
 def place_job(
     job: Job, offers: Iterable[Offer], now: datetime, *, policy: MovePolicy | None = None,
-    view: JobView | None = None, costs: MoveCosts | None = None,
+    view: JobView | None = None, costs: MoveCosts | None = None, leaving: Offer | None = None,
 ) -> PlacementDecision:
+    """Where ``job`` goes now, or whether it waits. ``leaving``: the offer a
+    preemption notice is taking away (never a target; spot there shows that
+    spot fits the job, so Uniform Progress may wait for it)."""
     policy = policy or MovePolicy()
     view = view or JobView()
     costs = costs or MoveCosts()
@@ -62,8 +71,9 @@ def place_job(
     total = job.spec.expected_duration_hours
     progress = 1.0 - work / total if total > 0 else 1.0
     line = uniform_progress_line(job, now)
+    gone = leaving.id if leaving is not None else None
     compatible = Offers(offers).compatible(job.spec.resources).ranked()
-    candidates = [o for o in compatible.available() if not (
+    candidates = [o for o in compatible.available() if o.id != gone and not (
         o.capacity == Capacity.SPOT and zone_key(o) in view.avoid_zones)]
 
     def projected(o: Offer) -> float:
@@ -106,7 +116,9 @@ def place_job(
     behind = behind_uniform_progress(job, now, work, costs)
     tight = cheapest_od is not None and (slack(cheapest_od) or 0.0) < policy.deadline_margin_s
     spot_now = any(o.capacity == Capacity.SPOT for o in candidates)
-    spot_exists = any(o.capacity == Capacity.SPOT for o in compatible)
+    spot_exists = any(o.capacity == Capacity.SPOT for o in compatible) or (
+        leaving is not None and leaving.capacity == Capacity.SPOT
+        and leaving.satisfies(job.spec.resources))
     if cheapest_od is not None and (behind or tight or spot_now or not spot_exists):
         why = ("behind the uniform-progress line" if behind else
                "deadline slack is down to the margin" if tight else

@@ -9,7 +9,8 @@ with the same arguments it builds (``ControlPlane.scout_once``,
   the job's current offer looked up in it, a ``JobView`` (time running,
   price moves so far, zones avoided after a preemption) and ``MoveCosts``;
 - a preemption notice: ``place_job`` over the offers other than the current
-  one, with the zone just reclaimed avoided.
+  one, with the zone just reclaimed avoided and the current offer passed as
+  ``leaving`` (so a job ahead of the line waits for spot there).
 """
 
 from __future__ import annotations
@@ -107,10 +108,13 @@ class GpuScoutPolicy:
         return None
 
     def on_notice(self, run: JobRun, t: float) -> Offer | None:
-        offers = [o for o in run.market.offers(t) if o.id != run.offer_id]
+        snapshot = run.market.offers(t)
+        leaving = next((o for o in snapshot if o.id == run.offer_id),
+                       run.market.templates.get(run.offer_id or ""))
+        offers = [o for o in snapshot if o.id != run.offer_id]
         decision = place_job(job_value(run, t, JobStatus.RUNNING), offers, self._now(t),
                              policy=self.policy, view=job_view(run, t, price_moves=0),
-                             costs=self.costs)
+                             costs=self.costs, leaving=leaving)
         if self.record:
             self.decisions.append(decision)
         return decision.offer
