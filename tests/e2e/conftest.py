@@ -88,13 +88,7 @@ class E2E:
         return str(response.json()["id"])
 
     def wait(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        return wait(predicate, timeout_s, what)
 
     def wait_status(self, job_id: str, status: str, timeout_s: float = 60) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
@@ -132,6 +126,18 @@ class E2E:
                 if stat.rsplit(")", 1)[1].split()[0] != "Z":
                     pids.append(int(entry.name))
         return pids
+
+
+def wait(predicate: Callable[[], Any], timeout_s: float, what: str,
+         poll_s: float = 0.05) -> Any:
+    """The first truthy value of ``predicate()``, polled until the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def linreg_command(*, steps: int, seed: int, step_sleep: float, checkpoint_every: int) -> str:

@@ -16,13 +16,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from gpuscout.providers.local import LocalProvider
-from tests.e2e.conftest import linreg_command, standalone_model
+from tests.e2e.conftest import linreg_command, standalone_model, wait
 
 pytestmark = pytest.mark.e2e
 TOKEN = "restart-token"
@@ -87,16 +86,6 @@ def plane(tmp_path: Path) -> Iterator[Plane]:
         provider = LocalProvider(home / "local")
         for instance in provider.list():
             provider.terminate(instance.instance_id)
-
-
-def wait(predicate: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_killed_mid_move_the_control_plane_rolls_back_on_restart(
