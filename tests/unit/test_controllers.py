@@ -75,6 +75,14 @@ def run_until(service: Service, job_id: str, status: JobStatus, passes: int = 20
     assert service.repo.get_job(job_id).status == status
 
 
+def wait_for_event(service: Service, job_id: str, kind: str, timeout_s: float = 5) -> None:
+    """Some events are written by a background thread (an emergency checkpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while kind not in [e.kind for e in service.repo.list_events(job_id)]:
+        assert time.monotonic() < deadline, f"no {kind} event for {job_id}"
+        time.sleep(0.01)
+
+
 def running_job(service: Service) -> str:
     # Make p3.2xlarge spot in us-east-1a the cheapest by taking away g4dn.
     for offer in service.repo.list_offers():
@@ -357,11 +365,7 @@ def test_interruption_with_nowhere_to_go_checkpoints_then_recovers_outside_the_z
     service.plane.reconcile_once()  # a second pass neither checkpoints nor logs again
     events = [e.kind for e in service.repo.list_events(job_id)]
     assert events.count("interruption_wait") == 1
-    deadline = time.monotonic() + 5
-    while "emergency_checkpoint" not in events and time.monotonic() < deadline:
-        time.sleep(0.01)
-        events = [e.kind for e in service.repo.list_events(job_id)]
-    assert "emergency_checkpoint" in events
+    wait_for_event(service, job_id, "emergency_checkpoint")
     assert service.repo.list_migrations(job_id=job_id) == []
     # The instance is taken; capacity comes back in another zone at the same
     # price, and the zone just reclaimed (first by id) is passed over.
@@ -404,11 +408,7 @@ def test_a_notice_in_a_single_zone_market_waits_for_spot_unless_the_deadline_nee
         assert service.repo.list_migrations(job_id=job_id) == []
         events = [e.kind for e in service.repo.list_events(job_id)]
         assert events.count("interruption_wait") == 1
-        deadline = time.monotonic() + 5
-        while "emergency_checkpoint" not in events and time.monotonic() < deadline:
-            time.sleep(0.01)
-            events = [e.kind for e in service.repo.list_events(job_id)]
-        assert "emergency_checkpoint" in events
+        wait_for_event(service, job_id, "emergency_checkpoint")
     else:
         assert decision.move and "behind the uniform-progress line" in decision.reason, \
             decision.reason
