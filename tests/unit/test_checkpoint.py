@@ -23,6 +23,7 @@ from gpuscout.workload.checkpoint import (
     CheckpointStore,
     CorruptCheckpoint,
     NoCheckpoint,
+    new_version,
 )
 from tests.s3_servers import S3Endpoint, moto_server, s3rver_server  # noqa: F401
 
@@ -267,6 +268,21 @@ def test_many_quick_saves_of_one_step_never_collide(ckpts: CheckpointStore) -> N
 
 
 # --- prune ---------------------------------------------------------------------
+
+
+def test_discard_after_removes_newer_checkpoints_good_or_partial(
+        store: ObjectStore, ckpts: CheckpointStore) -> None:
+    saved = {step: ckpts.save(step, state(step)) for step in (10, 20, 30)}
+    partial = f"{PREFIX}/{40:012d}-{new_version()}"
+    store.put(f"{partial}/state.json", b"half")  # a save cut off: no manifest
+
+    deleted = ckpts.discard_after(20)
+
+    assert sorted(deleted) == sorted([saved[30].key, partial])
+    assert ckpts.latest() == saved[20]
+    assert [i.step for i in ckpts.list()] == [10, 20]
+    assert list(store.list(partial + "/")) == []
+    assert ckpts.discard_after(20) == []
 
 
 def test_prune_keeps_the_newest_good_ones(store: ObjectStore, ckpts: CheckpointStore) -> None:

@@ -38,6 +38,7 @@ from gpuscout.domain import (
 )
 from gpuscout.domain.states import IllegalTransition
 from gpuscout.providers.base import CapacityError, ProviderError
+from gpuscout.workload.checkpoint import CheckpointStore
 
 P = MigrationPhase
 S = JobStatus
@@ -292,14 +293,4 @@ class MigrationExecutor:
             f"within {self.ctx.timeouts.resume_s:.0f}s")
 
     def _delete_checkpoints_after(self, job_id: str, step: int) -> None:
-        """After a rollback the old instance goes on from ``step``; anything
-        newer was written by the replacement and must never be restored."""
-        prefix = checkpoint_prefix(job_id) + "/"
-        for key in list(self.ctx.store.list(prefix)):
-            name = key[len(prefix):].split("/", 1)[0]
-            try:
-                ckpt_step = int(name.split("-", 1)[0])
-            except ValueError:
-                continue
-            if ckpt_step > step:
-                self.ctx.store.delete(key)
+        CheckpointStore(self.ctx.store, checkpoint_prefix(job_id)).discard_after(step)

@@ -303,6 +303,17 @@ class CheckpointStore:
                 break
         else:
             return []
+        return self._delete(doomed)
+
+    def discard_after(self, step: int) -> builtins.list[str]:
+        """Delete every checkpoint, good or partial, of a step after ``step``
+        and return their keys. A rolled-back migration uses it: the old
+        instance goes on from ``step``, so anything newer was written by the
+        replacement and must never be restored."""
+        return self._delete([(key, names) for key, names in self._scan()
+                             if _step_of(key) > step])
+
+    def _delete(self, doomed: builtins.list[tuple[str, set[str]]]) -> builtins.list[str]:
         deleted = []
         for key, names in doomed:
             # The manifest goes first: from then on the checkpoint no longer
