@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     aws_agent_port: int = Field(default=8700, ge=1, le=65535)
     aws_public_ip: bool = False  # reach instances by public IP
     aws_package_spec: str | None = None  # pip-installed where the AMI lacks gpuscout
+    # Else, with an s3:// store: this gpuscout as a wheel in the store, named
+    # in the user-data by a presigned URL valid this long (SigV4: <= 7 days).
+    aws_ship_code: bool = True
+    aws_code_url_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     aws_offers_refresh_s: float = Field(default=300.0, gt=0)
 
     @field_validator("market")

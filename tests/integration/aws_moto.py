@@ -2,14 +2,16 @@
 cannot produce, and agents that play the instance side.
 
 - ``aws_env`` (fixture): the environment plain boto3 reads (AWS_ENDPOINT_URL
-  pointing at moto's server on loopback, test credentials, us-east-1).
+  pointing at moto's server on loopback, test credentials, us-east-1), and
+  the bucket ``TEST_BUCKET`` for ``TEST_STORE_URL``, the job store.
 - ``FaultyEc2``: wraps a real boto3 EC2 client and raises the AWS errors a
   test queues (throttling, no capacity) before the call reaches moto.
 - ``AgentAwsProvider``: the real AwsProvider whose every launched EC2
   instance is also played by a real process: the user-data EC2 stored for
   the instance, read back with describe_instance_attribute and run with
   bash, as cloud-init would; its agent listens on a loopback port, which
-  becomes the instance's address.
+  becomes the instance's address. By default the machine's python3 has
+  gpuscout (an AMI with it); ``machine_env`` describes another machine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -38,6 +41,8 @@ from tests.s3_servers import S3Endpoint, moto_server
 __all__ = ["AgentAwsProvider", "FaultyEc2", "aws_env", "moto_server", "new_config"]
 
 TEST_SECRET = "testing-secret-9f2c"  # noqa: S105  (a fake credential moto accepts)
+TEST_BUCKET = "gpuscout-test"
+TEST_STORE_URL = f"s3://{TEST_BUCKET}/gpuscout"
 
 
 @pytest.fixture
@@ -49,6 +54,9 @@ def aws_env(moto_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpo
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    s3 = boto3.client("s3", region_name="us-east-1")
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=TEST_BUCKET)
     return moto_server
 
 
@@ -158,9 +166,11 @@ def free_port() -> int:
 class AgentAwsProvider(AwsProvider):
     """AwsProvider + a real agent process per launched instance (see above)."""
 
-    def __init__(self, config: AwsConfig, root: Path, **kwargs: Any) -> None:
+    def __init__(self, config: AwsConfig, root: Path, *,
+                 machine_env: dict[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.root = root
+        self.machine_env = machine_env
         self.ports: dict[str, int] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.user_data_of: dict[str, str] = {}
@@ -182,6 +192,11 @@ class AgentAwsProvider(AwsProvider):
         self.user_data_of[request.instance_id] = script
         home = self.root / request.instance_id
         home.mkdir(parents=True)
+        # Many machines share this host: each gets an instance folder of its
+        # own (as root, bootstrap.sh would put them all in /var/lib/gpuscout).
+        instance_dir = shlex.quote(str(home / ".gpuscout" / "instance"))
+        script = script.replace("unset GPUSCOUT_INSTANCE_DIR",
+                                f"export GPUSCOUT_INSTANCE_DIR={instance_dir}", 1)
         (home / "user-data.sh").write_text(script)
         # A fresh machine: none of this process's GPUSCOUT_* or AWS settings,
         # and a python3 on PATH that has gpuscout (as on the AMI).
@@ -189,6 +204,7 @@ class AgentAwsProvider(AwsProvider):
                if not k.startswith(("GPUSCOUT_", "AWS_"))}
         env["HOME"] = str(home)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        env.update(self.machine_env or {})
         with open(home / "boot.log", "wb") as log:
             self.processes[request.instance_id] = subprocess.Popen(
                 ["bash", str(home / "user-data.sh")], cwd=home, env=env,

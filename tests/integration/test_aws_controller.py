@@ -23,6 +23,7 @@ from gpuscout.server import ServerThread
 from gpuscout.service import build_service
 from tests.e2e.conftest import E2E, TOKEN, linreg_command, standalone_model
 from tests.integration.aws_moto import (
+    TEST_STORE_URL,
     AgentAwsProvider,
     FaultyEc2,
     aws_env,
@@ -92,10 +93,10 @@ def test_the_reaper_finds_unowned_ec2_instances_by_tag(tmp_path: Path) -> None:
     offer = next(o for o in provider.offers() if o.instance_type == "g4dn.xlarge")
     # Launched, then the control plane died before recording it (or lost its database).
     orphan = provider.launch(LaunchRequest(instance_id="i-orphan", job_id="j-gone",
-                                           offer=offer, command="true", store_url="s3://b"))
+                                           offer=offer, command="true", store_url=TEST_STORE_URL))
     stranger = AwsProvider(new_config())  # another cluster's: not ours to reap
     stranger.launch(LaunchRequest(instance_id="i-theirs", job_id="j-x", offer=offer,
-                                  command="true", store_url="s3://b"))
+                                  command="true", store_url=TEST_STORE_URL))
     assert service.plane.reaper.reap() == ["i-orphan"]
     raw = ec2_client().describe_instances(InstanceIds=[orphan.provider_ref])
     assert raw["Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"

@@ -36,6 +36,7 @@ from gpuscout.providers.base import (
 from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES
 from tests.integration.aws_moto import (
     TEST_SECRET,
+    TEST_STORE_URL,
     FaultyEc2,
     aws_env,
     ec2_client,
@@ -52,7 +53,7 @@ def request(offer: Offer, instance_id: str, **changes: Any) -> LaunchRequest:
     fields: dict[str, Any] = {
         "instance_id": instance_id, "job_id": "j-1", "offer": offer,
         "command": "python -m gpuscout.examples.linreg --steps 100",
-        "store_url": "s3://bucket/gpuscout", "agent_token": "agent-token-1",
+        "store_url": TEST_STORE_URL, "agent_token": "agent-token-1",
         "control_url": "http://10.0.0.5:8080",
     }
     fields.update(changes)
@@ -191,8 +192,11 @@ def test_user_data_is_the_bootstrap_small_and_without_secrets(provider: AwsProvi
     assert "export GPUSCOUT_INSTANCE_ID=i-ud" in text
     assert "export GPUSCOUT_AGENT_PORT=8700" in text
     assert "export GPUSCOUT_AGENT_TOKEN=agent-token-1" in text  # the instance's own token
-    for secret in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", TEST_SECRET, "testing"):
+    for secret in ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key", TEST_SECRET):
         assert secret not in text
+    # The code comes by a presigned URL (tests/integration/test_aws_code.py),
+    # which names the access key id, the public half of the credential.
+    assert "X-Amz-Signature=" in text
 
 
 def test_user_data_refuses_secrets_and_oversize(provider: AwsProvider) -> None:
@@ -368,8 +372,10 @@ def test_config_from_settings(tmp_path: Any) -> None:
 
     settings = Settings(home=tmp_path, provider="aws", aws_region="eu-west-1",
                         aws_subnet_ids="subnet-1, subnet-2", aws_cluster="c1",
-                        aws_instance_profile="gpuscout-agent")
+                        aws_instance_profile="gpuscout-agent", aws_ship_code=False,
+                        aws_code_url_ttl_s=600)
     config = AwsConfig.from_settings(settings)
+    assert (config.ship_code, config.code_url_ttl_s) == (False, 600)
     assert config.region == "eu-west-1" and config.subnet_ids == ("subnet-1", "subnet-2")
     assert (config.cluster, config.instance_profile) == ("c1", "gpuscout-agent")
     assert config.key_dir == tmp_path / "aws"

@@ -475,6 +475,8 @@ def test_bootstrap_installs_the_package_into_a_venv_when_no_python_has_it(
     assert (venv / "installed").read_text() == spec
     assert (instance_dir / "agent-python").read_text().strip() == str(venv / "python")
     assert protocol.ENV_COMMAND in _agent_env(instance_dir)
+    # The job's own `python` is the venv's, which has gpuscout.
+    assert _agent_env(instance_dir)["PATH"].startswith(f"{venv}:")
 
 
 def test_bootstrap_fails_clearly_without_gpuscout_or_a_package_spec(tmp_path: Path) -> None:

@@ -12,6 +12,10 @@ The same contract as every Provider (see base.py), on EC2:
   bootstrap script (providers/bootstrap.sh). The user-data carries no AWS
   secret: the instance reads the store with its instance profile, and its
   only secret is its own agent token. Capacity refusals raise CapacityError.
+- Code travels through the object store: with an ``s3://`` job store and no
+  ``package_spec``, the running gpuscout is uploaded there once as a wheel
+  (providers/code_bundle.py) and the user-data names it by a presigned URL
+  that expires after ``code_url_ttl_s``; an image that has gpuscout ignores it.
 - Ownership is by tags: ``gpuscout:cluster``, ``gpuscout:job``,
   ``gpuscout:instance`` (and ``gpuscout:offer``) on the instance, its volumes
   and its spot request; ``get``/``list``/``terminate`` find instances by tag,
@@ -61,6 +65,11 @@ from gpuscout.providers.base import (
     ProviderState,
 )
 from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES, render_bootstrap
+from gpuscout.providers.code_bundle import (
+    DEFAULT_URL_TTL_S,
+    CodeShipper,
+    wheel_of_running_package,
+)
 
 if TYPE_CHECKING:
     from gpuscout.config import Settings
@@ -166,8 +175,12 @@ class AwsConfig:
     agent_port: int = DEFAULT_AGENT_PORT
     public_ip: bool = False  # address instances by public IP (control plane outside the VPC)
     # What bootstrap.sh pip-installs on an image without gpuscout (a wheel URL,
-    # a pinned name on your index); None: the AMI must have gpuscout.
+    # a pinned name on your index). None: with ship_code and an s3:// store,
+    # the running gpuscout's wheel through a presigned URL; else the AMI
+    # must have gpuscout.
     package_spec: str | None = None
+    ship_code: bool = True
+    code_url_ttl_s: float = DEFAULT_URL_TTL_S
     offers_ttl_s: float = 300.0
     max_attempts: int = 6  # per API call, throttling retries included
     backoff_factor_s: float = 0.2
@@ -184,7 +197,8 @@ class AwsConfig:
             key_dir=Path(settings.home) / "aws", instance_profile=settings.aws_instance_profile,
             security_group=settings.aws_security_group, ingress_cidr=settings.aws_ingress_cidr,
             agent_port=settings.aws_agent_port, public_ip=settings.aws_public_ip,
-            package_spec=settings.aws_package_spec,
+            package_spec=settings.aws_package_spec, ship_code=settings.aws_ship_code,
+            code_url_ttl_s=settings.aws_code_url_ttl_s,
             offers_ttl_s=settings.aws_offers_refresh_s,
         )
 
@@ -236,6 +250,7 @@ class AwsProvider:
         self._group_id: str | None = None
         self._key_ready = False
         self._subnet_by_zone: dict[str, str] | None = None
+        self._shippers: dict[str, CodeShipper] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AwsProvider:
@@ -375,15 +390,58 @@ class AwsProvider:
         env = {**request.env, ENV_IMDS_ENDPOINT: IMDS_ENDPOINT,
                "AWS_DEFAULT_REGION": self.config.region}
         prepared = dataclasses.replace(request, env=env)
+        spec = self._package_spec(request)
         try:
             script = render_bootstrap(prepared, agent_host="0.0.0.0",  # noqa: S104
                                       agent_port=self._agent_port_for(request),
-                                      package_spec=self.config.package_spec)
+                                      package_spec=spec)
         except ValueError as err:
             raise LaunchError(f"cannot build the user-data of {request.instance_id}: {err}") \
                 from err
-        check_user_data(script, self._secrets())
+        secret_keys, tokens = self._secrets()
+        if spec and spec != self.config.package_spec:
+            # Our presigned URL: made with temporary credentials it carries
+            # their session token, by design (alone it signs nothing); it
+            # can never carry a secret key. The rest of the script may hold
+            # neither.
+            check_user_data(spec, secret_keys)
+            check_user_data(script.replace(spec, ""), secret_keys + tokens)
+        else:
+            check_user_data(script, secret_keys + tokens)
         return script
+
+    def _package_spec(self, request: LaunchRequest) -> str | None:
+        """What the instance installs when its image lacks gpuscout: the
+        configured spec, else this process's own code through the job's
+        S3 store (uploaded on first use), else nothing."""
+        if self.config.package_spec:
+            return self.config.package_spec
+        if not self.config.ship_code or not request.store_url.startswith("s3://"):
+            return None
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+
+        try:
+            return self._shipper(request.store_url).package_spec()
+        except (BotoCoreError, ClientError, OSError) as err:
+            raise LaunchError(f"cannot put gpuscout's code in {request.store_url} for "
+                              f"{request.instance_id}: {err}") from err
+
+    def _shipper(self, store_url: str) -> CodeShipper:
+        with self._lock:
+            shipper = self._shippers.get(store_url)
+            if shipper is None:
+                import boto3  # type: ignore[import-untyped]
+
+                from gpuscout.store.s3 import S3Store
+
+                # The URL is signed for the bucket's region: the instances'
+                # unless the environment names another.
+                session = boto3.session.Session(
+                    region_name=os.environ.get("AWS_DEFAULT_REGION") or self.config.region)
+                shipper = self._shippers[store_url] = CodeShipper(
+                    S3Store(store_url, session=session), wheel_of_running_package(),
+                    url_ttl_s=self.config.code_url_ttl_s)
+            return shipper
 
     def _agent_port_for(self, request: LaunchRequest) -> int:
         """The port the instance's agent listens on (a hook for tests that
@@ -394,14 +452,16 @@ class AwsProvider:
         """Where the control plane reaches the instance's agent."""
         return f"{ip}:{self.config.agent_port}" if ip else None
 
-    def _secrets(self) -> builtins.list[str]:
-        out = [v for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-               if (v := os.environ.get(k))]
+    def _secrets(self) -> tuple[builtins.list[str], builtins.list[str]]:
+        """(secret access keys, session tokens) this process could leak."""
+        keys = [v for v in (os.environ.get("AWS_SECRET_ACCESS_KEY"),) if v]
+        tokens = [v for v in (os.environ.get("AWS_SESSION_TOKEN"),) if v]
         creds = getattr(getattr(self.ec2, "_request_signer", None), "_credentials", None)
         if creds is not None:
             frozen = creds.get_frozen_credentials()
-            out += [v for v in (frozen.secret_key, frozen.token) if v]
-        return out
+            keys += [frozen.secret_key] if frozen.secret_key else []
+            tokens += [frozen.token] if frozen.token else []
+        return keys, tokens
 
     def _tag_specs(self, request: LaunchRequest) -> builtins.list[dict[str, Any]]:
         tags = [

@@ -14,7 +14,11 @@
 #      further output to $GPUSCOUT_INSTANCE_DIR/agent.log;
 #   2. finds a Python that can import gpuscout.agent: GPUSCOUT_PYTHON if set
 #      and usable, else python3; failing both, it pip-installs
-#      GPUSCOUT_PACKAGE_SPEC into a venv in the instance folder;
+#      GPUSCOUT_PACKAGE_SPEC (a name, or a URL of a wheel, possibly presigned
+#      and ending in #sha256=HEX, which pip checks) into a venv in the
+#      instance folder that also sees the image's packages (a Deep Learning
+#      AMI's frameworks), and puts that venv first on PATH, so the job's
+#      `python` imports gpuscout too;
 #   3. execs `python -m gpuscout.agent` in the working folder, so the agent
 #      takes this shell's pid (and its process group).
 # Any failure before the exec exits non-zero with a line saying why.
@@ -79,21 +83,24 @@ if [ -z "$PY" ]; then
     VENV="$GPUSCOUT_INSTANCE_DIR/venv"
     if [ ! -x "$VENV/bin/python" ]; then
         log "creating $VENV with $SYS_PY"
-        if ! "$SYS_PY" -m venv "$VENV"; then
+        if ! "$SYS_PY" -m venv "$VENV" --system-site-packages; then
             # Debian/Ubuntu ship venv without ensurepip unless python3-venv is in.
             command -v apt-get >/dev/null 2>&1 \
                 && { apt-get update -q && apt-get install -y -q python3-venv || true; }
             rm -rf "$VENV"
-            "$SYS_PY" -m venv "$VENV" || die "cannot create a venv with $SYS_PY"
+            "$SYS_PY" -m venv "$VENV" --system-site-packages \
+                || die "cannot create a venv with $SYS_PY"
         fi
     fi
-    log "installing $GPUSCOUT_PACKAGE_SPEC"
+    # The spec may be a presigned URL: log where it points, not its signature.
+    log "installing ${GPUSCOUT_PACKAGE_SPEC%%\?*}"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip \
         || log "pip upgrade failed; going on with the bundled pip"
     "$VENV/bin/python" -m pip install --quiet "$GPUSCOUT_PACKAGE_SPEC" \
-        || die "pip install $GPUSCOUT_PACKAGE_SPEC failed"
+        || die "pip install ${GPUSCOUT_PACKAGE_SPEC%%\?*} failed"
     PY="$VENV/bin/python"
     has_gpuscout "$PY" || die "gpuscout installed but not importable with $PY"
+    export PATH="$VENV/bin:$PATH"
 fi
 
 # 3. The agent takes over this process.

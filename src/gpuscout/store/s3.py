@@ -111,6 +111,9 @@ class S3Store:
         if region is None and self.endpoint_url:
             region = "us-east-1"  # S3-compatible servers ignore it; boto3 needs one
         config = Config(
+            # SigV4 everywhere, presigned URLs included (SigV2 is gone from
+            # newer regions).
+            signature_version="s3v4",
             retries={"mode": "standard", "max_attempts": 5},
             max_pool_connections=max(10, max_concurrency * 2),
             # Local and on-premises S3 servers want path-style URLs
@@ -223,6 +226,18 @@ class S3Store:
             except ObjectChanged:
                 continue  # replaced mid-download: read the new version whole
         raise RuntimeError(f"{key!r} changed under every one of {_GET_ATTEMPTS} reads")
+
+    def presigned_get_url(self, key: str, expires_s: float) -> str:
+        """A URL that GETs ``key`` without credentials for ``expires_s``
+        seconds (SigV4: at most 7 days, and no longer than the signing
+        credentials live). It holds a signature and the access key id, not
+        the secret key; made with temporary credentials it also holds their
+        session token, which signs nothing without the secret key."""
+        url: str = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._full(key)},
+            ExpiresIn=max(1, int(expires_s)),
+        )
+        return url
 
     def exists(self, key: str) -> bool:
         full = self._full(key)
