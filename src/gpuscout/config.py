@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     aws_ship_code: bool = True
     aws_code_url_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
     aws_offers_refresh_s: float = Field(default=300.0, gt=0)
+    # An Elastic IP (allocation id) moved to each job's current instance.
+    aws_elastic_ip: str | None = Field(default=None, pattern=r"^eipalloc-[0-9a-f]+$")
 
     @field_validator("market")
     @classmethod

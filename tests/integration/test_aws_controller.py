@@ -110,7 +110,9 @@ def aws_e2e(tmp_path: Path) -> Iterator[E2E]:
     settings = Settings(home=home, api_token=TOKEN, scout_interval_s=0.5,
                         reconcile_interval_s=0.2, reaper_interval_s=5)
     base = AwsProvider(new_config())
-    provider = AgentAwsProvider(new_config(), tmp_path / "machines",
+    # The job's Elastic IP follows it from instance to instance.
+    elastic_ip = ec2_client().allocate_address(Domain="vpc")["AllocationId"]
+    provider = AgentAwsProvider(new_config(elastic_ip=elastic_ip), tmp_path / "machines",
                                 table=small_table(base.table), client=FaultyEc2(ec2_client()))
     service = build_service(settings, provider=provider, agents=AgentClient())
     service.ctx.timeouts = Timeouts(health_s=15, checkpoint_s=20, resume_s=20, drain_s=5,
@@ -147,6 +149,7 @@ def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path:
     old_instance = job["instance_id"]
     old_ec2 = provider.get(old_instance)
     assert old_ec2.state.value == "running" and old_ec2.provider_ref.startswith("i-")
+    assert elastic_ip_holder(provider) == old_ec2.provider_ref  # from the first placement
     e2e.wait_step(job_id, 40, timeout_s=30)
 
     # Move it to another type in another zone, by hand (a price drop or a
@@ -176,9 +179,11 @@ def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path:
     assert "GPUSCOUT_STANDBY=1" in provider.user_data_of[m["to_instance_id"]]
     assert "GPUSCOUT_STANDBY=0" in provider.user_data_of[old_instance]
 
-    # The job's stable endpoint follows it to the new instance.
+    # The job's stable endpoint follows it to the new instance, and so
+    # does its Elastic IP.
     status = e2e.api.get(f"/endpoints/{job_id}/status")
     assert status.status_code == 200 and status.json()["instance_id"] == m["to_instance_id"]
+    assert elastic_ip_holder(provider) == new_ec2.provider_ref
 
     job = e2e.wait_status(job_id, "completed", timeout_s=60)
     assert job["progress"]["step"] == steps
@@ -219,6 +224,11 @@ def test_a_spot_interruption_reported_by_ec2_moves_the_job(aws_e2e: E2E,
     job = e2e.wait_status(job_id, "completed", timeout_s=60)
     model = e2e.api.get(f"/api/v1/jobs/{job_id}/artifacts/model.json")
     assert model.content == standalone_model(tmp_path, steps=steps, seed=seed)
+
+
+def elastic_ip_holder(provider: AwsProvider) -> str | None:
+    answer = ec2_client().describe_addresses(AllocationIds=[provider.config.elastic_ip])
+    return answer["Addresses"][0].get("InstanceId")  # type: ignore[no-any-return]
 
 
 class _Override:

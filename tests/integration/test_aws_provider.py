@@ -10,6 +10,7 @@ retried with jittered backoff.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 from typing import Any
 
@@ -373,9 +374,14 @@ def test_config_from_settings(tmp_path: Any) -> None:
     settings = Settings(home=tmp_path, provider="aws", aws_region="eu-west-1",
                         aws_subnet_ids="subnet-1, subnet-2", aws_cluster="c1",
                         aws_instance_profile="gpuscout-agent", aws_ship_code=False,
-                        aws_code_url_ttl_s=600)
+                        aws_code_url_ttl_s=600, aws_elastic_ip="eipalloc-0abc12")
     config = AwsConfig.from_settings(settings)
     assert (config.ship_code, config.code_url_ttl_s) == (False, 600)
+    assert config.elastic_ip == "eipalloc-0abc12"
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="aws_elastic_ip"):
+        Settings(home=tmp_path, aws_elastic_ip="203.0.113.7")  # an address, not its allocation
     assert config.region == "eu-west-1" and config.subnet_ids == ("subnet-1", "subnet-2")
     assert (config.cluster, config.instance_profile) == ("c1", "gpuscout-agent")
     assert config.key_dir == tmp_path / "aws"
@@ -411,14 +417,17 @@ def test_the_iam_policy_allows_every_call_the_provider_makes(tmp_path: Any) -> N
     name = ec2_client().describe_images(Owners=["amazon"])["Images"][0]["Name"]
     config = new_config(ami_id=None, ami_name_pattern=name, key_name=f"k-{new_config().cluster}",
                         key_dir=tmp_path)
+    config = dataclasses.replace(
+        config, elastic_ip=ec2_client().allocate_address(Domain="vpc")["AllocationId"])
     provider = AwsProvider(config, client=spy)
     offer = pick(provider.offers(), "g4dn.xlarge", Capacity.SPOT)
     provider.launch(request(offer, "i-iam"))
     provider.get("i-iam")
     provider.list()
+    provider.on_route("j-1", "i-iam")
     provider.terminate("i-iam")
     used = {"ec2:" + "".join(part.title() for part in call.split("_")) for call in spy.calls}
-    assert "ec2:RunInstances" in used and "ec2:CreateSecurityGroup" in used
+    assert {"ec2:RunInstances", "ec2:CreateSecurityGroup", "ec2:AssociateAddress"} <= used
     assert used - allowed == set()
     # The instances' own role reaches the store only.
     instance = json.loads((root / "deploy" / "aws" / "instance-policy.json").read_text())
@@ -440,3 +449,64 @@ def test_subnets_limit_offers_to_their_zones_and_carry_the_launch() -> None:
     assert elsewhere.zone != "us-east-1b"
     with pytest.raises(CapacityError, match="no configured subnet"):
         provider.launch(request(elsewhere, "i-elsewhere"))
+
+
+def eip_holder(allocation: str) -> str | None:
+    (address,) = ec2_client().describe_addresses(AllocationIds=[allocation])["Addresses"]
+    return address.get("InstanceId")
+
+
+def test_the_elastic_ip_follows_one_job_from_instance_to_instance() -> None:
+    ec2 = ec2_client()
+    allocation = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    provider = AwsProvider(new_config(elastic_ip=allocation))
+    offer = pick(provider.offers(), "g4dn.xlarge", Capacity.ON_DEMAND)
+    a1 = provider.launch(request(offer, "i-a1", job_id="j-a"))
+    b1 = provider.launch(request(offer, "i-b1", job_id="j-b"))
+    a2 = provider.launch(request(offer, "i-a2", job_id="j-a"))
+
+    assert provider.on_route("j-a", "i-a1") is None  # private addresses: unchanged
+    assert eip_holder(allocation) == a1.provider_ref
+    provider.on_route("j-a", "i-a1")  # again: nothing to do
+    # Another job's route does not take it from a live instance of job j-a...
+    provider.on_route("j-b", "i-b1")
+    assert eip_holder(allocation) == a1.provider_ref
+    # ...but j-a's move takes it along, from the old instance to the new one.
+    provider.on_route("j-a", "i-a2")
+    assert eip_holder(allocation) == a2.provider_ref
+    # Once j-a's instance is gone, the address is free for j-b.
+    provider.terminate("i-a2")
+    provider.on_route("j-b", "i-b1")
+    assert eip_holder(allocation) == b1.provider_ref
+    with pytest.raises(InstanceNotFound):
+        provider.on_route("j-a", "i-a2")  # terminated
+    # Without an Elastic IP configured, nothing is called.
+    spy = FaultyEc2(ec2_client())
+    AwsProvider(new_config(), client=spy).on_route("j-b", "i-b1")
+    assert spy.calls == []
+
+
+def test_the_elastic_ip_is_not_taken_from_an_instance_gpuscout_does_not_own() -> None:
+    ec2 = ec2_client()
+    allocation = ec2.allocate_address(Domain="vpc")["AllocationId"]
+    theirs = ec2.run_instances(ImageId=new_config().ami_id, InstanceType="t3.micro",
+                               MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    ec2.associate_address(AllocationId=allocation, InstanceId=theirs)
+    provider = AwsProvider(new_config(elastic_ip=allocation))
+    offer = pick(provider.offers(), "g4dn.xlarge", Capacity.ON_DEMAND)
+    provider.launch(request(offer, "i-mine"))
+    provider.on_route("j-1", "i-mine")
+    assert eip_holder(allocation) == theirs
+    ec2.terminate_instances(InstanceIds=[theirs])
+
+
+def test_with_public_addresses_the_elastic_ip_becomes_the_agents_address() -> None:
+    ec2 = ec2_client()
+    allocation = ec2.allocate_address(Domain="vpc")
+    provider = AwsProvider(new_config(elastic_ip=allocation["AllocationId"], public_ip=True))
+    offer = pick(provider.offers(), "g4dn.xlarge", Capacity.ON_DEMAND)
+    launched = provider.launch(request(offer, "i-pub"))
+    assert launched.address != f"{allocation['PublicIp']}:8700"
+    assert provider.on_route("j-1", "i-pub") == f"{allocation['PublicIp']}:8700"
+    assert provider.get("i-pub").address == f"{allocation['PublicIp']}:8700"
+    assert provider.on_route("j-1", "i-pub") is None  # already there

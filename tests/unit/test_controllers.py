@@ -28,7 +28,7 @@ from gpuscout.domain import (
     Resources,
 )
 from gpuscout.market.feeds import TraceFeed
-from gpuscout.providers.base import CapacityError, LaunchRequest
+from gpuscout.providers.base import CapacityError, LaunchRequest, ProviderError
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
 from tests.unit.fake_agents import FakeAgents
@@ -142,6 +142,34 @@ def test_price_drop_migrates_make_before_break(service: Service, provider: FakeP
     assert provider.terminate_calls == [old.instance_id]
     assert service.repo.get_instance(old.instance_id or "").status == InstanceStatus.TERMINATED
     assert service.ctx.router.resolve(job_id) == f"standby-{m.to_instance_id}"
+    # The provider heard of each route: first placement, then the switch.
+    assert provider.route_calls == [(job_id, old.instance_id), (job_id, m.to_instance_id)]
+
+
+def test_a_route_the_provider_moves_an_address_for(service: Service,
+                                                  provider: FakeProvider) -> None:
+    """What follows the job on the provider's side (an Elastic IP) is best
+    effort, and an address that moved with it is persisted and used."""
+    job_id = running_job(service)
+    instance = service.repo.get_instance(service.repo.get_job(job_id).instance_id or "")
+    token = service.ctx.agents.tokens[instance.address]  # type: ignore[attr-defined]
+
+    provider.next_route_error = ProviderError("AssociateAddress: UnauthorizedOperation")
+    service.ctx.route(job_id, instance)
+    assert service.ctx.router.resolve(job_id) == instance.address  # the proxy still routes
+    (failed,) = [e for e in service.repo.list_events(job_id) if e.kind == "route_failed"]
+    assert "UnauthorizedOperation" in failed.message
+
+    provider.route_addresses[instance.id] = "203.0.113.7:8700"
+    service.ctx.route(job_id, instance)
+    assert service.repo.get_instance(instance.id).address == "203.0.113.7:8700"
+    assert service.ctx.router.resolve(job_id) == "203.0.113.7:8700"
+    assert service.ctx.agents.tokens["203.0.113.7:8700"] == token  # type: ignore[attr-defined]
+    # A restarted control plane rebuilds the route from the stored address.
+    service.ctx.router.switch(job_id, None)
+    service.plane.repair()
+    assert service.ctx.router.resolve(job_id) == "203.0.113.7:8700"
+    assert provider.route_calls[-1] == (job_id, instance.id)
 
 
 def assert_rolled_back(service: Service, provider: FakeProvider, job_id: str,

@@ -18,7 +18,7 @@ from gpuscout.controllers.agent_client import Agents
 from gpuscout.db import NotFound, Repository, new_id
 from gpuscout.domain import Instance, InstanceStatus, Job, Offer
 from gpuscout.metrics import Metrics
-from gpuscout.providers.base import LaunchRequest, Provider, ProviderInstance
+from gpuscout.providers.base import LaunchRequest, Provider, ProviderError, ProviderInstance
 from gpuscout.routing.router import Router
 from gpuscout.store.base import ObjectStore
 
@@ -126,6 +126,33 @@ class Context:
             self.agents.set_token(launched.address, token)
         self.metrics.instances_launched.inc()
         return self.repo.get_instance(instance.id), launched
+
+    def route(self, job_id: str, instance: Instance) -> None:
+        """Point the job's endpoint at ``instance``: the proxy's route first,
+        then whatever the provider moves with it (an Elastic IP on AWS).
+
+        The provider's part is best effort: the proxy already serves the job,
+        so a failure is logged and recorded as an event, not raised. When it
+        changes the instance's address (an Elastic IP replaces a public IP),
+        the new address is persisted, then routed to.
+        """
+        self.router.switch(job_id, instance.address)
+        try:
+            moved = self.provider.on_route(job_id, instance.id)
+        except ProviderError as err:
+            self.event(job_id, "route_failed",
+                       f"{self.provider.name} could not move the job's address to "
+                       f"{instance.id}: {err}", instance_id=instance.id)
+            return
+        if moved and moved != instance.address:
+            token = self.repo.agent_tokens().get(instance.address or "")
+            self.repo.update_instance(instance.id, address=moved)
+            if token:
+                self.agents.set_token(moved, token)
+            self.router.switch(job_id, moved)
+            self.event(job_id, "address_moved",
+                       f"{instance.id} is now reached at {moved}", instance_id=instance.id,
+                       address=moved)
 
     def terminate(self, instance_id: str, *, failed: bool = False) -> None:
         """Terminate an instance (idempotent): bill it, persist, then act."""

@@ -101,7 +101,7 @@ class Lifecycle:
             self._last_seen[instance_id] = now
             fields = {"started_at": job.started_at or now, "cost_updated_at": now}
             self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)
-            self.ctx.router.switch(job.id, instance.address)
+            self.ctx.route(job.id, instance)
             self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
                            instance_id=instance_id)
             return

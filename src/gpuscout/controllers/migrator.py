@@ -158,7 +158,7 @@ class MigrationExecutor:
         new = ctx.repo.get_instance(m.to_instance_id)
         old = ctx.repo.get_instance(m.from_instance_id)
         now = ctx.clock.now()
-        ctx.router.switch(m.job_id, new.address)
+        ctx.route(m.job_id, new)
         job = ctx.repo.get_job(m.job_id)
         if job.status == S.MIGRATING:
             ctx.repo.transition(

@@ -133,8 +133,7 @@ class ControlPlane:
         # Routes live in memory: rebuild them from the jobs' active instances.
         for job in self.ctx.repo.list_jobs([S.RUNNING, S.MIGRATING]):
             if job.instance_id:
-                instance = self.ctx.repo.get_instance(job.instance_id)
-                self.ctx.router.switch(job.id, instance.address)
+                self.ctx.route(job.id, self.ctx.repo.get_instance(job.instance_id))
 
     def _loop(self, interval_s: float, body: Callable[[], object]) -> None:
         while not self._stop.is_set():

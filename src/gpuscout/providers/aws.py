@@ -22,6 +22,9 @@ The same contract as every Provider (see base.py), on EC2:
   so a restarted control plane (or the reaper) finds every one of them.
 - ``terminate`` is idempotent; an instance that is shutting down or
   terminated no longer bills, so it counts as gone.
+- With ``elastic_ip`` (an allocation id), ``on_route`` moves that address to
+  the instance a job's route now points at, so clients that use it follow
+  the job from instance to instance.
 - Throttling is retried with jittered exponential backoff
   (``compute_backoff``), then raised as ``ThrottledError``.
 
@@ -181,6 +184,9 @@ class AwsConfig:
     package_spec: str | None = None
     ship_code: bool = True
     code_url_ttl_s: float = DEFAULT_URL_TTL_S
+    # An Elastic IP (allocation id, eipalloc-...) that follows the job's
+    # route from instance to instance; None: only the proxy follows it.
+    elastic_ip: str | None = None
     offers_ttl_s: float = 300.0
     max_attempts: int = 6  # per API call, throttling retries included
     backoff_factor_s: float = 0.2
@@ -198,7 +204,7 @@ class AwsConfig:
             security_group=settings.aws_security_group, ingress_cidr=settings.aws_ingress_cidr,
             agent_port=settings.aws_agent_port, public_ip=settings.aws_public_ip,
             package_spec=settings.aws_package_spec, ship_code=settings.aws_ship_code,
-            code_url_ttl_s=settings.aws_code_url_ttl_s,
+            code_url_ttl_s=settings.aws_code_url_ttl_s, elastic_ip=settings.aws_elastic_ip,
             offers_ttl_s=settings.aws_offers_refresh_s,
         )
 
@@ -377,6 +383,60 @@ class AwsProvider:
                 return
             raise ProviderError(f"terminate {instance_id} ({', '.join(ids)}) failed: "
                                 f"{err.code}: {err.message}") from err
+
+    def on_route(self, job_id: str, instance_id: str) -> str | None:
+        """Associate the Elastic IP (``elastic_ip``) with the EC2 instance of
+        ``instance_id``, the one the job's route now points at.
+
+        One address follows one job: it is taken from no instance, from an
+        instance of the same job (the old side of a move; AllowReassociation
+        moves it in one call) or from an instance that is gone, but never
+        from a live instance of another job or one GPU Scout does not own
+        (logged, left where it is). Idempotent. Returns the agent's new
+        address when the Elastic IP replaced the public IP the control
+        plane reaches the instance by (``public_ip``), else None.
+        """
+        allocation = self.config.elastic_ip
+        if not allocation:
+            return None
+        found = [raw for raw in self._describe([
+            {"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]},
+            {"Name": f"tag:{TAG_CLUSTER}", "Values": [self.config.cluster]},
+        ]) if raw["State"]["Name"] not in _GONE_STATES]
+        if not found:
+            raise InstanceNotFound(instance_id)
+        target = found[0]
+        try:
+            (address,) = self._call("describe_addresses",
+                                    AllocationIds=[allocation])["Addresses"]
+        except _AwsClientError as err:
+            raise ProviderError(f"cannot read Elastic IP {allocation}: {err}") from err
+        holder = address.get("InstanceId")
+        if holder and holder != target["InstanceId"]:
+            owner = self._describe([{"Name": "instance-id", "Values": [holder]}])
+            tags = _tags(owner[0]) if owner else {}
+            live = bool(owner) and owner[0]["State"]["Name"] not in _GONE_STATES
+            ours = tags.get(TAG_CLUSTER) == self.config.cluster
+            if live and not (ours and tags.get(TAG_JOB) == job_id):
+                log.warning("Elastic IP %s stays on %s (%s): it is not job %s's",
+                            allocation, holder,
+                            f"job {tags.get(TAG_JOB)}" if ours else "not a GPU Scout instance",
+                            job_id)
+                return None
+        if holder != target["InstanceId"]:
+            try:
+                self._call("associate_address", AllocationId=allocation,
+                           InstanceId=target["InstanceId"], AllowReassociation=True)
+            except _AwsClientError as err:
+                raise ProviderError(f"cannot associate Elastic IP {allocation} with "
+                                    f"{target['InstanceId']}: {err}") from err
+            log.info("Elastic IP %s (%s) -> %s (%s, job %s)", allocation,
+                     address.get("PublicIp"), target["InstanceId"], instance_id, job_id)
+        if self.config.public_ip and address.get("PublicIp"):
+            moved = self._address_of(instance_id, str(address["PublicIp"]))
+            before = self._address_of(instance_id, target.get("PublicIpAddress"))
+            return moved if moved != before else None
+        return None
 
     # --- what an instance gets ---------------------------------------------
 

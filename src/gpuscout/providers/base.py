@@ -10,6 +10,11 @@ Contract (after Karpenter's CloudProvider):
   including ones the control plane has no record of (the reaper's input).
 - ``terminate`` is idempotent: "not found" and "already terminated" are done.
   It returns once the instance is gone (no process, no billing).
+- ``on_route`` is told each time a job's route points at an instance (first
+  placement, a completed move, a restarted control plane rebuilding its
+  routes). Most providers do nothing; one whose own address follows the job
+  (an Elastic IP on AWS) moves it there. It is idempotent, and a failure
+  (ProviderError) leaves the job's proxy route in place.
 """
 
 from __future__ import annotations
@@ -96,3 +101,8 @@ class Provider(Protocol):
     def list(self) -> list[ProviderInstance]: ...
 
     def terminate(self, instance_id: str) -> None: ...
+
+    def on_route(self, job_id: str, instance_id: str) -> str | None:
+        """The job's route now points at this running instance. Return the
+        instance's new agent address if this call changed it, else None."""
+        ...

@@ -54,8 +54,12 @@ class FakeProvider:
     - ``notify_interruption(id)``: a spot interruption notice.
     - ``forget(id)``: the provider no longer knows it (get -> InstanceNotFound),
       as EC2 forgets instances terminated long ago.
+    - ``route_addresses``: instance id -> the address ``on_route`` reports
+      for it (an address that moved with the route); ``next_route_error``:
+      raised by the next ``on_route``, then cleared.
     Records: ``launch_calls`` (every request, failed ones included),
-    ``terminate_calls`` (every id asked, unknown ones included).
+    ``terminate_calls`` (every id asked, unknown ones included),
+    ``route_calls`` ((job id, instance id) per ``on_route``).
     """
 
     name = "fake"
@@ -84,6 +88,9 @@ class FakeProvider:
         self.unavailable_offers: set[str] = set()
         self.launch_calls: builtins.list[LaunchRequest] = []
         self.terminate_calls: builtins.list[str] = []
+        self.route_calls: builtins.list[tuple[str, str]] = []
+        self.route_addresses: dict[str, str] = {}
+        self.next_route_error: ProviderError | None = None
         self._instances: dict[str, _FakeInstance] = {}
         self._launched = 0
         self._lock = threading.RLock()
@@ -142,6 +149,19 @@ class FakeProvider:
                 raise err
             if instance_id in self._instances:
                 self._set_state(instance_id, ProviderState.TERMINATED)
+
+    def on_route(self, job_id: str, instance_id: str) -> str | None:
+        with self._lock:
+            self.route_calls.append((job_id, instance_id))
+            if self.next_route_error is not None:
+                err, self.next_route_error = self.next_route_error, None
+                raise err
+            moved = self.route_addresses.get(instance_id)
+            if moved is not None and instance_id in self._instances:
+                inst = self._instances[instance_id]
+                self._instances[instance_id] = replace(
+                    inst, view=replace(inst.view, address=moved))
+            return moved
 
     # --- scripting -----------------------------------------------------------
 

@@ -246,6 +246,10 @@ class LocalProvider:
                 out.append(self._view(record))
         return out
 
+    def on_route(self, job_id: str, instance_id: str) -> str | None:
+        """Nothing follows a job here but the proxy's route."""
+        return None
+
     def terminate(self, instance_id: str) -> None:
         """Kill the instance's whole process tree; return once none is left.
 
