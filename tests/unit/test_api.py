@@ -257,6 +257,7 @@ def test_offers_list_and_filters(client: TestClient, service: Service) -> None:
         "vcpus": offer["vcpus"], "memory_gb": offer["memory_gb"],
         "price_per_hour": offer["price_per_hour"], "available": True,
         "relative_speed": 1.0, "cost_per_work_hour": offer["price_per_hour"],
+        "interruptions_per_day": 0.0,
     }
     unavailable = client.get("/api/v1/offers?available=false").json()["data"]
     assert unavailable and all(not o["available"] for o in unavailable)
@@ -568,6 +569,10 @@ def test_interrupt_delivers_a_notice_and_the_job_moves_out_of_the_zone(
     assert ":us-east-1a:" not in m["to_offer_id"] or ":spot" not in m["to_offer_id"]
     kinds = [e["kind"] for e in client.get(f"/api/v1/jobs/{job_id}/events").json()["data"]]
     assert {"interruption_requested", "interruption", "emergency_checkpoint"} <= set(kinds)
+    # The offer it was reclaimed from now reads as less steady than its peers.
+    offers = {o["id"]: o for o in client.get("/api/v1/offers").json()["data"]}
+    assert offers[m["from_offer_id"]]["interruptions_per_day"] == 1.0
+    assert offers[m["to_offer_id"]]["interruptions_per_day"] == 0.0
 
 
 def test_interrupt_unknown_is_404_and_gone_or_unsupported_is_409(

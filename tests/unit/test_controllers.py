@@ -482,7 +482,7 @@ def test_capacity_gone_under_a_job_moves_it_even_within_its_dwell(service: Servi
 def test_a_tight_deadline_places_on_demand_and_a_loose_one_on_spot(service: Service) -> None:
     now = service.ctx.clock.now()
     tight = service.plane.submit(replace(SPEC, name="tight", expected_duration_hours=1.0,
-                                         deadline=now + timedelta(hours=1.2)))
+                                         deadline=now + timedelta(hours=1.1)))
     loose = service.plane.submit(replace(SPEC, name="loose", expected_duration_hours=1.0,
                                          deadline=now + timedelta(hours=5)))
     run_until(service, tight.id, JobStatus.RUNNING)

@@ -29,6 +29,7 @@ from gpuscout.policy import (
     dwell_s,
     move_cost_usd,
     remaining_work_hours,
+    spot_reserve_s,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -209,10 +210,10 @@ OD = offer("od", 3.06, capacity=Capacity.ON_DEMAND)
 
 def test_a_deadline_forces_on_demand_once_the_slack_cannot_absorb_a_preemption() -> None:
     deadline = T0 + timedelta(hours=52)
-    guard = COSTS.restart_s + POLICY.deadline_margin_s
+    guard = spot_reserve_s(POLICY, COSTS)  # one preemption's loss + the margin
     # 48 work hours; at hour h, with `done` hours done, slack = 52 - h - (48 - done).
-    for hour, done, expect in [(10, 10, False), (20, 16.5, False), (20, 16.2, True),
-                               (30, 26.2, True)]:
+    for hour, done, expect in [(10, 10, False), (20, 16.5, False), (20, 16.1, False),
+                               (20, 16.05, True), (30, 26.05, True)]:
         j = job(deadline=deadline, offer_id="spot", step=int(done / 48 * 10_000))
         now = T0 + timedelta(hours=hour)
         d = decide_move(j, SPOT, [SPOT, OD], POLICY, now, costs=COSTS)
@@ -262,7 +263,7 @@ def test_a_job_ahead_of_the_line_waits_out_a_spot_gap_instead_of_paying_on_deman
 
 
 def test_on_demand_with_thin_slack_does_not_gamble_on_spot_returning() -> None:
-    j = job(deadline=T0 + timedelta(hours=48.3), offer_id="od")
+    j = job(deadline=T0 + timedelta(hours=48.07), offer_id="od")
     d = decide_move(j, OD, [OD, SPOT], POLICY, T0, costs=COSTS)
     assert not d.move and "break the deadline" in d.reason
 

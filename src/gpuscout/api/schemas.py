@@ -325,6 +325,8 @@ class OfferPublic(BaseModel):
     available: bool
     relative_speed: float
     cost_per_work_hour: float = Field(description="price per hour / relative speed")
+    interruptions_per_day: float = Field(
+        0.0, description="spot capacity losses per day seen on this offer in the last day")
 
     @classmethod
     def from_domain(cls, o: Offer) -> OfferPublic:
@@ -334,6 +336,7 @@ class OfferPublic(BaseModel):
             gpu_type=o.gpu_type, vcpus=o.vcpus, memory_gb=o.memory_gb,
             price_per_hour=o.price_per_hour, available=o.available,
             relative_speed=o.relative_speed, cost_per_work_hour=o.cost_per_work_hour,
+            interruptions_per_day=o.interruptions_per_day,
         )
 
 

@@ -458,13 +458,15 @@ def plan_table(spec: JobSpec, offers: list[Offer], chosen: Offer | None) -> Tabl
     from rich.table import Table
     from rich.text import Text
 
+    from gpuscout.policy.placement import rank_key
+
     table = render._table(f"Offers considered for {spec.name} ({len(offers)})")
     for column, justify in (("OFFER", "left"), ("GPUS", "left"), ("$/HOUR", "right"),
                             ("SPEED", "right"), ("$/WORK-H", "right"),
                             ("EXPECTED", "right"), ("", "left")):
         table.add_column(column, justify=justify, no_wrap=column != "",  # type: ignore[arg-type]
                          overflow="fold")
-    ranked = sorted(offers, key=lambda o: (o.cost_per_work_hour, -o.relative_speed, o.id))
+    ranked = sorted(offers, key=rank_key)
     for o in ranked:
         excluded = why_excluded(o, spec.resources)
         if chosen is not None and o.id == chosen.id:

@@ -17,6 +17,7 @@ from gpuscout.clock import Clock
 from gpuscout.controllers.agent_client import Agents
 from gpuscout.db import NotFound, Repository, new_id
 from gpuscout.domain import Instance, InstanceStatus, Job, Offer
+from gpuscout.market.history import CapacityHistory
 from gpuscout.metrics import Metrics
 from gpuscout.providers.base import LaunchRequest, Provider, ProviderError, ProviderInstance
 from gpuscout.routing.router import Router
@@ -63,6 +64,8 @@ class Context:
     # Spot in a zone that just reclaimed an instance is avoided for a while:
     # capacity taken back there is unlikely to last.
     zone_backoff_s: float = 1800.0
+    capacity_history: CapacityHistory = field(default_factory=CapacityHistory)
+    _history_lock: threading.Lock = field(default_factory=threading.Lock)
     _unavailable_until: dict[str, datetime] = field(default_factory=dict)
     _zone_avoided_until: dict[str, datetime] = field(default_factory=dict)
     billing_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,10 +79,20 @@ class Context:
     # --- offers ----------------------------------------------------------------
 
     def offers(self) -> list[Offer]:
+        """The market now: offers that just failed to launch count as
+        unavailable, and each carries the capacity losses per day this
+        control plane has seen on it (``CapacityHistory``)."""
         now = self.clock.now()
         blocked = {k for k, until in self._unavailable_until.items() if until > now}
-        return [o.with_(available=False) if o.id in blocked else o
-                for o in self.repo.list_offers()]
+        offers = [o.with_(available=False) if o.id in blocked else o
+                  for o in self.repo.list_offers()]
+        with self._history_lock:
+            return self.capacity_history.observe(now.timestamp(), offers)
+
+    def capacity_lost(self, offer_id: str) -> None:
+        """A spot interruption on ``offer_id`` (the feed may not show it)."""
+        with self._history_lock:
+            self.capacity_history.record_loss(offer_id, self.clock.now().timestamp())
 
     def mark_unavailable(self, offer_id: str) -> None:
         self._unavailable_until[offer_id] = self.clock.now() + timedelta(

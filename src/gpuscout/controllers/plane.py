@@ -363,8 +363,10 @@ class ControlPlane:
         if job.instance_id:
             self._notices.add(job.instance_id)
         if current is not None and current.capacity == Capacity.SPOT and first:
-            # Capacity in the zone just reclaimed is unlikely to last.
+            # Capacity in the zone just reclaimed is unlikely to last, and
+            # the offer counts as less steady from now on.
             self.ctx.avoid_zone(zone_key(current))
+            self.ctx.capacity_lost(current.id)
         if job.status != S.RUNNING:
             # A move is already under way (it checkpoints at its switch);
             # the notice window may close before that: save now as well.

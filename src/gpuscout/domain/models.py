@@ -103,6 +103,10 @@ class Offer:
     # Throughput of this instance type relative to a reference of 1.0; the
     # policy compares cost per unit of work, not per hour.
     relative_speed: float = 1.0
+    # Spot capacity losses (interruptions, capacity errors) per day seen on
+    # this offer recently (``market.history``); 0.0 when none were seen. Of
+    # two offers at the same cost per work hour, the steadier one is taken.
+    interruptions_per_day: float = 0.0
 
     @staticmethod
     def make_id(provider: str, zone: str, instance_type: str, capacity: Capacity | str) -> str:

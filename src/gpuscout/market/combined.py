@@ -3,11 +3,17 @@ spot capacity from the availability traces, on-demand always available at
 its list price (one on-demand offer per zone the market names).
 
 An offer with no capacity is unavailable; the simulator preempts an
-instance on it with a 2-minute notice.
+instance on it with a 2-minute notice. So is a spot offer while its price
+is above the on-demand price of its type and region: a spot request's
+maximum price defaults to the on-demand price on EC2, and an instance whose
+spot price rises above its maximum is interrupted (in the 2009-2013 bidding
+era, prices spiked to 2.5x on-demand and more; a bid at the on-demand price
+was the common choice).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -89,7 +95,7 @@ def combined_market(
     *, price_rows: Sequence[TraceRow] = (), availability: Sequence[AvailabilitySeries] = (),
     ondemand: Mapping[tuple[str, str], float] | None = None,
     spot_price: Mapping[str, float] | None = None, nodes: int = 1,
-    start: datetime | None = None,
+    start: datetime | None = None, max_price_ondemand: bool = True,
 ) -> list[TraceRow]:
     """Trace rows for one market, sorted by time.
 
@@ -101,6 +107,8 @@ def combined_market(
       available.
     - Each (region, zone, type) named gets an on-demand offer at
       ``ondemand[(region, type)]``, available from the market's first instant.
+    - With ``max_price_ondemand`` (EC2's default maximum price), a spot
+      offer has no capacity while its price is above that on-demand price.
     """
     flat = {**flat_spot_prices(price_rows), **(spot_price or {})}
     prices_by_offer: dict[str, list[TraceRow]] = defaultdict(list)
@@ -125,6 +133,10 @@ def combined_market(
     for offer_id, series_rows in prices_by_offer.items():
         if offer_id not in covered:
             rows.extend(series_rows)
+    if ondemand is not None and max_price_ondemand:
+        rows = [r.with_available(False) if r.capacity == Capacity.SPOT and r.available
+                and r.price_per_hour > ondemand.get((r.region, r.instance_type), math.inf)
+                else r for r in rows]
     if ondemand is not None and rows:
         first = start or min(r.timestamp for r in rows)
         seen = sorted({(r.provider, r.region, r.zone, r.instance_type) for r in rows})

@@ -8,6 +8,7 @@ A value holds until the next row for the same offer.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 from collections.abc import Iterable, Sequence
@@ -41,6 +42,9 @@ class TraceRow:
     @property
     def offer_id(self) -> str:
         return Offer.make_id(self.provider, self.zone, self.instance_type, self.capacity)
+
+    def with_available(self, available: bool) -> TraceRow:
+        return dataclasses.replace(self, available=available)
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -15,6 +15,7 @@ from gpuscout.policy.migration import (
     move_cost_usd,
     plan_moves,
     remaining_work_hours,
+    spot_reserve_s,
     uniform_progress_line,
     zone_key,
 )
@@ -24,5 +25,5 @@ __all__ = [
     "JobView", "MoveCosts", "MoveDecision", "MovePolicy", "Offers", "Placement",
     "PlacementDecision", "Trigger", "behind_uniform_progress", "budget_left", "choose_offer",
     "deadline_slack_s", "decide_move", "dwell_s", "move_cost_usd", "place_job", "plan_moves",
-    "remaining_work_hours", "uniform_progress_line", "zone_key",
+    "remaining_work_hours", "spot_reserve_s", "uniform_progress_line", "zone_key",
 ]

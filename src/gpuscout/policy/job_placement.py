@@ -4,11 +4,13 @@ Without a deadline: the cheapest available compatible offer per unit of
 work, as ``choose_offer``. With a deadline, Can't Be Late's Uniform Progress:
 
 - spot is taken when one is available and the slack left after it leaves
-  room for one more restart (a preemption there would still make it);
+  room for one preemption (``spot_reserve_s``: a preemption there would
+  still make it); of spot offers at the same cost, the one whose capacity
+  has been steadier lately (``Offer.interruptions_per_day``);
 - otherwise on-demand is taken if progress is behind the uniform line
   (work done / total work < time since submission / (deadline - submission),
-  by more than one restart's worth of work) or the slack is down to
-  ``deadline_margin_s``;
+  by more than one restart's worth of work) or the slack would fall below
+  ``deadline_margin_s`` after one more scout interval of waiting;
 - otherwise the job waits for spot (it is ahead of the line), and the
   decision says so.
 
@@ -38,7 +40,9 @@ from gpuscout.policy.migration import (
     budget_left,
     deadline_slack_s,
     remaining_work_hours,
+    spot_reserve_s,
     uniform_progress_line,
+    wait_reserve_s,
     zone_key,
 )
 from gpuscout.policy.placement import Offers
@@ -103,7 +107,7 @@ def place_job(
                             f"${pick.price_per_hour:.4f}/h (${pick.cost_per_work_hour:.4f} "
                             f"per work hour){note}")
 
-    guard = costs.restart_s + policy.deadline_margin_s
+    guard = spot_reserve_s(policy, costs)
     spot_ok = [o for o in candidates if o.capacity == Capacity.SPOT
                and (slack(o) or 0.0) >= guard]
     od_ok = [o for o in candidates if o.capacity == Capacity.ON_DEMAND
@@ -114,7 +118,7 @@ def place_job(
                             f"at ${pick.cost_per_work_hour:.4f} per work hour")
     cheapest_od = next((o for o in od_ok if fits_budget(o)), od_ok[0] if od_ok else None)
     behind = behind_uniform_progress(job, now, work, costs)
-    tight = cheapest_od is not None and (slack(cheapest_od) or 0.0) < policy.deadline_margin_s
+    tight = cheapest_od is not None and (slack(cheapest_od) or 0.0) < wait_reserve_s(policy)
     spot_now = any(o.capacity == Capacity.SPOT for o in candidates)
     spot_exists = any(o.capacity == Capacity.SPOT for o in compatible) or (
         leaving is not None and leaving.capacity == Capacity.SPOT

@@ -6,12 +6,12 @@ The rule, for a job running on ``current``:
    (spot capacity gone: the instance will be reclaimed), the job moves to
    the best offer that keeps its deadline, except that a job with a
    deadline goes to on-demand only when Uniform Progress asks for it
-   (behind the line, or slack down to the margin); otherwise it waits for
-   spot. If the job runs on spot and its
-   deadline slack has shrunk to one restart overhead plus
-   ``deadline_margin_s``, it moves to on-demand (Can't Be Late's guard: a
-   preemption now would miss the deadline). Neither is held back by the dwell
-   time or the cap.
+   (behind the line, or slack down to what one more scout interval of
+   waiting leaves); otherwise it waits for spot. If the job runs on spot and
+   its deadline slack has shrunk to what one preemption costs
+   (``MoveCosts.preemption_loss_s``) plus ``deadline_margin_s``, it moves to
+   on-demand (Can't Be Late's guard: a preemption now would miss the
+   deadline). Neither is held back by the dwell time or the cap.
 2. *Price moves* need all of:
    - the job has stayed ``min_dwell_s`` since its last move (doubled for
      each price move so far, up to ``max_dwell_s``), and has made fewer than
@@ -25,7 +25,7 @@ The rule, for a job running on ``current``:
      move cost + the remaining work at the *current* price must fit (the
      move's cost is certain, its saving is not), unless staying overruns
      and the move's expected cost fits. Deadline: boot, downtime and the
-     rest at the target's speed must fit, with room for one more restart
+     rest at the target's speed must fit, with room for one preemption
      when the target is spot.
 
 Remaining work, in hours at relative speed 1.0, comes from
@@ -77,9 +77,15 @@ class MovePolicy:
     # At most this many price-driven moves per job (None: no cap). Forced
     # moves (capacity gone, deadline) do not count and are never capped.
     max_moves: int | None = 10
-    # Deadline slack kept beyond one restart overhead before a spot job is
-    # sent to on-demand: covers a scout interval and estimates that are off.
-    deadline_margin_s: float = 900.0
+    # Deadline slack kept beyond what a preemption or a restart costs, for
+    # boot times and estimates that are off. On spot, slack only shrinks
+    # when something happens (a preemption, a move), so the reserve is one
+    # preemption's loss plus this margin.
+    deadline_margin_s: float = 120.0
+    # How long until the policy looks again (the scout interval): a job that
+    # waits for spot must still make its deadline on on-demand after one
+    # more wait, so waiting keeps this much slack on top of the margin.
+    recheck_s: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,13 +94,16 @@ class MoveCosts:
 
     Make-before-break: during ``boot_s`` the old instance still trains and
     only the replacement is billed for nothing; during checkpoint and
-    restore neither trains and both are billed. A lost instance pays the
-    whole ``restart_s`` before training again.
+    restore neither trains and both are billed. A job with no instance pays
+    the whole ``restart_s`` before training again; a preempted one pays
+    ``preemption_loss_s``: its replacement boots from the notice on while
+    the old instance trains until the emergency checkpoint.
     """
 
     boot_s: float = 180.0  # launch to the agent waiting in standby (EC2 GPU AMI: 2-3 min)
     checkpoint_s: float = 30.0  # to object storage, at the next step boundary
     restore_s: float = 60.0  # download, load, first step on the replacement
+    notice_s: float = 120.0  # spot interruption notice (EC2: 2 minutes)
     egress_usd_per_gb: float = 0.02  # between regions of one provider (AWS: $0.02/GB)
     internet_egress_usd_per_gb: float = 0.09  # between providers
     # Per (from_region, to_region), overriding egress_usd_per_gb.
@@ -106,8 +115,17 @@ class MoveCosts:
 
     @property
     def restart_s(self) -> float:
-        """A restart from scratch on a new instance (preemption, placement)."""
+        """A restart from scratch on a new instance (placement, recovery)."""
         return self.boot_s + self.restore_s
+
+    @property
+    def preemption_loss_s(self) -> float:
+        """Training time a spot preemption costs: the replacement launched at
+        the notice trains ``restart_s`` later, and the old instance trained
+        until its emergency checkpoint (``notice_s - checkpoint_s`` of it
+        counts). At least a move's downtime."""
+        overlap = max(0.0, self.notice_s - self.checkpoint_s)
+        return max(self.downtime_s, self.restart_s - overlap)
 
     def egress_per_gb(self, source: Offer, target: Offer) -> float:
         if source.provider != target.provider:
@@ -233,6 +251,17 @@ def behind_uniform_progress(job: Job, now: datetime, work_left: float,
     return (line - progress) * total * 3600.0 > costs.restart_s
 
 
+def spot_reserve_s(policy: MovePolicy, costs: MoveCosts) -> float:
+    """Deadline slack a job on spot keeps: one preemption and the margin."""
+    return costs.preemption_loss_s + policy.deadline_margin_s
+
+
+def wait_reserve_s(policy: MovePolicy) -> float:
+    """Slack beyond the restart a job waiting for spot keeps: the margin
+    after one more scout interval of waiting."""
+    return policy.deadline_margin_s + policy.recheck_s
+
+
 def budget_left(job: Job) -> float | None:
     if job.spec.budget_usd is None:
         return None
@@ -296,7 +325,7 @@ def _weigh(job: Job, current: Offer, target: Offer, work: float, costs: MoveCost
     # restart, or a preemption there would miss the deadline.
     slack = deadline_slack_s(job, now, after_boot, target.relative_speed,
                              costs.boot_s + costs.downtime_s)
-    need = costs.restart_s + policy.deadline_margin_s if target.capacity == Capacity.SPOT else 0.0
+    need = spot_reserve_s(policy, costs) if target.capacity == Capacity.SPOT else 0.0
     deadline_ok = slack is None or slack >= need
     return _Weighed(target, savings, saving_usd, cost, budget_ok, deadline_ok, slack)
 
@@ -374,7 +403,7 @@ def decide_move(
             return stay(f"{current.id} is no longer available and no other offer fits")
         if (job.spec.deadline is not None and pick.offer.capacity == Capacity.ON_DEMAND
                 and slack_stay is not None
-                and slack_stay >= costs.restart_s + policy.deadline_margin_s
+                and slack_stay >= costs.restart_s + wait_reserve_s(policy)
                 and not behind_uniform_progress(job, now, work, costs)):
             # Uniform Progress: on-demand only when the deadline needs it.
             return stay(f"{current.id} is no longer available; ahead of the uniform-progress "
@@ -386,13 +415,13 @@ def decide_move(
 
     # 2. Forced: a spot job whose slack no longer covers a preemption.
     if (current.capacity == Capacity.SPOT and slack_stay is not None
-            and slack_stay < costs.restart_s + policy.deadline_margin_s):
+            and slack_stay < spot_reserve_s(policy, costs)):
         safe = [w for w in weighed if w.offer.capacity == Capacity.ON_DEMAND and w.deadline_ok]
         if safe:
             pick = min(safe, key=lambda w: (w.offer.cost_per_work_hour, w.offer.id))
             return go(pick, Trigger.DEADLINE,
                       f"deadline slack {slack_stay / 3600:.2f}h no longer covers a spot "
-                      f"preemption (restart {costs.restart_s:.0f}s + margin "
+                      f"preemption (loss {costs.preemption_loss_s:.0f}s + margin "
                       f"{policy.deadline_margin_s:.0f}s): on-demand {pick.offer.id}")
         # No on-demand move would make it either: staying is the best chance.
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from gpuscout.domain import Capacity, Offer, Resources
 
 
+def rank_key(o: Offer) -> tuple[float, float, float, str]:
+    """Cheapest per work hour first; ties to the steadier, then faster offer."""
+    return (o.cost_per_work_hour, o.interruptions_per_day, -o.relative_speed, o.id)
+
+
 class Offers:
     """A snapshot of offers with queries that read as sentences:
     ``Offers(snapshot).available().compatible(resources).cheapest()``."""
@@ -36,11 +41,13 @@ class Offers:
         return Offers((o for o in self._offers if o.id not in offer_ids), _ranked=self._ranked)
 
     def sorted_by_cost(self) -> list[Offer]:
-        # Ties go to the faster machine, then to the id, so the choice is
+        # Ties go to the offer whose capacity has been steadier lately (GPU
+        # spot prices are often the same in every zone while capacity is
+        # not), then to the faster machine, then to the id, so the choice is
         # deterministic for a snapshot.
         if self._ranked:
             return list(self._offers)
-        return sorted(self._offers, key=lambda o: (o.cost_per_work_hour, -o.relative_speed, o.id))
+        return sorted(self._offers, key=rank_key)
 
     def ranked(self) -> Offers:
         """Sorted once, cheapest per work hour first; a scout pass over many

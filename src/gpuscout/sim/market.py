@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gpuscout.domain import Offer
 from gpuscout.market.combined import offer_template
+from gpuscout.market.history import CapacityHistory
 from gpuscout.market.trace import TraceRow
 from gpuscout.policy import Offers
 
@@ -64,7 +65,11 @@ class SimMarket:
         self._build_snapshots()
 
     def _build_snapshots(self) -> None:
+        # Each snapshot is what a scout would see at that instant, with the
+        # capacity losses per day it would have seen so far (as the live
+        # control plane annotates its offers).
         current: dict[str, Offer] = {}
+        history = CapacityHistory()
         i = 0
         for t in self.times:
             while i < len(self._rows_by_time) and self._rows_by_time[i][0] <= t:
@@ -72,7 +77,7 @@ class SimMarket:
                 current[r.offer_id] = self.templates[r.offer_id].with_(
                     price_per_hour=r.price_per_hour, available=r.available)
                 i += 1
-            self._snapshots.append(Offers(current.values()).ranked())
+            self._snapshots.append(Offers(history.observe(t, current.values())).ranked())
 
     # --- queries -----------------------------------------------------------
 

@@ -80,8 +80,9 @@ class GpuScoutPolicy:
     @classmethod
     def for_config(cls, config: SimConfig, **kwargs: float) -> GpuScoutPolicy:
         costs = MoveCosts(boot_s=config.boot_s, checkpoint_s=config.checkpoint_s,
-                          restore_s=config.restore_s)
-        return cls(costs=costs, **kwargs)  # type: ignore[arg-type]
+                          restore_s=config.restore_s, notice_s=config.notice_s)
+        interval = kwargs.get("scout_interval_s", 120.0)
+        return cls(MovePolicy(recheck_s=interval), costs=costs, **kwargs)  # type: ignore[arg-type]
 
     def _now(self, t: float) -> datetime:
         return to_datetime(t)
