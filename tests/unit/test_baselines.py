@@ -54,6 +54,20 @@ def test_on_demand_takes_the_cheapest_on_demand_and_stays() -> None:
     assert r.cost_usd == pytest.approx(2.5 * (7200 + 180) / 3600)
 
 
+def test_on_demand_with_a_deadline_takes_the_cheapest_type_fast_enough_for_it() -> None:
+    # g4dn (T4, half a V100) is cheaper per work hour but would take 4 h for
+    # 2 h of work; the deadline is in 3 h.
+    m = market(row(0, "us-east-1a", "on-demand", 3.06),
+               row(0, "us-east-1a", "on-demand", 0.526, itype="g4dn.xlarge"))
+    assert m.offers(at(0).timestamp()).cheapest().instance_type == "g4dn.xlarge"
+    r = simulate([job(hours=2, deadline_s=3 * 3600)], m, OnDemandPolicy(), EXACT)
+    assert not r.jobs[0].deadline_missed
+    assert r.jobs[0].cost_usd == pytest.approx(3.06 * (7200 + 180) / 3600)
+    # Without a deadline the cheaper slow type is fine.
+    r = simulate([job(hours=2)], m, OnDemandPolicy(), EXACT)
+    assert r.jobs[0].cost_usd == pytest.approx(0.526 * (14400 + 180) / 3600)
+
+
 @pytest.mark.parametrize(("new_price", "moves"), [(0.80, 1), (0.81, 0)])
 def test_naive_moves_at_twenty_percent_by_price_alone(new_price: float, moves: int) -> None:
     m = market(row(0, "us-east-1a", "spot", 1.0), row(0, "us-east-1b", "spot", 1.5),

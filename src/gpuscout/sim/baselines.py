@@ -1,6 +1,7 @@
 """Baselines GPU Scout is measured against (BENCHMARKS.md).
 
-- ``on_demand``: the cheapest on-demand offer, never moves.
+- ``on_demand``: the cheapest on-demand offer (fast enough for the
+  deadline), never moves.
 - ``naive``: scout every 2 minutes, move when an offer is 20% cheaper per
   unit of work by price alone (no cost of moving counted, no dwell).
 - ``skypilot``: SkyPilot managed jobs: the cheapest spot offer at launch,
@@ -33,14 +34,21 @@ def _fitting(run: JobRun, t: float) -> Offers:
 
 
 def _cheapest(run: JobRun, t: float, capacity: Capacity | None = None,
-              avoid: frozenset[str] = frozenset()) -> Offer | None:
-    for o in _fitting(run, t):
-        if capacity is not None and o.capacity != capacity:
-            continue
-        if o.capacity == Capacity.SPOT and zone_key(o) in avoid:
-            continue
-        return o
-    return None
+              avoid: frozenset[str] = frozenset(), *, in_time: bool = False) -> Offer | None:
+    """The cheapest fitting offer per work hour. ``in_time``: with a
+    deadline, only offers fast enough to finish the rest by it (else the
+    fastest of the rest)."""
+    fitting = (o for o in _fitting(run, t)
+               if (capacity is None or o.capacity == capacity)
+               and not (o.capacity == Capacity.SPOT and zone_key(o) in avoid))
+    if not in_time or run.deadline is None:
+        return next(fitting, None)
+    candidates = list(fitting)
+    work_s = (run.total_work - run.work_at(t)) * 3600.0
+    fast = [o for o in candidates if t + work_s / o.relative_speed <= run.deadline]
+    if fast:
+        return fast[0]
+    return max(candidates, key=lambda o: o.relative_speed, default=None)
 
 
 class _Base:
@@ -59,10 +67,10 @@ class OnDemandPolicy(_Base):
     name = "on_demand"
 
     def place(self, run: JobRun, t: float) -> Offer | None:
-        return _cheapest(run, t, Capacity.ON_DEMAND)
+        return _cheapest(run, t, Capacity.ON_DEMAND, in_time=True)
 
     def on_notice(self, run: JobRun, t: float) -> Offer | None:
-        return _cheapest(run, t, Capacity.ON_DEMAND)
+        return _cheapest(run, t, Capacity.ON_DEMAND, in_time=True)
 
 
 class NaivePolicy(_Base):
@@ -141,10 +149,10 @@ class UniformProgressPolicy(_Base):
 
     def _want(self, run: JobRun, t: float) -> Offer | None:
         """Where the job should be now (None: idle)."""
-        od = _cheapest(run, t, Capacity.ON_DEMAND)
+        od = _cheapest(run, t, Capacity.ON_DEMAND, in_time=True)
         if self._forced_now(run, t, od):
             return od
-        spot = _cheapest(run, t, Capacity.SPOT)
+        spot = _cheapest(run, t, Capacity.SPOT, in_time=True)
         if spot is not None:
             return spot
         if self.uniform and self._behind(run, t):
