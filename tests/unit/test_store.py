@@ -509,13 +509,14 @@ def test_s3_failed_upload_is_aborted(moto_server: S3Endpoint,  # noqa: F811
 @pytest.mark.parametrize("server", ["moto_server", "s3rver_server"])
 def test_s3_get_file_restarts_when_the_object_is_replaced(
         server: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    """The object is overwritten between the first and the second ranged
-    GET of a download: the download starts again and writes one whole
-    version (moto answers the pinned GET 412; s3rver ignores If-Match, and
-    the changed ETag gives it away)."""
+    """The object is overwritten between the first GET of a download and
+    the ranged GETs of its helpers: the download starts again and writes
+    one whole version (moto answers the pinned GET 412; s3rver ignores
+    If-Match, and the changed ETag gives it away)."""
     endpoint: S3Endpoint = request.getfixturevalue(server)
     s3 = endpoint.new_store(multipart_threshold=TEST_THRESHOLD,
                             multipart_chunksize=TEST_THRESHOLD)
+    s3.transfers.single_stream_s = 0  # helpers at once, whatever the link's speed
     old, new = os.urandom(3 * TEST_THRESHOLD), os.urandom(3 * TEST_THRESHOLD)
     s3.put("k", old)
     writer = endpoint.client()
@@ -531,6 +532,101 @@ def test_s3_get_file_restarts_when_the_object_is_replaced(
     assert (tmp_path / "k").read_bytes() == new
     assert digest.sha256 == hashlib.sha256(new).hexdigest()
     assert len(calls) > 3  # the first attempt was thrown away
+
+
+@pytest.mark.parametrize("server", ["moto_server", "s3rver_server"])
+def test_s3_get_file_streams_once_or_in_pinned_ranges(
+        server: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A download is one GET when one stream is fast enough, and the same
+    bytes from parallel ranged GETs, each pinned to the first GET's ETag,
+    when it is not."""
+    endpoint: S3Endpoint = request.getfixturevalue(server)
+    s3 = endpoint.new_store(multipart_threshold=TEST_THRESHOLD,
+                            multipart_chunksize=TEST_THRESHOLD)
+    source = tmp_path / "in.bin"
+    want = write_random(source, 4 * TEST_THRESHOLD + 99)
+    s3.put_file("k", source)
+    gets: list[dict[str, Any]] = []
+    s3.client.meta.events.register("before-call.s3.GetObject",
+                                   lambda params, **_: gets.append(params))
+
+    s3.transfers.single_stream_s = float("inf")
+    assert s3.get_file("k", tmp_path / "one.bin") == want
+    assert len(gets) == 1 and "range" not in {h.lower() for h in gets[0]["headers"]}
+
+    gets.clear()
+    s3.transfers.single_stream_s = 0
+    assert s3.get_file("k", tmp_path / "ranges.bin") == want
+    assert (tmp_path / "ranges.bin").read_bytes() == source.read_bytes()
+    ranged = [g["headers"] for g in gets[1:]]
+    assert ranged and all(h["Range"].startswith("bytes=") for h in ranged)
+    etag = s3.client.head_object(Bucket=s3.bucket, Key=s3._full("k"))["ETag"]
+    assert {h["If-Match"] for h in ranged} == {etag}
+    assert len(gets) == 5  # the whole-object GET, and four ranges for the rest
+
+
+class _PacedBody:
+    """A GET answer's body that delivers at most ``rate`` bytes a second."""
+
+    def __init__(self, data: bytes, rate: float) -> None:
+        self.data, self.rate, self.at = data, rate, 0
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), len(self.data) - self.at, 256 * 1024)
+        buffer[:count] = self.data[self.at:self.at + count]
+        self.at += count
+        time.sleep(count / self.rate)
+        return count
+
+    def read(self, amount: int = -1) -> bytes:
+        end = len(self.data) if amount < 0 else self.at + amount
+        chunk, self.at = self.data[self.at:end], min(end, len(self.data))
+        return chunk
+
+    def close(self) -> None:
+        pass
+
+
+class _PacedS3:
+    """Just get_object, with the whole-object GET paced at ``rate`` bytes a
+    second and ranged GETs (``ranges`` records them) at full speed."""
+
+    def __init__(self, data: bytes, rate: float) -> None:
+        self.data, self.rate = data, rate
+        self.ranges: list[str] = []
+
+    def get_object(self, Bucket: str, Key: str, Range: str | None = None,  # noqa: N803
+                   IfMatch: str | None = None) -> dict[str, Any]:  # noqa: N803
+        if Range is None:
+            return {"ContentLength": len(self.data), "ETag": '"e1"',
+                    "Body": _PacedBody(self.data, self.rate)}
+        assert IfMatch == '"e1"'
+        self.ranges.append(Range)
+        start, end = (int(n) for n in Range.removeprefix("bytes=").split("-"))
+        return {"ContentLength": end + 1 - start, "ETag": '"e1"',
+                "Body": _PacedBody(self.data[start:end + 1], float("inf"))}
+
+
+@pytest.mark.parametrize(("rate_mib_s", "helped"), [(400, False), (8, True)])
+def test_a_slow_stream_gets_helpers_and_a_fast_one_does_not(
+        tmp_path: Path, rate_mib_s: float, helped: bool) -> None:
+    """The one-stream download asks for parallel ranges only when the
+    stream it has would take longer than single_stream_s."""
+    from gpuscout.store.transfer import PROBE_S, Transfers
+
+    data = os.urandom(4 * TEST_THRESHOLD)  # 4 parts: 2.5 s at 8 MiB/s, 0.05 s at 400
+    client = _PacedS3(data, rate_mib_s * MiB)
+    transfers = Transfers(client, "b", threshold=TEST_THRESHOLD, part_size=TEST_THRESHOLD,
+                          concurrency=4, checksum=None, single_stream_s=1.0)
+    start = time.monotonic()
+    digest = transfers.download("k", tmp_path / "out.bin")
+    took = time.monotonic() - start
+    assert digest == FileDigest(len(data), hashlib.sha256(data).hexdigest())
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert bool(client.ranges) == helped
+    if helped:  # from the end, after the probe; the stream kept the front
+        assert client.ranges[0] == f"bytes={3 * TEST_THRESHOLD}-{4 * TEST_THRESHOLD - 1}"
+        assert took < 2.5 - PROBE_S
 
 
 # --- open_store ----------------------------------------------------------------

@@ -17,7 +17,8 @@ at a time, which is what multi-GB checkpoints need.
 without holding it in memory (see ``gpuscout.store.transfer``): parts of
 ``multipart_chunksize`` bytes, ``max_concurrency`` at a time, each with an
 S3 additional checksum (``checksum_algorithm``), the file hashed in order
-as it streams, ranged GETs pinned to one ETag.
+as it streams; a download is one streaming GET, joined by ranged GETs
+pinned to its ETag when one stream proves slow.
 """
 
 from __future__ import annotations

@@ -5,12 +5,16 @@ Why not boto3's ``upload_file`` / ``download_file``: they read and write
 parts out of order (each thread at its own offset), so the sha256 of the
 whole file (what the checkpoint manifest records) would take a separate
 pass over a multi-GB file, and their in-memory queues hold up to hundreds
-of MiB. Here the caller's thread hashes the file strictly in order while up
-to ``concurrency`` parts travel at once on worker threads, and the parts
-move between the socket and the file through small reused buffers: memory
-stays at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker) whatever the
-object's size or the part size. Objects under the multipart threshold go in
-one PUT, read whole (at most ``threshold`` bytes).
+of MiB. Here the file is hashed strictly in order while up to
+``concurrency`` parts travel at once on worker threads, and the parts move
+between the socket and the file through small reused buffers: memory stays
+at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker) whatever the object's
+size or the part size. Objects under the multipart threshold go in one PUT,
+read whole (at most ``threshold`` bytes). A download starts as one GET of
+the whole object, hashed as it streams, and adds parallel ranged GETs for
+the tail only when that one stream proves slow (``Transfers.download``):
+each extra request costs a round trip on S3, and on a server that reads the
+whole object for every range, much more.
 
 Integrity, layer by layer:
 - each part is sent with an S3 additional checksum (``CRC32`` by default,
@@ -20,9 +24,11 @@ Integrity, layer by layer:
   very digest that is returned to the caller. Servers that ignore these
   headers (s3rver) store the object all the same; a server that refuses
   them is asked again without, and the store stops sending them;
-- every ranged GET is pinned to the ETag of the first one (``If-Match``),
-  so a download never stitches two versions of a key together, and its
-  length is checked against the range asked for;
+- every ranged GET is pinned to the ETag of the first GET (``If-Match``),
+  so a download never stitches two versions of a key together, and every
+  answer's length is checked against what was asked for; a whole-object
+  GET read to its end is also checked by botocore against the object's
+  full checksum, where S3 has one;
 - the returned ``FileDigest`` is the sha256 of the bytes actually sent or
   written, which a caller compares with what it expects (end to end).
 """
@@ -30,13 +36,17 @@ Integrity, layer by layer:
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import functools
 import hashlib
 import math
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -56,6 +66,12 @@ _UNSUPPORTED_CODES = frozenset({"NotImplemented", "InvalidArgument", "InvalidReq
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 # How much one download worker reads from its socket at a time.
 _NET_CHUNK = 1024 * 1024
+# A download that one stream finishes within this many seconds stays on one
+# stream (one request); a slower one gets helpers for its tail, whose extra
+# requests (a round trip each) are then small against what they save.
+SINGLE_STREAM_S = 1.0
+# How long the lead stream runs before its rate decides.
+PROBE_S = 0.25
 
 
 class ObjectChanged(Exception):
@@ -89,11 +105,13 @@ class Transfers:
 
     ``checksum``: the additional checksum algorithm for parts, or None for
     none of ours (botocore may still add its default CRC32). It is dropped
-    for good the first time the server refuses it.
+    for good the first time the server refuses it. ``single_stream_s``: see
+    ``download`` (0: always parallel ranges; inf: always one stream).
     """
 
     def __init__(self, client: Any, bucket: str, *, threshold: int, part_size: int,
-                 concurrency: int, checksum: str | None) -> None:
+                 concurrency: int, checksum: str | None,
+                 single_stream_s: float = SINGLE_STREAM_S) -> None:
         if checksum is not None and checksum not in CHECKSUM_ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {checksum!r}: use one of "
                              f"{', '.join(CHECKSUM_ALGORITHMS)} or None")
@@ -105,6 +123,7 @@ class Transfers:
         self.part_size = part_size
         self.concurrency = concurrency
         self.checksum = checksum
+        self.single_stream_s = single_stream_s
         self._lock = threading.Lock()
 
     # --- upload ----------------------------------------------------------
@@ -238,88 +257,128 @@ class Transfers:
     def download(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         """Write the object to ``path`` (renamed into place when whole).
 
-        The first GET asks for the first part: for an object of one part
-        that is the whole download, and for a larger one its answer names
-        the size and the ETag the other parts are pinned to. Workers write
-        each part's bytes straight into the file at its offset as they
-        arrive; the caller's thread hashes the file in order behind them,
-        reading back what was just written (from the page cache), so no
-        part is held in memory. Raises ClientError for a missing key (as
-        boto3 does), and ObjectChanged when the object is replaced
-        mid-download: the caller decides whether to try again."""
-        first_range = max(self.part_size, MIN_PART)
+        One GET of the whole object streams into the file in order and is
+        hashed as it arrives, so nothing is read twice. When that one stream
+        would take longer than ``single_stream_s`` at the rate it shows in
+        its first ``PROBE_S`` (a slow link, a large object), up to
+        ``concurrency - 1`` helpers take parts from the end with ranged
+        GETs pinned to its ETag, and the stream stops where their parts
+        begin; this thread then hashes those parts in order, reading back
+        what they wrote (from the page cache). A fast link or a small object
+        costs one request; a slow one gets parallel ranges after a moment.
+        Raises ClientError for a missing key (as boto3 does), and
+        ObjectChanged when the object is replaced mid-download (a helper's
+        pinned GET fails): the caller decides whether to try again."""
+        answer = self.client.get_object(Bucket=self.bucket, Key=key)
+        size = int(answer["ContentLength"])
+        plan = plan_parts(size, self.part_size)
         try:
-            answer = self.client.get_object(Bucket=self.bucket, Key=key,
-                                            Range=f"bytes=0-{first_range - 1}")
-        except ClientError as exc:
-            if error_code(exc) != "InvalidRange":
-                raise
-            # An empty object has no byte 0 to ask for.
-            answer = self.client.get_object(Bucket=self.bucket, Key=key)
-        with temp_beside(Path(path), readable=True) as out:
-            digest = hashlib.sha256()
-            if not answer.get("ContentRange"):
-                # The whole object came back (empty, or a server that
-                # ignores Range): stream it as it is.
-                size = 0
-                body = answer["Body"]
-                try:
-                    for chunk in body.iter_chunks(COPY_CHUNK):
-                        digest.update(chunk)
-                        _write_all(out, chunk)
-                        size += len(chunk)
-                finally:
-                    body.close()
-                if size != answer["ContentLength"]:
-                    raise OSError(f"S3 answered {size} bytes for an object of "
-                                  f"{answer['ContentLength']}")
-                return FileDigest(size, digest.hexdigest())
-            size = _total_size(answer)
-            if size == 0:  # s3rver answers "bytes 0-0/0" for an empty object
-                answer["Body"].close()
-                return FileDigest(0, digest.hexdigest())
-            parts = [(offset, min(first_range, size - offset))
-                     for offset in range(0, size, first_range)]
-            self._get_parts(key, answer, parts, out.fileno(), digest)
-            return FileDigest(size, digest.hexdigest())
+            with temp_beside(Path(path), readable=True) as out:
+                if len(plan) > 1:
+                    _reserve(out.fileno(), size)
+                digest = self._get_parts(key, answer, plan, out.fileno())
+        finally:
+            answer["Body"].close()
+        return FileDigest(size, digest.hexdigest())
 
     def _get_parts(self, key: str, first: dict[str, Any], parts: list[tuple[int, int]],
-                   fd: int, digest: Any) -> None:
-        """Workers stream each part into ``fd`` at its offset (the first
-        from the answer already open, the others by ranged GETs pinned to
-        its ETag) and report each piece written; this thread hashes the
-        file in order right behind them, so hashing overlaps the transfer."""
-        progress = _Progress(len(parts))
-        etag = first["ETag"]
+                   fd: int) -> Any:
+        """Stream ``first`` (the whole object) into ``fd``, with helpers for
+        its tail parts when one stream is too slow; return the sha256."""
+        digest = hashlib.sha256()
+        claims = _Claims(len(parts))
+        stop = threading.Event()
+        led = _Lead()
 
-        def fetch(index: int) -> None:
-            try:
+        def lead() -> None:
+            # The object's bytes in order: written, and hashed right away.
+            body = first["Body"]
+            index = claims.take_front()
+            while index is not None:
                 offset, length = parts[index]
-                answer = first if index == 0 else self._get_range(key, etag, offset, length)
-                _stream_into(answer, fd, offset, length, lambda n: progress.add(index, n))
-            finally:
-                progress.wake()
+                _stream_into(body, fd, offset, length, led.add, stop, digest)
+                led.parts = index + 1
+                index = claims.take_front()
+            if led.parts == len(parts) and body.read(1):
+                raise OSError("S3 answered more bytes than the object's length")
 
-        buffer = memoryview(bytearray(COPY_CHUNK))
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-download") as pool:
-            futures = [pool.submit(fetch, index) for index in range(len(parts))]
+        if self.concurrency == 1 or len(parts) <= 1:
+            lead()  # nothing to run beside it: no thread
+            return digest
+
+        progress = _Progress(len(parts))
+
+        def helper(index: int | None) -> None:
             try:
-                for index, (offset, length) in enumerate(parts):
-                    hashed = 0
-                    while hashed < length:
-                        written = progress.wait_past(index, hashed)
-                        if written > hashed:
-                            _hash_range(fd, offset + hashed, written - hashed, digest, buffer)
-                            hashed = written
-                        elif futures[index].done():
-                            futures[index].result()  # raises what stopped it
-                            raise OSError(f"part at {offset} ended after {hashed} bytes")
-                    futures[index].result()
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                first["Body"].close()  # in case its worker never started
-                raise
+                while index is not None and not stop.is_set():
+                    offset, length = parts[index]
+                    answer = self._get_range(key, first["ETag"], offset, length)
+                    written = functools.partial(progress.add, index)
+                    with contextlib.closing(answer["Body"]) as body:
+                        _stream_into(body, fd, offset, length, written, stop)
+                        if body.read(1):
+                            raise OSError(f"S3 answered more than the {length} bytes asked for")
+                    index = claims.take_tail()
+            finally:
+                progress.wake()  # the hashing thread sees an end, good or bad
+
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="s3-download")
+        helpers: list[Future[None]] = []
+
+        def start_helpers() -> None:
+            # Each helper's first part is claimed here, before it runs, so
+            # they start at the end even if the lead is quick.
+            for _ in range(self.concurrency - 1):
+                index = claims.take_tail()
+                if index is None:
+                    break
+                helpers.append(pool.submit(helper, index))
+
+        try:
+            if self.single_stream_s <= 0:
+                start_helpers()
+            started = time.monotonic()
+            leader = pool.submit(lead)
+            decided = bool(helpers)
+            while True:
+                done, _ = wait([leader, *helpers], timeout=PROBE_S / 5,
+                               return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()  # raises what stopped it
+                if leader.done():
+                    break
+                elapsed = time.monotonic() - started
+                if not decided and elapsed >= PROBE_S:
+                    decided = True
+                    rate = led.written / elapsed
+                    left = claims.front_bytes_left(parts, led.written)
+                    if rate <= 0 or left / rate > self.single_stream_s:
+                        start_helpers()
+            # The lead took parts [0, led.parts); helpers have the rest.
+            buffer = memoryview(bytearray(COPY_CHUNK))
+            for index in range(led.parts, len(parts)):
+                offset, length = parts[index]
+                hashed = 0
+                while hashed < length:
+                    written = progress.wait_past(index, hashed)
+                    if written > hashed:
+                        _hash_range(fd, offset + hashed, written - hashed, digest, buffer)
+                        hashed = written
+                        continue
+                    for future in helpers:
+                        if future.done():
+                            future.result()  # raises what stopped it
+                    if all(future.done() for future in helpers):
+                        raise OSError(f"part at {offset} ended after {hashed} bytes")
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            progress.wake()
+        for future in helpers:
+            future.result()
+        return digest
 
     def _get_range(self, key: str, etag: str, offset: int, length: int) -> dict[str, Any]:
         try:
@@ -362,6 +421,53 @@ class _Progress:
             return self._written[index]
 
 
+class _Lead:
+    """What the lead stream of a download has done: bytes written, and the
+    number of parts (from the first) it has finished."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.parts = 0
+
+    def add(self, count: int) -> None:
+        self.written += count  # one writer: the lead's thread
+
+
+class _Claims:
+    """Who writes which part of a download: the lead stream takes parts
+    from the front (the first always), helpers from the back; each part is
+    taken once."""
+
+    def __init__(self, parts: int) -> None:
+        self._front = 0
+        self._back = parts - 1
+        self._lock = threading.Lock()
+
+    def take_front(self) -> int | None:
+        with self._lock:
+            if self._front > self._back:
+                return None
+            self._front += 1
+            return self._front - 1
+
+    def take_tail(self) -> int | None:
+        with self._lock:
+            # Part 0 is the lead's: its stream is already flowing there.
+            if self._front > self._back or self._back == 0:
+                return None
+            self._back -= 1
+            return self._back + 1
+
+    def front_bytes_left(self, parts: list[tuple[int, int]], written: int) -> int:
+        """Bytes the lead has still to write if nobody helps it."""
+        with self._lock:
+            last = self._back
+        if last < 0:
+            return 0
+        offset, length = parts[last]
+        return max(0, offset + length - written)
+
+
 class _PartSum:
     """The running S3 additional checksum of one part."""
 
@@ -384,29 +490,50 @@ class _PartSum:
         return {}
 
 
-def _stream_into(answer: dict[str, Any], fd: int, offset: int, length: int,
-                 written: Callable[[int], None]) -> None:
-    """Write a GET answer's body into ``fd`` at ``offset`` through a small
-    buffer, calling ``written(n)`` after each piece; it must be exactly
-    ``length`` bytes."""
-    body = answer["Body"]
+def _stream_into(body: Any, fd: int, offset: int, length: int,
+                 written: Callable[[int], None], stop: threading.Event,
+                 digest: Any = None) -> None:
+    """Write the next ``length`` bytes of a GET answer's body into ``fd`` at
+    ``offset`` through a small buffer (hashing them into ``digest`` if
+    given), calling ``written(n)`` after each piece. Raises OSError if the
+    body ends first, _Stopped once ``stop`` is set."""
     buffer = memoryview(bytearray(_NET_CHUNK))
     done = 0
+    while done < length:
+        if stop.is_set():
+            raise _Stopped()
+        got = body.readinto(buffer[:min(len(buffer), length - done)])
+        if not got:
+            raise OSError(f"S3 answered {done} bytes where {length} were due")
+        view = buffer[:got]
+        if digest is not None:
+            digest.update(view)
+        while view:
+            count = os.pwrite(fd, view, offset + done)
+            view = view[count:]
+            done += count
+            written(count)
+
+
+class _Stopped(Exception):
+    """A download worker was told to stop (another one failed)."""
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the download's whole file before any part arrives: a disk
+    without room fails now rather than after gigabytes, and the parts'
+    writes then land in blocks already allocated (no allocation per write,
+    none racing between the workers). Where the filesystem cannot, the
+    writes allocate as they go."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return
     try:
-        while done < length:
-            got = body.readinto(buffer[:min(len(buffer), length - done)])
-            if not got:
-                break
-            view = buffer[:got]
-            while view:
-                count = os.pwrite(fd, view, offset + done)
-                view = view[count:]
-                done += count
-                written(count)
-        if done != length or body.read(1):
-            raise OSError(f"S3 answered a byte count other than the {length} asked for")
-    finally:
-        body.close()
+        allocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # EOPNOTSUPP, EINVAL and the like: a filesystem without it.
 
 
 def _hash_range(fd: int, offset: int, length: int, digest: Any, buffer: memoryview) -> None:
@@ -417,22 +544,6 @@ def _hash_range(fd: int, offset: int, length: int, digest: Any, buffer: memoryvi
             raise OSError("the download's file is shorter than what was written to it")
         digest.update(buffer[:got])
         offset += got
-
-
-def _write_all(out: BinaryIO, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[out.write(view):]
-
-
-def _total_size(answer: dict[str, Any]) -> int:
-    """The object's size from a (possibly ranged) GET answer."""
-    content_range = answer.get("ContentRange")
-    if content_range:  # "bytes 0-99/12345"
-        total = content_range.rpartition("/")[2]
-        if total.isdigit():
-            return int(total)
-    return int(answer["ContentLength"])
 
 
 def _status(exc: ClientError) -> int:
