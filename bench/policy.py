@@ -50,14 +50,15 @@ from gpuscout.market.loaders import (
     traces_dir,
 )
 from gpuscout.market.trace import TraceRow
-from gpuscout.sim import GpuScoutPolicy, SimConfig, SimJob, SimMarket, SimResult, simulate
-from gpuscout.sim.baselines import (
-    NaivePolicy,
-    OnDemandPolicy,
-    SkyPilotPolicy,
-    UniformProgressPolicy,
+from gpuscout.sim import (
+    GpuScoutPolicy,
+    SimConfig,
+    SimJob,
+    SimMarket,
+    SimResult,
+    make_policy,
+    simulate,
 )
-from gpuscout.sim.optimal import OptimalPolicy
 
 OUT = Path(__file__).resolve().parent / "out"
 MAIN_POLICIES = ("gpuscout", "naive", "skypilot", "uniform_progress", "on_demand", "optimal")
@@ -190,16 +191,9 @@ SUITES = {
 
 
 def make(name: str, config: SimConfig):  # type: ignore[no-untyped-def]
-    return {
-        # At every scout tick, as the live scout asks.
-        "gpuscout": lambda: GpuScoutPolicy.for_config(config, heartbeat_s=120.0),
-        "naive": NaivePolicy,
-        "skypilot": SkyPilotPolicy,
-        "uniform_progress": lambda: UniformProgressPolicy(config),
-        "greedy": lambda: UniformProgressPolicy(config, uniform=False),
-        "on_demand": OnDemandPolicy,
-        "optimal": lambda: OptimalPolicy(config),
-    }[name]()
+    if name == "gpuscout":  # at every scout tick, as the live scout asks
+        return GpuScoutPolicy.for_config(config, heartbeat_s=120.0)
+    return make_policy(name, config)
 
 
 def run_suite(groups: list[Group], policies: Sequence[str], config: SimConfig,
