@@ -77,6 +77,20 @@ def test_naive_moves_at_twenty_percent_by_price_alone(new_price: float, moves: i
     assert r.migrations == moves
 
 
+
+@pytest.mark.parametrize("policy", [NaivePolicy, SkyPilotPolicy])
+def test_naive_and_skypilot_with_a_deadline_take_a_type_fast_enough_for_it(policy) -> None:  # type: ignore[no-untyped-def]
+    # g4dn spot (T4, half a V100) is cheaper per work hour, but 2 h of work
+    # would take it 4 h and the deadline is in 3 h: a user would ask for the V100.
+    m = market(row(0, "us-east-1a", "spot", 0.918),
+               row(0, "us-east-1a", "spot", 0.16, itype="g4dn.xlarge"))
+    r = simulate([job(hours=2, deadline_s=3 * 3600)], m, policy(), EXACT)
+    assert not r.jobs[0].deadline_missed
+    assert r.jobs[0].cost_usd == pytest.approx(0.918 * (7200 + 180) / 3600)
+    # Without a deadline the cheaper slow type is theirs to take.
+    r = simulate([job(hours=2)], m, policy(), EXACT)
+    assert r.jobs[0].cost_usd == pytest.approx(0.16 * (14400 + 180) / 3600)
+
 def test_skypilot_spot_only_moves_only_when_preempted_to_another_zone() -> None:
     m = market(row(0, "us-east-1a", "spot", 1.0), row(0, "us-east-1b", "spot", 1.2),
                row(0, "us-east-1a", "on-demand", 0.9),

@@ -66,6 +66,20 @@ def test_emergency_checkpoint_in_the_notice_window() -> None:
     assert r.finished_at == at(4620 + (2 - saved) * 3600)
 
 
+
+def test_a_policy_told_of_a_preemption_sees_the_work_the_emergency_checkpoint_keeps() -> None:
+    seen: list[float] = []
+
+    class Watching(SkyPilotPolicy):
+        def on_notice(self, run, t):  # type: ignore[no-untyped-def]
+            seen.append(run.work_at(t))
+            return super().on_notice(run, t)
+
+    r = Simulator(spot_drop_market(), EXACT).run_job(job(hours=2), Watching())
+    # Not the old instance's training counted on top of what it saves.
+    assert seen == [pytest.approx((4500 - 30 - 180) / 3600)]
+    assert r.preemptions == 1
+
 def test_make_before_break_move_accounting() -> None:
     m = market(row(0, "us-east-1a", "spot", 1.0), row(0, "us-east-1b", "spot", 2.0),
                row(3600, "us-east-1b", "spot", 0.5))

@@ -1,7 +1,10 @@
 """Baselines GPU Scout is measured against (BENCHMARKS.md).
 
-- ``on_demand``: the cheapest on-demand offer (fast enough for the
-  deadline), never moves.
+Every baseline chooses among the instance types fast enough to finish
+the job's remaining work by its deadline (as a user asking SkyPilot for an
+accelerator names one that can make it); only when none is, the fastest.
+
+- ``on_demand``: the cheapest on-demand offer, never moves.
 - ``naive``: scout every 2 minutes, move when an offer is 20% cheaper per
   unit of work by price alone (no cost of moving counted, no dwell).
 - ``skypilot``: SkyPilot managed jobs: the cheapest spot offer at launch,
@@ -34,12 +37,13 @@ def _fitting(run: JobRun, t: float) -> Offers:
 
 
 def _cheapest(run: JobRun, t: float, capacity: Capacity | None = None,
-              avoid: frozenset[str] = frozenset(), *, in_time: bool = False) -> Offer | None:
-    """The cheapest fitting offer per work hour. ``in_time``: with a
-    deadline, only offers fast enough to finish the rest by it (else the
-    fastest of the rest)."""
+              avoid: frozenset[str] = frozenset(), *, avoid_offer: str | None = None,
+              in_time: bool = False) -> Offer | None:
+    """The cheapest fitting offer per work hour (not ``avoid_offer``, no
+    spot in the zones ``avoid``). ``in_time``: with a deadline, only offers
+    fast enough to finish the rest by it (else the fastest of the rest)."""
     fitting = (o for o in _fitting(run, t)
-               if (capacity is None or o.capacity == capacity)
+               if (capacity is None or o.capacity == capacity) and o.id != avoid_offer
                and not (o.capacity == Capacity.SPOT and zone_key(o) in avoid))
     if not in_time or run.deadline is None:
         return next(fitting, None)
@@ -80,10 +84,10 @@ class NaivePolicy(_Base):
         self.threshold = threshold
 
     def place(self, run: JobRun, t: float) -> Offer | None:
-        return _cheapest(run, t)
+        return _cheapest(run, t, in_time=True)
 
     def scout(self, run: JobRun, t: float) -> Action | None:
-        best = _cheapest(run, t)
+        best = _cheapest(run, t, in_time=True)
         current = run.current(t)
         if best is None or current is None or best.id == current.id:
             return None
@@ -92,20 +96,17 @@ class NaivePolicy(_Base):
         return None
 
     def on_notice(self, run: JobRun, t: float) -> Offer | None:
-        for o in _fitting(run, t):
-            if o.id != run.offer_id:
-                return o
-        return None
+        return _cheapest(run, t, avoid_offer=run.offer_id, in_time=True)
 
 
 class SkyPilotPolicy(_Base):
     name = "skypilot"
 
     def place(self, run: JobRun, t: float) -> Offer | None:
-        return _cheapest(run, t, Capacity.SPOT, run.avoided_zones(t))
+        return _cheapest(run, t, Capacity.SPOT, run.avoided_zones(t), in_time=True)
 
     def on_notice(self, run: JobRun, t: float) -> Offer | None:
-        return _cheapest(run, t, Capacity.SPOT, run.avoided_zones(t))
+        return _cheapest(run, t, Capacity.SPOT, run.avoided_zones(t), in_time=True)
 
 
 class UniformProgressPolicy(_Base):

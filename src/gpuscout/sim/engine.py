@@ -334,7 +334,9 @@ class Simulator:
             run.migrations += 1
             run.last_move_at = t
             return
-        run.work_base = saved
+        # The policy sees what the emergency checkpoint will hold, not the
+        # old instance's training counted twice.
+        run.work_base, run.train_start = saved, kill
         replacement = policy.on_notice(run, t)
         run.spent += market.cost(run.offer_id, run.bill_from, kill)
         run.offer_id = None
