@@ -380,8 +380,10 @@ def decide_move(
     base.update(current_cost_per_work_hour=cur_cost, remaining_work_hours=work,
                 deadline_slack_s=slack_stay)
     ranked = Offers(offers) if not isinstance(offers, Offers) else offers
-    weighed = [_weigh(job, current, o, work, costs, view, policy, now)
-               for o in _candidates(ranked, job, current, view)]
+    candidates = _candidates(ranked, job, current, view)
+
+    def weigh(o: Offer) -> _Weighed:
+        return _weigh(job, current, o, work, costs, view, policy, now)
 
     def go(w: _Weighed, trigger: str, reason: str) -> MoveDecision:
         return MoveDecision(
@@ -397,6 +399,7 @@ def decide_move(
 
     # 1. Forced: the current capacity is gone.
     if not current.available:
+        weighed = [weigh(o) for o in candidates]
         keeps = [w for w in weighed if w.deadline_ok]
         pick = min(keeps or weighed, key=lambda w: (-w.net, w.offer.id), default=None)
         if pick is None:
@@ -416,7 +419,8 @@ def decide_move(
     # 2. Forced: a spot job whose slack no longer covers a preemption.
     if (current.capacity == Capacity.SPOT and slack_stay is not None
             and slack_stay < spot_reserve_s(policy, costs)):
-        safe = [w for w in weighed if w.offer.capacity == Capacity.ON_DEMAND and w.deadline_ok]
+        on_demand = [weigh(o) for o in candidates if o.capacity == Capacity.ON_DEMAND]
+        safe = [w for w in on_demand if w.deadline_ok]
         if safe:
             pick = min(safe, key=lambda w: (w.offer.cost_per_work_hour, w.offer.id))
             return go(pick, Trigger.DEADLINE,
@@ -435,12 +439,15 @@ def decide_move(
     if policy.max_moves is not None and view.price_moves >= policy.max_moves:
         return stay(f"already moved {view.price_moves} times for price, the cap is "
                     f"{policy.max_moves}")
-    if not weighed:
+    if not candidates:
         return stay("no other available compatible offer")
-    cheapest = weighed[0]
+    # Candidates come cheapest per work hour first: when the cheapest is
+    # below the threshold, so is every other (most passes end here).
+    cheapest = weigh(candidates[0])
     if cheapest.savings < threshold - _EPS:
         return stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
                     f"hour, below the {threshold:.0%} threshold", **numbers_of(cheapest))
+    weighed = [cheapest, *(weigh(o) for o in candidates[1:])]
     above = [w for w in weighed if w.savings >= threshold - _EPS]
     paying = [w for w in above if w.net > _EPS]
     if not paying:
