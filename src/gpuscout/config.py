@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpuscout.policy import ZONE_BACKOFF_S
+
 
 def default_home() -> Path:
     return Path.home() / ".gpuscout"
@@ -40,7 +42,7 @@ class Settings(BaseSettings):
     min_dwell_s: float = Field(default=600.0, ge=0)
     max_moves_per_job: int | None = Field(default=10, ge=0)
     deadline_margin_s: float = Field(default=120.0, ge=0)
-    zone_backoff_s: float = Field(default=1800.0, ge=0)  # spot in a zone after a preemption
+    zone_backoff_s: float = Field(default=ZONE_BACKOFF_S, ge=0)  # spot in a zone after a preemption
     # What a move costs, until past moves measure it. Default by provider:
     # local boot_delay_s + 2 s, 2 s, 2 s; aws 180 s, 30 s, 60 s.
     move_boot_s: float | None = Field(default=None, ge=0)

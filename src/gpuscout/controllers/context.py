@@ -19,6 +19,7 @@ from gpuscout.db import NotFound, Repository, new_id
 from gpuscout.domain import Instance, InstanceStatus, Job, Offer
 from gpuscout.market.history import CapacityHistory
 from gpuscout.metrics import Metrics
+from gpuscout.policy import ZONE_BACKOFF_S
 from gpuscout.providers.base import LaunchRequest, Provider, ProviderError, ProviderInstance
 from gpuscout.routing.router import Router
 from gpuscout.store.base import ObjectStore
@@ -63,7 +64,7 @@ class Context:
     offer_backoff_s: float = 300.0
     # Spot in a zone that just reclaimed an instance is avoided for a while:
     # capacity taken back there is unlikely to last.
-    zone_backoff_s: float = 1800.0
+    zone_backoff_s: float = ZONE_BACKOFF_S
     capacity_history: CapacityHistory = field(default_factory=CapacityHistory)
     _history_lock: threading.Lock = field(default_factory=threading.Lock)
     _unavailable_until: dict[str, datetime] = field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from gpuscout.policy.job_placement import PlacementDecision, place_job
 from gpuscout.policy.migration import (
+    ZONE_BACKOFF_S,
     JobView,
     MoveCosts,
     MoveDecision,
@@ -26,4 +27,5 @@ __all__ = [
     "PlacementDecision", "Trigger", "behind_uniform_progress", "budget_left", "choose_offer",
     "deadline_slack_s", "decide_move", "dwell_s", "move_cost_usd", "place_job", "plan_moves",
     "remaining_work_hours", "spot_reserve_s", "uniform_progress_line", "zone_key",
+    "ZONE_BACKOFF_S",
 ]

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from gpuscout.domain import Capacity, Offer
-from gpuscout.policy import zone_key
+from gpuscout.policy import ZONE_BACKOFF_S, zone_key
 from gpuscout.sim.jobs import SimJob
 from gpuscout.sim.market import SimMarket
 
@@ -47,7 +47,7 @@ class SimConfig:
     notice_s: float = 120.0  # AWS spot interruption notice
     checkpoint_period_s: float = 1800.0
     emergency_checkpoint: bool = True  # checkpoint in the notice window when it fits
-    zone_backoff_s: float = 1800.0  # spot in a zone just preempted is avoided this long
+    zone_backoff_s: float = ZONE_BACKOFF_S  # spot in a zone just preempted is avoided this long
     boot_jitter: float = 0.1  # each boot takes boot_s x U(1 - j, 1 + j), seeded
     max_hours: float = 24 * 60.0  # a job not done this long after submission gives up
 
