@@ -124,6 +124,15 @@ class S3Store:
         self.client: Any = session.client(
             "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
         )
+        # For PUTs that carry the body's sha256 as ChecksumSHA256 (a signed
+        # header, checked by S3): signing the payload as well would only
+        # hash the same bytes a second time. botocore already skips it over
+        # https; this client skips it over plain http too.
+        unsigned = config.merge(Config(s3={
+            **(config.s3 or {}), "payload_signing_enabled": False}))
+        put_client: Any = session.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=region, config=unsigned
+        )
         self.multipart_threshold = multipart_threshold
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -134,7 +143,7 @@ class S3Store:
         self.transfers = Transfers(
             self.client, self.bucket, threshold=multipart_threshold,
             part_size=multipart_chunksize, concurrency=max_concurrency,
-            checksum=checksum_algorithm,
+            checksum=checksum_algorithm, put_client=put_client,
         )
         if create_bucket:
             self._create_bucket(region)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import errno
 import functools
 import hashlib
@@ -57,6 +58,7 @@ from gpuscout.store.base import FileDigest
 from gpuscout.store.fs import COPY_CHUNK, temp_beside
 
 MAX_PARTS = 10_000  # S3's limit for one multipart upload
+MAX_PUT = 5 * 1024 ** 3  # S3's limit for one PUT
 MIN_PART = 5 * 1024 * 1024  # S3's minimum part size (all parts but the last)
 CHECKSUM_ALGORITHMS = ("CRC32", "SHA256")
 # Answers of servers that do not support an additional checksum we sent.
@@ -100,6 +102,53 @@ def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(offset, min(part_size, size - offset)) for offset in range(0, size, part_size)]
 
 
+class Upload(enum.Enum):
+    """How ``Transfers.upload`` sends a file."""
+
+    PUT = "put"  # one PUT request, streamed from the file
+    MULTIPART = "multipart"  # parts of part_size, concurrency at a time
+
+
+def choose_upload(size: int, *, threshold: int, part_size: int, concurrency: int,
+                  put_rate: float | None, multipart_rate: float | None) -> Upload:
+    """One PUT or a multipart upload for a file of ``size`` bytes.
+
+    - under ``threshold`` (or one part's worth): one PUT, as ever;
+    - over what a multipart upload has in flight at once (``concurrency``
+      x ``part_size``), or over S3's 5 GiB limit for one PUT: multipart.
+      A failed PUT is sent again whole; this bounds that loss by what a
+      failure of every part in flight would cost;
+    - in between, the path that has been faster on this store, by its
+      measured throughput (bytes/s, end to end): ``put_rate`` of one-PUT
+      uploads, ``multipart_rate`` of multipart ones. Until both are known:
+      multipart (whose first part measures ``put_rate``). On S3 parallel
+      parts win, as they should; a server that pays more for a multipart
+      upload than for one PUT (s3rver, moto: they concatenate the parts)
+      on a host without cores to spare gets one PUT.
+    """
+    if size < threshold or size <= part_size:
+        return Upload.PUT
+    if size > min(MAX_PUT, concurrency * part_size):
+        return Upload.MULTIPART
+    if put_rate is None or multipart_rate is None:
+        return Upload.MULTIPART
+    return Upload.PUT if put_rate >= multipart_rate else Upload.MULTIPART
+
+
+class Rate:
+    """A throughput in bytes/s, smoothed over samples (EWMA, half weight
+    to the newest); None until the first."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        sample = nbytes / seconds
+        self.value = sample if self.value is None else (self.value + sample) / 2
+
+
 class Transfers:
     """The transfer engine of one S3Store: its client, bucket and settings.
 
@@ -111,7 +160,7 @@ class Transfers:
 
     def __init__(self, client: Any, bucket: str, *, threshold: int, part_size: int,
                  concurrency: int, checksum: str | None,
-                 single_stream_s: float = SINGLE_STREAM_S) -> None:
+                 single_stream_s: float = SINGLE_STREAM_S, put_client: Any = None) -> None:
         if checksum is not None and checksum not in CHECKSUM_ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {checksum!r}: use one of "
                              f"{', '.join(CHECKSUM_ALGORITHMS)} or None")
@@ -124,6 +173,10 @@ class Transfers:
         self.concurrency = concurrency
         self.checksum = checksum
         self.single_stream_s = single_stream_s
+        self.put_client = client if put_client is None else put_client
+        # What this store's uploads have shown (see ``choose_upload``).
+        self.put_rate = Rate()
+        self.multipart_rate = Rate()
         self._lock = threading.Lock()
 
     # --- upload ----------------------------------------------------------
@@ -131,39 +184,84 @@ class Transfers:
     def upload(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         with open(path, "rb") as source:
             before = os.fstat(source.fileno())
-            if before.st_size < self.threshold or before.st_size <= self.part_size:
-                digest = self._put_whole(key, source)
+            size = before.st_size
+            with self._lock:
+                put_rate, multipart_rate = self.put_rate.value, self.multipart_rate.value
+            how = choose_upload(size, threshold=self.threshold, part_size=self.part_size,
+                                concurrency=self.concurrency, put_rate=put_rate,
+                                multipart_rate=multipart_rate)
+            started = time.monotonic()
+            if how is Upload.PUT:
+                digest = self._put_whole(key, source, size)
+                if size >= self.threshold:  # a size where multipart was an option
+                    self._learn(self.put_rate, size, time.monotonic() - started)
             else:
-                digest = self._put_parts(key, source, before.st_size)
+                digest = self._put_parts(key, source, size, started)
             after = os.fstat(source.fileno())
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             # What was stored may not be what was hashed: do not vouch for it.
             raise SourceChanged(f"{path} changed while it was uploaded")
         return digest
 
-    def _put_whole(self, key: str, source: BinaryIO) -> FileDigest:
-        data = source.read()  # under the multipart threshold: small enough
-        digest = hashlib.sha256(data)
-        kwargs: dict[str, Any] = {}
-        if self.checksum is not None:
-            kwargs["ChecksumAlgorithm"] = "SHA256"
-            kwargs["ChecksumSHA256"] = b64(digest.digest())
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
-        except ClientError as exc:
-            if not kwargs or error_code(exc) not in _UNSUPPORTED_CODES:
-                raise
-            self._drop_checksums()
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
-        return FileDigest(len(data), digest.hexdigest())
+    def _learn(self, rate: Rate, size: int, seconds: float) -> None:
+        with self._lock:
+            rate.add(size, seconds)
 
-    def _put_parts(self, key: str, source: BinaryIO, size: int) -> FileDigest:
+    def _put_whole(self, key: str, source: BinaryIO, size: int) -> FileDigest:
+        """One PUT. The file is hashed first (one pass through a small
+        buffer) and then streamed with that sha256 as its ChecksumSHA256:
+        S3 refuses the PUT unless the bytes it received have the digest
+        that is returned to the caller. Where that checksum is sent, the
+        request goes through ``put_client`` (no payload signing: the signed
+        checksum header already binds the body, so the second sha256 pass
+        botocore makes to sign a payload on plain http is skipped; over
+        https botocore skips it anyway). Up to COPY_CHUNK the file is read
+        whole and sent as bytes (no 100-continue round trip)."""
+        data: bytes | None = None
+        if size <= COPY_CHUNK:
+            data = source.read(size + 1)
+            if len(data) != size:
+                raise SourceChanged(f"{source.name} changed size while it was uploaded")
+            digest = hashlib.sha256(data)
+        else:
+            digest = _hash_file(source, size)
+
+        def send(client: Any, **checksum: str) -> None:
+            body: Any = data
+            if body is None:
+                source.seek(0)
+                body = ReadFileChunk(source, size, size, enable_callbacks=False)
+            client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
+                              **checksum)
+
+        if self.checksum is None:
+            send(self.client)
+        else:
+            try:
+                send(self.put_client, ChecksumAlgorithm="SHA256",
+                     ChecksumSHA256=b64(digest.digest()))
+            except ClientError as exc:
+                if error_code(exc) not in _UNSUPPORTED_CODES:
+                    raise
+                self._drop_checksums()
+                send(self.client)
+        return FileDigest(size, digest.hexdigest())
+
+    def _put_parts(self, key: str, source: BinaryIO, size: int, started: float) -> FileDigest:
         """The caller's thread reads the file once, in order, into one
         reused buffer: the sha256 of the whole file and each part's
         checksum come from that pass. Each part is then sent by a worker
         that reads its own byte range of the file (from the page cache,
         just read), so no part is ever held in memory; S3 checks the part's
-        bytes against the checksum taken in the first pass."""
+        bytes against the checksum taken in the first pass.
+
+        While this store has no measure of one stream's upload rate, the
+        first part goes alone (the others wait for it): its rate stands for
+        a one-PUT upload's in ``choose_upload``. The upload's rate (the
+        probe left out) is learnt as the multipart rate."""
+        with self._lock:
+            probe = self.put_rate.value is None
+        probed = (0, 0.0)  # bytes and seconds of the probe part
         upload_id, algorithm = self._create_upload(key, self.checksum)
         digest = hashlib.sha256()
         buffer = memoryview(bytearray(COPY_CHUNK))
@@ -209,9 +307,13 @@ class Transfers:
                 if failed.is_set():
                     window.release()
                     break
+                sent = time.monotonic()
                 future = pool.submit(send, number, offset, length, part.headers())
                 future.add_done_callback(settle)
                 futures.append(future)
+                if probe and number == 1:
+                    future.result()  # alone: one stream's rate
+                    probed = (length, time.monotonic() - sent)
             done = [future.result() for future in futures]  # raises the first failure
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -227,6 +329,10 @@ class Transfers:
                 pass  # S3's lifecycle rule for incomplete uploads is the backstop
             raise
         pool.shutdown(wait=True)
+        if probed[0]:
+            self._learn(self.put_rate, *probed)
+        self._learn(self.multipart_rate, size - probed[0],
+                    time.monotonic() - started - probed[1])
         return FileDigest(size, digest.hexdigest())
 
     def _create_upload(self, key: str, algorithm: str | None) -> tuple[str, str | None]:
@@ -548,3 +654,18 @@ def _hash_range(fd: int, offset: int, length: int, digest: Any, buffer: memoryvi
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _hash_file(source: BinaryIO, size: int) -> Any:
+    """The sha256 of the next ``size`` bytes of ``source``, read through a
+    small buffer; SourceChanged if the file ends first."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(COPY_CHUNK))
+    remaining = size
+    while remaining:
+        got = source.readinto(buffer[:min(len(buffer), remaining)])  # type: ignore[attr-defined]
+        if not got:
+            raise SourceChanged(f"{source.name} shrank while it was uploaded")
+        digest.update(buffer[:got])
+        remaining -= got
+    return digest
