@@ -234,3 +234,26 @@ def test_cli_availability_folder(tmp_path: Path, files: tuple[Path, Path]) -> No
     result = CliRunner().invoke(app, ["simulate", "--trace", str(empty), "--policy", "naive",
                                       "--jobs", str(jobs)])
     assert result.exit_code == 1 and "no availability JSON files" in result.output
+
+
+def test_a_preempted_job_returns_to_spot_in_that_zone_once_the_ban_is_over() -> None:
+    # The only spot pool reclaims the instance at 1 h and has capacity again
+    # 5 minutes later; on-demand costs 3x. The job (no deadline) rides
+    # on-demand only until the zone's ban (ZONE_BACKOFF_S, 10 minutes) ends.
+    m = market(row(0, "us-east-1a", "spot", 1.0), row(0, "us-east-1a", "on-demand", 3.0),
+               row(3600, "us-east-1a", "spot", 1.0, available=False),
+               row(3900, "us-east-1a", "spot", 1.0))
+    moves: list[tuple[float, str]] = []
+
+    class Watching(GpuScoutPolicy):
+        def scout(self, run, t):  # type: ignore[no-untyped-def]
+            action = super().scout(run, t)
+            if action is not None and action[0] is not None:
+                moves.append((t - run.submit, action[0].capacity.value))
+            return action
+
+    policy = Watching.for_config(EXACT, heartbeat_s=120.0)
+    r = Simulator(m, EXACT).run_job(job(hours=4), policy)
+    assert r.preemptions == 1
+    assert moves and moves[0][1] == "spot"
+    assert 3600 + 600 <= moves[0][0] <= 3600 + 600 + 120
