@@ -19,6 +19,7 @@ import threading
 import time
 import tracemalloc
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -627,6 +628,191 @@ def test_a_slow_stream_gets_helpers_and_a_fast_one_does_not(
     if helped:  # from the end, after the probe; the stream kept the front
         assert client.ranges[0] == f"bytes={3 * TEST_THRESHOLD}-{4 * TEST_THRESHOLD - 1}"
         assert took < 2.5 - PROBE_S
+
+
+GiB = 1024 * MiB
+
+
+@pytest.mark.parametrize(("size", "put_rate", "multipart_rate", "want"), [
+    (TEST_THRESHOLD - 1, None, None, "put"),  # under the threshold: one PUT, as ever
+    (TEST_THRESHOLD, None, None, "put"),  # one part's worth
+    (3 * TEST_THRESHOLD, None, None, "multipart"),  # nothing measured yet
+    (3 * TEST_THRESHOLD, 100.0, None, "multipart"),
+    (3 * TEST_THRESHOLD, 200.0, 100.0, "put"),  # one PUT has been faster here
+    (3 * TEST_THRESHOLD, 100.0, 200.0, "multipart"),  # parallel parts have (S3)
+    (8 * TEST_THRESHOLD, 200.0, 100.0, "put"),  # all of it in flight at once
+    (8 * TEST_THRESHOLD + 1, 200.0, 100.0, "multipart"),  # more than multipart has in flight
+])
+def test_choose_upload(size: int, put_rate: float | None, multipart_rate: float | None,
+                       want: str) -> None:
+    from gpuscout.store.transfer import choose_upload
+
+    how = choose_upload(size, threshold=TEST_THRESHOLD, part_size=TEST_THRESHOLD,
+                        concurrency=8, put_rate=put_rate, multipart_rate=multipart_rate)
+    assert how.value == want
+
+
+def test_choose_upload_never_puts_over_five_gib() -> None:
+    from gpuscout.store.transfer import Upload, choose_upload
+
+    how = choose_upload(6 * GiB, threshold=64 * MiB, part_size=1 * GiB, concurrency=64,
+                        put_rate=1e12, multipart_rate=1.0)
+    assert how is Upload.MULTIPART
+
+
+def _record_uploads(s3: S3Store) -> list[str]:
+    """Events of put_file's requests, in order: "put", "create",
+    "part N", "part N done", "complete"."""
+    events: list[str] = []
+    s3.transfers.put_client.meta.events.register(
+        "before-call.s3.PutObject", lambda **_: events.append("put"))
+    s3.client.meta.events.register(
+        "before-call.s3.PutObject", lambda **_: events.append("put"))
+    s3.client.meta.events.register(
+        "before-call.s3.CreateMultipartUpload", lambda **_: events.append("create"))
+    s3.client.meta.events.register(
+        "before-call.s3.UploadPart",
+        lambda params, **_: events.append(f"part {params['query_string']['partNumber']}"))
+    s3.client.meta.events.register(
+        "after-call.s3.UploadPart",
+        lambda context, **_: events.append("part done"))
+    s3.client.meta.events.register(
+        "before-call.s3.CompleteMultipartUpload", lambda **_: events.append("complete"))
+    return events
+
+
+@pytest.mark.parametrize("server", ["moto_server", "s3rver_server"])
+def test_s3_upload_takes_the_path_that_has_been_faster(
+        server: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The first large upload of a store is multipart, its first part sent
+    alone (one stream's rate); then each upload takes the path whose
+    measured throughput is higher, and both give the same bytes back."""
+    endpoint: S3Endpoint = request.getfixturevalue(server)
+    s3 = endpoint.new_store(multipart_threshold=TEST_THRESHOLD,
+                            multipart_chunksize=TEST_THRESHOLD)
+    events = _record_uploads(s3)
+    source = tmp_path / "w.bin"
+    want = write_random(source, 3 * TEST_THRESHOLD + 5)
+
+    assert s3.put_file("first", source) == want
+    assert events[:3] == ["create", "part 1", "part done"]  # alone: the probe
+    assert sorted(events[3:-1]) == ["part 2", "part 3", "part 4",
+                                    "part done", "part done", "part done"]
+    assert events[-1] == "complete"
+    rates = s3.transfers.put_rate, s3.transfers.multipart_rate
+    assert all(rate.value is not None and rate.value > 0 for rate in rates)
+
+    events.clear()
+    rates[0].value, rates[1].value = 2e9, 1e9  # one PUT has been faster
+    assert s3.put_file("second", source) == want
+    assert events == ["put"]
+    assert s3.get("second") == source.read_bytes()
+    if server == "moto_server":  # a single PUT's ETag has no part count
+        head = s3.client.head_object(Bucket=s3.bucket, Key="second", ChecksumMode="ENABLED")
+        assert "-" not in head["ETag"]
+        assert head["ChecksumCRC32"] == base64.b64encode(
+            zlib.crc32(source.read_bytes()).to_bytes(4, "big")).decode()
+
+    events.clear()
+    rates[0].value, rates[1].value = 1e9, 2e9  # parallel parts have
+    assert s3.put_file("third", source) == want
+    assert events[0] == "create" and events[-1] == "complete"
+    assert events.count("part done") == 4
+    assert "part 2" in events[:3]  # no probe: one stream's rate is known
+
+    events.clear()
+    s3.transfers.concurrency = 2  # 4 parts: more than 2 in flight
+    rates[0].value, rates[1].value = 2e9, 1e9
+    assert s3.put_file("fourth", source) == want
+    assert events[0] == "create" and events.count("part done") == 4
+
+
+def test_s3_streamed_put_skips_payload_signing_but_sends_a_checksum(
+        moto_server: S3Endpoint, tmp_path: Path) -> None:  # noqa: F811
+    """A PUT streamed from a file carries the body's CRC32 in a signed
+    header and leaves the payload unsigned (no second pass to hash it)."""
+    s3 = moto_server.new_store(multipart_threshold=2 * TEST_THRESHOLD,
+                               multipart_chunksize=2 * TEST_THRESHOLD)
+    sent: list[dict[str, str]] = []
+    s3.transfers.put_client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(dict(request.headers)))
+    want = write_random(tmp_path / "f", 2 * TEST_THRESHOLD)  # over COPY_CHUNK: streamed
+    assert s3.put_file("f", tmp_path / "f") == want
+    assert len(sent) == 1
+    headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent[0].items()}
+    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
+    crc = zlib.crc32((tmp_path / "f").read_bytes()).to_bytes(4, "big")
+    assert headers["x-amz-checksum-crc32"] == base64.b64encode(crc).decode()
+    assert "x-amz-checksum-crc32" in headers["authorization"].lower()  # signed
+
+
+@pytest.mark.parametrize("server", ["moto_server", "s3rver_server"])
+def test_s3_file_changed_during_a_put_is_not_vouched_for(
+        server: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Bytes that change between the checksum's pass and the send (size
+    and mtime kept, so only the checksum can tell) fail the upload, also
+    on servers that do not check checksums: the checkpoint's manifest is
+    never written, and nothing counts."""
+    from gpuscout.store.transfer import SourceChanged
+    from gpuscout.workload.checkpoint import CheckpointStore
+
+    endpoint: S3Endpoint = request.getfixturevalue(server)
+    s3 = endpoint.new_store(multipart_threshold=2 * TEST_THRESHOLD,
+                            multipart_chunksize=2 * TEST_THRESHOLD)
+    source = tmp_path / "w.bin"
+    write_random(source, 2 * TEST_THRESHOLD)
+    stat = source.stat()
+
+    def tamper(**_: Any) -> None:
+        with source.open("r+b") as out:
+            out.seek(TEST_THRESHOLD)
+            out.write(b"\x00" * 16)
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    s3.transfers.put_client.meta.events.register("before-call.s3.PutObject", tamper)
+    ckpts = CheckpointStore(s3, "ckpts")
+    # Neither server checks the header (S3 would refuse the PUT): ours does.
+    with pytest.raises(SourceChanged):
+        ckpts.save_paths(1, {"w.bin": source})
+    assert ckpts.latest() is None
+
+
+def test_streamed_put_body_hashes_what_it_sends(tmp_path: Path) -> None:
+    """Rewound to its start (a retry), the body's sums start again; read
+    from a point it has not reached, it refuses."""
+    from gpuscout.store.transfer import _HashingBody
+
+    data = os.urandom(3 * MiB)
+    (tmp_path / "f").write_bytes(data)
+    with (tmp_path / "f").open("rb") as source:
+        body = _HashingBody(source, len(data) - 10, "CRC32")
+        assert body.read(1000) == data[:1000]
+        body.seek(0)
+        assert body.sent == 0
+        got = b"".join(iter(lambda: body.read(64 * 1024), b""))
+        assert got == data[:-10] and body.sent == len(data) - 10
+        assert body.digest.hexdigest() == hashlib.sha256(data[:-10]).hexdigest()
+        body.seek(5000)
+        with pytest.raises(OSError, match="out of order"):
+            body.read(10)
+
+
+def test_s3_streamed_put_memory_is_bounded(s3rver_server: S3Endpoint,  # noqa: F811
+                                           tmp_path: Path) -> None:
+    """A file sent in one PUT streams: memory stays at a small buffer."""
+    s3 = s3rver_server.new_store(multipart_threshold=TEST_THRESHOLD,
+                                 multipart_chunksize=TEST_THRESHOLD)
+    s3.transfers.put_rate.value, s3.transfers.multipart_rate.value = 2e9, 1e9
+    source = tmp_path / "big.bin"
+    want = write_random(source, 8 * TEST_THRESHOLD)
+    tracemalloc.start()
+    try:
+        assert s3.put_file("big", source) == want
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "-" not in s3.client.head_object(Bucket=s3.bucket, Key="big")["ETag"]
+    assert peak < 3 * TEST_THRESHOLD, f"peak {peak / MiB:.1f} MiB"
 
 
 # --- open_store ----------------------------------------------------------------

@@ -14,11 +14,13 @@ manager: a multipart upload, and parallel ranged GETs, ``max_concurrency``
 at a time, which is what multi-GB checkpoints need.
 
 ``put_file`` / ``get_file`` stream between a local file and an object
-without holding it in memory (see ``gpuscout.store.transfer``): parts of
-``multipart_chunksize`` bytes, ``max_concurrency`` at a time, each with an
-S3 additional checksum (``checksum_algorithm``), the file hashed in order
-as it streams; a download is one streaming GET, joined by ranged GETs
-pinned to its ETag when one stream proves slow.
+without holding it in memory (see ``gpuscout.store.transfer``), with S3
+additional checksums (``checksum_algorithm``), the file hashed in order as
+it streams. An upload is one PUT or parts of ``multipart_chunksize``
+bytes, ``max_concurrency`` at a time: multipart above ``max_concurrency``
+x ``multipart_chunksize`` (and 5 GiB), and in between whichever has been
+faster on this store. A download is one streaming GET, joined by ranged
+GETs pinned to its ETag when one stream proves slow.
 """
 
 from __future__ import annotations

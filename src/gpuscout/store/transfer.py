@@ -5,12 +5,31 @@ Why not boto3's ``upload_file`` / ``download_file``: they read and write
 parts out of order (each thread at its own offset), so the sha256 of the
 whole file (what the checkpoint manifest records) would take a separate
 pass over a multi-GB file, and their in-memory queues hold up to hundreds
-of MiB. Here the file is hashed strictly in order while up to
-``concurrency`` parts travel at once on worker threads, and the parts move
-between the socket and the file through small reused buffers: memory stays
-at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker) whatever the object's
-size or the part size. Objects under the multipart threshold go in one PUT,
-read whole (at most ``threshold`` bytes). A download starts as one GET of
+of MiB. Here the file is hashed strictly in order while it streams, and
+the bytes move between the socket and the file through small reused
+buffers: memory stays at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker)
+whatever the object's size or the part size.
+
+An upload is one PUT streamed from the file, or a multipart upload of
+``part_size`` parts, ``concurrency`` at a time (``choose_upload``):
+- under ``threshold``: one PUT;
+- over ``concurrency`` x ``part_size`` (512 MiB by default) or S3's 5 GiB
+  limit for one PUT: multipart. A failed PUT is sent again whole; this
+  bounds that loss by what losing every part in flight would cost, and
+  keeps the largest checkpoints parallel whatever was measured;
+- in between, whichever has shown the higher throughput on this store
+  (bytes/s end to end, smoothed over its uploads). Nothing is assumed
+  about the size: while nothing is known the upload is multipart, its
+  first part sent alone to measure one stream. On S3, where parallel
+  streams add up, multipart keeps winning. On a server that spends more
+  on a multipart upload than on one PUT (moto and s3rver concatenate the
+  parts on complete: 1.2-1.9x the CPU of one PUT for 256 MiB) on a host
+  whose cores the client shares, one PUT wins from the second upload on.
+  Choosing by a fixed time per stream (as downloads do) would not: one
+  stream takes 1.2-2 s for 256 MiB on those servers, as long as it takes
+  on S3, where parts are several times faster.
+
+A download starts as one GET of
 the whole object, hashed as it streams, and adds parallel ranged GETs for
 the tail only when that one stream proves slow (``Transfers.download``):
 each extra request costs a round trip on S3, and on a server that reads the
@@ -19,11 +38,19 @@ whole object for every range, much more.
 Integrity, layer by layer:
 - each part is sent with an S3 additional checksum (``CRC32`` by default,
   or ``SHA256``): S3 refuses a part whose bytes do not match, and checks the
-  parts' checksums again when the upload completes. A one-part object is
-  sent with ``ChecksumSHA256`` set to its sha256, so S3 itself checks the
-  very digest that is returned to the caller. Servers that ignore these
+  parts' checksums again when the upload completes. A small object (up to
+  ``COPY_CHUNK``) is sent with ``ChecksumSHA256`` set to its sha256, so S3
+  itself checks the very digest that is returned to the caller. A larger
+  one-PUT object carries the checksum of a first pass over the file; its
+  sha256 is taken from the bytes as they are sent, with the checksum again,
+  and a difference (the file changed) fails the upload even where the
+  server does not check (``_put_stream``). Servers that ignore these
   headers (s3rver) store the object all the same; a server that refuses
   them is asked again without, and the store stops sending them;
+- PUTs that carry a checksum go through ``put_client``, which does not
+  sign the payload: the signed checksum header binds the body (botocore
+  reasons the same way over https); on plain http that saves a second
+  sha256 pass over every byte. Parts keep payload signing;
 - every ranged GET is pinned to the ETag of the first GET (``If-Match``),
   so a download never stitches two versions of a key together, and every
   answer's length is checked against what was asked for; a whole-object
@@ -208,44 +235,70 @@ class Transfers:
             rate.add(size, seconds)
 
     def _put_whole(self, key: str, source: BinaryIO, size: int) -> FileDigest:
-        """One PUT. The file is hashed first (one pass through a small
-        buffer) and then streamed with that sha256 as its ChecksumSHA256:
-        S3 refuses the PUT unless the bytes it received have the digest
-        that is returned to the caller. Where that checksum is sent, the
-        request goes through ``put_client`` (no payload signing: the signed
-        checksum header already binds the body, so the second sha256 pass
-        botocore makes to sign a payload on plain http is skipped; over
-        https botocore skips it anyway). Up to COPY_CHUNK the file is read
-        whole and sent as bytes (no 100-continue round trip)."""
-        data: bytes | None = None
-        if size <= COPY_CHUNK:
-            data = source.read(size + 1)
-            if len(data) != size:
-                raise SourceChanged(f"{source.name} changed size while it was uploaded")
-            digest = hashlib.sha256(data)
-        else:
-            digest = _hash_file(source, size)
-
-        def send(client: Any, **checksum: str) -> None:
-            body: Any = data
-            if body is None:
-                source.seek(0)
-                body = ReadFileChunk(source, size, size, enable_callbacks=False)
-            client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size,
-                              **checksum)
-
-        if self.checksum is None:
-            send(self.client)
-        else:
+        """One PUT. Up to COPY_CHUNK the file is read whole and sent as
+        bytes with its sha256 as ChecksumSHA256: S3 refuses the PUT unless
+        what it received has the very digest returned to the caller. A
+        larger file streams: see ``_put_stream``."""
+        if size > COPY_CHUNK:
+            return self._put_stream(key, source, size)
+        data = source.read(size + 1)
+        if len(data) != size:
+            raise SourceChanged(f"{source.name} changed size while it was uploaded")
+        digest = hashlib.sha256(data)
+        if self.checksum is not None:
             try:
-                send(self.put_client, ChecksumAlgorithm="SHA256",
-                     ChecksumSHA256=b64(digest.digest()))
+                self.put_client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                           ChecksumAlgorithm="SHA256",
+                                           ChecksumSHA256=b64(digest.digest()))
+                return FileDigest(size, digest.hexdigest())
             except ClientError as exc:
                 if error_code(exc) not in _UNSUPPORTED_CODES:
                     raise
                 self._drop_checksums()
-                send(self.client)
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
         return FileDigest(size, digest.hexdigest())
+
+    def _put_stream(self, key: str, source: BinaryIO, size: int) -> FileDigest:
+        """One PUT of a file streamed from disk, nothing held in memory.
+
+        A first pass takes the S3 additional checksum (``checksum``: CRC32,
+        3.8 GB/s, by default), which goes in the request's headers, so it
+        has to be known before the body; the sha256 of the file is then
+        taken in the sending thread from the very bytes sent, while the
+        server takes them in (``_HashingBody``), not in a second pass
+        ahead of the send. The checksum is taken again from the bytes sent:
+        if they are not the bytes of the first pass, the file changed, and
+        even a server that ignores checksums (s3rver) does not get vouched
+        for. S3 itself refuses a body that does not match the header.
+
+        The request goes through ``put_client``, which does not sign the
+        payload: the checksum header is signed and binds the body, so
+        botocore's own sha256 pass over it to sign it on plain http would
+        be one more pass for nothing (over https botocore skips it anyway).
+        The sha256 recorded is checked against every byte on restore."""
+        algorithm = self.checksum
+        if algorithm is not None:
+            first = _PartSum(algorithm)
+            _checksum_file(source, size, first)
+            body = _HashingBody(source, size, algorithm)
+            try:
+                self.put_client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                           ContentLength=size, ChecksumAlgorithm=algorithm,
+                                           **first.headers())
+            except ClientError as exc:
+                if error_code(exc) not in _UNSUPPORTED_CODES:
+                    raise
+                self._drop_checksums()
+                algorithm = None
+            else:
+                if body.sent != size or body.part.headers() != first.headers():
+                    raise SourceChanged(f"{source.name} changed while it was uploaded")
+        if algorithm is None:  # signed as botocore does by default
+            body = _HashingBody(source, size, None)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size)
+            if body.sent != size:
+                raise SourceChanged(f"{source.name} changed while it was uploaded")
+        return FileDigest(size, body.digest.hexdigest())
 
     def _put_parts(self, key: str, source: BinaryIO, size: int, started: float) -> FileDigest:
         """The caller's thread reads the file once, in order, into one
@@ -656,16 +709,64 @@ def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
-def _hash_file(source: BinaryIO, size: int) -> Any:
-    """The sha256 of the next ``size`` bytes of ``source``, read through a
-    small buffer; SourceChanged if the file ends first."""
-    digest = hashlib.sha256()
+def _checksum_file(source: BinaryIO, size: int, into: _PartSum) -> None:
+    """Add the first ``size`` bytes of ``source`` to ``into``, read through
+    a small buffer; SourceChanged if the file ends first."""
     buffer = memoryview(bytearray(COPY_CHUNK))
+    source.seek(0)
     remaining = size
     while remaining:
         got = source.readinto(buffer[:min(len(buffer), remaining)])  # type: ignore[attr-defined]
         if not got:
             raise SourceChanged(f"{source.name} shrank while it was uploaded")
-        digest.update(buffer[:got])
+        into.update(buffer[:got])
         remaining -= got
-    return digest
+
+
+class _HashingBody:
+    """The first ``size`` bytes of a file as a request body that hashes
+    what it hands out, in order: ``digest`` (sha256) and ``part`` (the S3
+    additional checksum, if any), and counts it in ``sent``. botocore
+    rewinds a body to send it again (a retry): a rewind starts the sums
+    again, so they are always those of the last sending, the one that
+    succeeded."""
+
+    def __init__(self, source: BinaryIO, size: int, algorithm: str | None) -> None:
+        self._source = source
+        self._size = size
+        self._algorithm = algorithm
+        self._at = 0
+        source.seek(0)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.digest = hashlib.sha256()
+        self.part = _PartSum(self._algorithm)
+        self.sent = 0
+
+    def read(self, amount: int | None = -1) -> bytes:
+        left = self._size - self._at
+        count = left if amount is None or amount < 0 else min(amount, left)
+        data = self._source.read(count)
+        if self._at != self.sent:  # read from past a gap: the sums cannot cover it
+            raise OSError("request body read out of order")
+        view = memoryview(data)
+        self.digest.update(view)
+        self.part.update(view)
+        self._at += len(data)
+        self.sent = self._at
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._at, 2: self._size}[whence]
+        self._at = max(0, min(self._size, base + offset))
+        self._source.seek(self._at)
+        if self._at != self.sent:
+            self._restart()  # sent again from the start
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def __len__(self) -> int:
+        return self._size - self._at
