@@ -15,7 +15,10 @@ of the file's size. The baseline on each S3 server is one plain boto3
 ``put_object`` / ``get_object`` of the same bytes held in memory, nothing
 else (no hashing, no file); for FileStore it is one plain write (with
 fsync, as the store does) and read of the same bytes. ratio = checkpoint
-throughput / baseline throughput (the target is >= 1.0). Each figure is the
+throughput / baseline throughput (the target is >= 1.0). S3Store picks one
+PUT or a multipart upload by what each has shown on the store, starting
+with multipart (see gpuscout.store.transfer): the path each write took, and
+its ratio, are printed per round. Each figure is the
 median of ``--rounds`` rounds; the checkpoint and the baseline alternate
 within a round. Everything runs on loopback with a warm page cache.
 
@@ -144,9 +147,16 @@ def bench_store(name: str, store: ObjectStore, source: Path, data: bytes, work: 
     ckpts = CheckpointStore(store, f"bench/{uuid.uuid4().hex[:8]}/checkpoints")
     want = hashlib.sha256(data).hexdigest()
     times: dict[str, list[float]] = {"write": [], "read": [], "put": [], "get": []}
+    multipart: list[int] = []  # S3: multipart uploads started, per write
+    if isinstance(store, S3Store):
+        store.client.meta.events.register("before-call.s3.CreateMultipartUpload",
+                                          lambda **_: multipart.append(1))
+    paths = []
     for step in range(rounds):
         times["put"].append(timed(baseline_put))
+        multipart.clear()
         times["write"].append(timed(partial(ckpts.save_paths, step, {"w.bin": source})))
+        paths.append("multipart" if multipart else "put")
         start = time.perf_counter()
         got = baseline_get()
         times["get"].append(time.perf_counter() - start)
@@ -169,6 +179,9 @@ def bench_store(name: str, store: ObjectStore, source: Path, data: bytes, work: 
         "baseline_get_mib_s": round(rate["get"], 1),
         "write_ratio": round(rate["write"] / rate["put"], 2),
         "read_ratio": round(rate["read"] / rate["get"], 2),
+        "write_ratio_per_round": [round(p / w, 2) for p, w in zip(times["put"], times["write"],
+                                                                  strict=True)],
+        "upload_paths": paths if isinstance(store, S3Store) else None,
     }
 
 
@@ -256,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['write_ratio']:>7}{row['read_mib_s']:>12}{row['baseline_get_mib_s']:>12}"
               f"{row['read_ratio']:>7}")
     print("(FileStore's baseline: one plain write with fsync / one plain read of the bytes)")
+    for row in results:
+        if row["upload_paths"]:
+            rounds = ", ".join(f"{path} {ratio}" for path, ratio in
+                               zip(row["upload_paths"], row["write_ratio_per_round"], strict=True))
+            print(f"{row['store']} writes by round (upload path, ratio): {rounds}")
     if args.json:
         print(json.dumps({"settings": settings, "results": results}))
     return 0
