@@ -15,7 +15,8 @@ accelerator names one that can make it); only when none is, the fastest.
   back to spot as soon as it returns (an on-demand instance is kept, not
   stopped, while spot is away: stopping it when ahead would pay a restart
   each time the line catches up). With the paper's safety net: once the
-  slack left is down to one restart (plus a margin), on-demand to the end.
+  slack left is down to one restart (plus GPU Scout's margin), on-demand to
+  the end.
 - ``greedy``: Can't Be Late's greedy: spot whenever available, idle when
   not, on-demand (to the end) only when the deadline forces it.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 
 from gpuscout.domain import Capacity, Offer
-from gpuscout.policy import Offers, zone_key
+from gpuscout.policy import MovePolicy, Offers, zone_key
 from gpuscout.sim.engine import Action, JobRun, SimConfig
 
 
@@ -113,10 +114,12 @@ class UniformProgressPolicy(_Base):
     """Can't Be Late's Uniform Progress (``uniform=True``) or greedy."""
 
     def __init__(self, config: SimConfig | None = None, *, uniform: bool = True,
-                 margin_s: float = 900.0) -> None:
+                 margin_s: float | None = None) -> None:
         self.config = config or SimConfig()
         self.uniform = uniform
-        self.margin_s = margin_s
+        # The same margin GPU Scout keeps beyond a restart (with 15 minutes
+        # it went on-demand from the start whenever the slack was smaller).
+        self.margin_s = MovePolicy().deadline_margin_s if margin_s is None else margin_s
         self.name = "uniform_progress" if uniform else "greedy"
         self._forced: set[str] = set()  # jobs that went on-demand for good
 

@@ -14,11 +14,13 @@ manager: a multipart upload, and parallel ranged GETs, ``max_concurrency``
 at a time, which is what multi-GB checkpoints need.
 
 ``put_file`` / ``get_file`` stream between a local file and an object
-without holding it in memory (see ``gpuscout.store.transfer``): parts of
-``multipart_chunksize`` bytes, ``max_concurrency`` at a time, each with an
-S3 additional checksum (``checksum_algorithm``), the file hashed in order
-as it streams; a download is one streaming GET, joined by ranged GETs
-pinned to its ETag when one stream proves slow.
+without holding it in memory (see ``gpuscout.store.transfer``), with S3
+additional checksums (``checksum_algorithm``), the file hashed in order as
+it streams. An upload is one PUT or parts of ``multipart_chunksize``
+bytes, ``max_concurrency`` at a time: multipart above ``max_concurrency``
+x ``multipart_chunksize`` (and 5 GiB), and in between whichever has been
+faster on this store. A download is one streaming GET, joined by ranged
+GETs pinned to its ETag when one stream proves slow.
 """
 
 from __future__ import annotations
@@ -124,6 +126,15 @@ class S3Store:
         self.client: Any = session.client(
             "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
         )
+        # For PUTs that carry the body's sha256 as ChecksumSHA256 (a signed
+        # header, checked by S3): signing the payload as well would only
+        # hash the same bytes a second time. botocore already skips it over
+        # https; this client skips it over plain http too.
+        unsigned = config.merge(Config(s3={
+            **(config.s3 or {}), "payload_signing_enabled": False}))
+        put_client: Any = session.client(
+            "s3", endpoint_url=self.endpoint_url, region_name=region, config=unsigned
+        )
         self.multipart_threshold = multipart_threshold
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
@@ -134,7 +145,7 @@ class S3Store:
         self.transfers = Transfers(
             self.client, self.bucket, threshold=multipart_threshold,
             part_size=multipart_chunksize, concurrency=max_concurrency,
-            checksum=checksum_algorithm,
+            checksum=checksum_algorithm, put_client=put_client,
         )
         if create_bucket:
             self._create_bucket(region)

@@ -5,12 +5,31 @@ Why not boto3's ``upload_file`` / ``download_file``: they read and write
 parts out of order (each thread at its own offset), so the sha256 of the
 whole file (what the checkpoint manifest records) would take a separate
 pass over a multi-GB file, and their in-memory queues hold up to hundreds
-of MiB. Here the file is hashed strictly in order while up to
-``concurrency`` parts travel at once on worker threads, and the parts move
-between the socket and the file through small reused buffers: memory stays
-at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker) whatever the object's
-size or the part size. Objects under the multipart threshold go in one PUT,
-read whole (at most ``threshold`` bytes). A download starts as one GET of
+of MiB. Here the file is hashed strictly in order while it streams, and
+the bytes move between the socket and the file through small reused
+buffers: memory stays at a few MiB (``COPY_CHUNK`` plus 1 MiB per worker)
+whatever the object's size or the part size.
+
+An upload is one PUT streamed from the file, or a multipart upload of
+``part_size`` parts, ``concurrency`` at a time (``choose_upload``):
+- under ``threshold``: one PUT;
+- over ``concurrency`` x ``part_size`` (512 MiB by default) or S3's 5 GiB
+  limit for one PUT: multipart. A failed PUT is sent again whole; this
+  bounds that loss by what losing every part in flight would cost, and
+  keeps the largest checkpoints parallel whatever was measured;
+- in between, whichever has shown the higher throughput on this store
+  (bytes/s end to end, smoothed over its uploads). Nothing is assumed
+  about the size: while nothing is known the upload is multipart, its
+  first part sent alone to measure one stream. On S3, where parallel
+  streams add up, multipart keeps winning. On a server that spends more
+  on a multipart upload than on one PUT (moto and s3rver concatenate the
+  parts on complete: 1.2-1.9x the CPU of one PUT for 256 MiB) on a host
+  whose cores the client shares, one PUT wins from the second upload on.
+  Choosing by a fixed time per stream (as downloads do) would not: one
+  stream takes 1.2-2 s for 256 MiB on those servers, as long as it takes
+  on S3, where parts are several times faster.
+
+A download starts as one GET of
 the whole object, hashed as it streams, and adds parallel ranged GETs for
 the tail only when that one stream proves slow (``Transfers.download``):
 each extra request costs a round trip on S3, and on a server that reads the
@@ -19,11 +38,19 @@ whole object for every range, much more.
 Integrity, layer by layer:
 - each part is sent with an S3 additional checksum (``CRC32`` by default,
   or ``SHA256``): S3 refuses a part whose bytes do not match, and checks the
-  parts' checksums again when the upload completes. A one-part object is
-  sent with ``ChecksumSHA256`` set to its sha256, so S3 itself checks the
-  very digest that is returned to the caller. Servers that ignore these
+  parts' checksums again when the upload completes. A small object (up to
+  ``COPY_CHUNK``) is sent with ``ChecksumSHA256`` set to its sha256, so S3
+  itself checks the very digest that is returned to the caller. A larger
+  one-PUT object carries the checksum of a first pass over the file; its
+  sha256 is taken from the bytes as they are sent, with the checksum again,
+  and a difference (the file changed) fails the upload even where the
+  server does not check (``_put_stream``). Servers that ignore these
   headers (s3rver) store the object all the same; a server that refuses
   them is asked again without, and the store stops sending them;
+- PUTs that carry a checksum go through ``put_client``, which does not
+  sign the payload: the signed checksum header binds the body (botocore
+  reasons the same way over https); on plain http that saves a second
+  sha256 pass over every byte. Parts keep payload signing;
 - every ranged GET is pinned to the ETag of the first GET (``If-Match``),
   so a download never stitches two versions of a key together, and every
   answer's length is checked against what was asked for; a whole-object
@@ -37,6 +64,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import errno
 import functools
 import hashlib
@@ -57,6 +85,7 @@ from gpuscout.store.base import FileDigest
 from gpuscout.store.fs import COPY_CHUNK, temp_beside
 
 MAX_PARTS = 10_000  # S3's limit for one multipart upload
+MAX_PUT = 5 * 1024 ** 3  # S3's limit for one PUT
 MIN_PART = 5 * 1024 * 1024  # S3's minimum part size (all parts but the last)
 CHECKSUM_ALGORITHMS = ("CRC32", "SHA256")
 # Answers of servers that do not support an additional checksum we sent.
@@ -100,6 +129,53 @@ def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
     return [(offset, min(part_size, size - offset)) for offset in range(0, size, part_size)]
 
 
+class Upload(enum.Enum):
+    """How ``Transfers.upload`` sends a file."""
+
+    PUT = "put"  # one PUT request, streamed from the file
+    MULTIPART = "multipart"  # parts of part_size, concurrency at a time
+
+
+def choose_upload(size: int, *, threshold: int, part_size: int, concurrency: int,
+                  put_rate: float | None, multipart_rate: float | None) -> Upload:
+    """One PUT or a multipart upload for a file of ``size`` bytes.
+
+    - under ``threshold`` (or one part's worth): one PUT, as ever;
+    - over what a multipart upload has in flight at once (``concurrency``
+      x ``part_size``), or over S3's 5 GiB limit for one PUT: multipart.
+      A failed PUT is sent again whole; this bounds that loss by what a
+      failure of every part in flight would cost;
+    - in between, the path that has been faster on this store, by its
+      measured throughput (bytes/s, end to end): ``put_rate`` of one-PUT
+      uploads, ``multipart_rate`` of multipart ones. Until both are known:
+      multipart (whose first part measures ``put_rate``). On S3 parallel
+      parts win, as they should; a server that pays more for a multipart
+      upload than for one PUT (s3rver, moto: they concatenate the parts)
+      on a host without cores to spare gets one PUT.
+    """
+    if size < threshold or size <= part_size:
+        return Upload.PUT
+    if size > min(MAX_PUT, concurrency * part_size):
+        return Upload.MULTIPART
+    if put_rate is None or multipart_rate is None:
+        return Upload.MULTIPART
+    return Upload.PUT if put_rate >= multipart_rate else Upload.MULTIPART
+
+
+class Rate:
+    """A throughput in bytes/s, smoothed over samples (EWMA, half weight
+    to the newest); None until the first."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        if nbytes <= 0 or seconds <= 0:
+            return
+        sample = nbytes / seconds
+        self.value = sample if self.value is None else (self.value + sample) / 2
+
+
 class Transfers:
     """The transfer engine of one S3Store: its client, bucket and settings.
 
@@ -111,7 +187,7 @@ class Transfers:
 
     def __init__(self, client: Any, bucket: str, *, threshold: int, part_size: int,
                  concurrency: int, checksum: str | None,
-                 single_stream_s: float = SINGLE_STREAM_S) -> None:
+                 single_stream_s: float = SINGLE_STREAM_S, put_client: Any = None) -> None:
         if checksum is not None and checksum not in CHECKSUM_ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {checksum!r}: use one of "
                              f"{', '.join(CHECKSUM_ALGORITHMS)} or None")
@@ -124,6 +200,10 @@ class Transfers:
         self.concurrency = concurrency
         self.checksum = checksum
         self.single_stream_s = single_stream_s
+        self.put_client = client if put_client is None else put_client
+        # What this store's uploads have shown (see ``choose_upload``).
+        self.put_rate = Rate()
+        self.multipart_rate = Rate()
         self._lock = threading.Lock()
 
     # --- upload ----------------------------------------------------------
@@ -131,39 +211,110 @@ class Transfers:
     def upload(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         with open(path, "rb") as source:
             before = os.fstat(source.fileno())
-            if before.st_size < self.threshold or before.st_size <= self.part_size:
-                digest = self._put_whole(key, source)
+            size = before.st_size
+            with self._lock:
+                put_rate, multipart_rate = self.put_rate.value, self.multipart_rate.value
+            how = choose_upload(size, threshold=self.threshold, part_size=self.part_size,
+                                concurrency=self.concurrency, put_rate=put_rate,
+                                multipart_rate=multipart_rate)
+            started = time.monotonic()
+            if how is Upload.PUT:
+                digest = self._put_whole(key, source, size)
+                if size >= self.threshold:  # a size where multipart was an option
+                    self._learn(self.put_rate, size, time.monotonic() - started)
             else:
-                digest = self._put_parts(key, source, before.st_size)
+                digest = self._put_parts(key, source, size, started)
             after = os.fstat(source.fileno())
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             # What was stored may not be what was hashed: do not vouch for it.
             raise SourceChanged(f"{path} changed while it was uploaded")
         return digest
 
-    def _put_whole(self, key: str, source: BinaryIO) -> FileDigest:
-        data = source.read()  # under the multipart threshold: small enough
-        digest = hashlib.sha256(data)
-        kwargs: dict[str, Any] = {}
-        if self.checksum is not None:
-            kwargs["ChecksumAlgorithm"] = "SHA256"
-            kwargs["ChecksumSHA256"] = b64(digest.digest())
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **kwargs)
-        except ClientError as exc:
-            if not kwargs or error_code(exc) not in _UNSUPPORTED_CODES:
-                raise
-            self._drop_checksums()
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
-        return FileDigest(len(data), digest.hexdigest())
+    def _learn(self, rate: Rate, size: int, seconds: float) -> None:
+        with self._lock:
+            rate.add(size, seconds)
 
-    def _put_parts(self, key: str, source: BinaryIO, size: int) -> FileDigest:
+    def _put_whole(self, key: str, source: BinaryIO, size: int) -> FileDigest:
+        """One PUT. Up to COPY_CHUNK the file is read whole and sent as
+        bytes with its sha256 as ChecksumSHA256: S3 refuses the PUT unless
+        what it received has the very digest returned to the caller. A
+        larger file streams: see ``_put_stream``."""
+        if size > COPY_CHUNK:
+            return self._put_stream(key, source, size)
+        data = source.read(size + 1)
+        if len(data) != size:
+            raise SourceChanged(f"{source.name} changed size while it was uploaded")
+        digest = hashlib.sha256(data)
+        if self.checksum is not None:
+            try:
+                self.put_client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                           ChecksumAlgorithm="SHA256",
+                                           ChecksumSHA256=b64(digest.digest()))
+                return FileDigest(size, digest.hexdigest())
+            except ClientError as exc:
+                if error_code(exc) not in _UNSUPPORTED_CODES:
+                    raise
+                self._drop_checksums()
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        return FileDigest(size, digest.hexdigest())
+
+    def _put_stream(self, key: str, source: BinaryIO, size: int) -> FileDigest:
+        """One PUT of a file streamed from disk, nothing held in memory.
+
+        A first pass takes the S3 additional checksum (``checksum``: CRC32,
+        3.8 GB/s, by default), which goes in the request's headers, so it
+        has to be known before the body; the sha256 of the file is then
+        taken in the sending thread from the very bytes sent, while the
+        server takes them in (``_HashingBody``), not in a second pass
+        ahead of the send. The checksum is taken again from the bytes sent:
+        if they are not the bytes of the first pass, the file changed, and
+        even a server that ignores checksums (s3rver) does not get vouched
+        for. S3 itself refuses a body that does not match the header.
+
+        The request goes through ``put_client``, which does not sign the
+        payload: the checksum header is signed and binds the body, so
+        botocore's own sha256 pass over it to sign it on plain http would
+        be one more pass for nothing (over https botocore skips it anyway).
+        The sha256 recorded is checked against every byte on restore."""
+        algorithm = self.checksum
+        if algorithm is not None:
+            first = _PartSum(algorithm)
+            _checksum_file(source, size, first)
+            body = _HashingBody(source, size, algorithm)
+            try:
+                self.put_client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                           ContentLength=size, ChecksumAlgorithm=algorithm,
+                                           **first.headers())
+            except ClientError as exc:
+                if error_code(exc) not in _UNSUPPORTED_CODES:
+                    raise
+                self._drop_checksums()
+                algorithm = None
+            else:
+                if body.sent != size or body.part.headers() != first.headers():
+                    raise SourceChanged(f"{source.name} changed while it was uploaded")
+        if algorithm is None:  # signed as botocore does by default
+            body = _HashingBody(source, size, None)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size)
+            if body.sent != size:
+                raise SourceChanged(f"{source.name} changed while it was uploaded")
+        return FileDigest(size, body.digest.hexdigest())
+
+    def _put_parts(self, key: str, source: BinaryIO, size: int, started: float) -> FileDigest:
         """The caller's thread reads the file once, in order, into one
         reused buffer: the sha256 of the whole file and each part's
         checksum come from that pass. Each part is then sent by a worker
         that reads its own byte range of the file (from the page cache,
         just read), so no part is ever held in memory; S3 checks the part's
-        bytes against the checksum taken in the first pass."""
+        bytes against the checksum taken in the first pass.
+
+        While this store has no measure of one stream's upload rate, the
+        first part goes alone (the others wait for it): its rate stands for
+        a one-PUT upload's in ``choose_upload``. The upload's rate (the
+        probe left out) is learnt as the multipart rate."""
+        with self._lock:
+            probe = self.put_rate.value is None
+        probed = (0, 0.0)  # bytes and seconds of the probe part
         upload_id, algorithm = self._create_upload(key, self.checksum)
         digest = hashlib.sha256()
         buffer = memoryview(bytearray(COPY_CHUNK))
@@ -209,9 +360,13 @@ class Transfers:
                 if failed.is_set():
                     window.release()
                     break
+                sent = time.monotonic()
                 future = pool.submit(send, number, offset, length, part.headers())
                 future.add_done_callback(settle)
                 futures.append(future)
+                if probe and number == 1:
+                    future.result()  # alone: one stream's rate
+                    probed = (length, time.monotonic() - sent)
             done = [future.result() for future in futures]  # raises the first failure
             self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -227,6 +382,10 @@ class Transfers:
                 pass  # S3's lifecycle rule for incomplete uploads is the backstop
             raise
         pool.shutdown(wait=True)
+        if probed[0]:
+            self._learn(self.put_rate, *probed)
+        self._learn(self.multipart_rate, size - probed[0],
+                    time.monotonic() - started - probed[1])
         return FileDigest(size, digest.hexdigest())
 
     def _create_upload(self, key: str, algorithm: str | None) -> tuple[str, str | None]:
@@ -548,3 +707,66 @@ def _hash_range(fd: int, offset: int, length: int, digest: Any, buffer: memoryvi
 
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _checksum_file(source: BinaryIO, size: int, into: _PartSum) -> None:
+    """Add the first ``size`` bytes of ``source`` to ``into``, read through
+    a small buffer; SourceChanged if the file ends first."""
+    buffer = memoryview(bytearray(COPY_CHUNK))
+    source.seek(0)
+    remaining = size
+    while remaining:
+        got = source.readinto(buffer[:min(len(buffer), remaining)])  # type: ignore[attr-defined]
+        if not got:
+            raise SourceChanged(f"{source.name} shrank while it was uploaded")
+        into.update(buffer[:got])
+        remaining -= got
+
+
+class _HashingBody:
+    """The first ``size`` bytes of a file as a request body that hashes
+    what it hands out, in order: ``digest`` (sha256) and ``part`` (the S3
+    additional checksum, if any), and counts it in ``sent``. botocore
+    rewinds a body to send it again (a retry): a rewind starts the sums
+    again, so they are always those of the last sending, the one that
+    succeeded."""
+
+    def __init__(self, source: BinaryIO, size: int, algorithm: str | None) -> None:
+        self._source = source
+        self._size = size
+        self._algorithm = algorithm
+        self._at = 0
+        source.seek(0)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.digest = hashlib.sha256()
+        self.part = _PartSum(self._algorithm)
+        self.sent = 0
+
+    def read(self, amount: int | None = -1) -> bytes:
+        left = self._size - self._at
+        count = left if amount is None or amount < 0 else min(amount, left)
+        data = self._source.read(count)
+        if self._at != self.sent:  # read from past a gap: the sums cannot cover it
+            raise OSError("request body read out of order")
+        view = memoryview(data)
+        self.digest.update(view)
+        self.part.update(view)
+        self._at += len(data)
+        self.sent = self._at
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._at, 2: self._size}[whence]
+        self._at = max(0, min(self._size, base + offset))
+        self._source.seek(self._at)
+        if self._at != self.sent:
+            self._restart()  # sent again from the start
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def __len__(self) -> int:
+        return self._size - self._at
