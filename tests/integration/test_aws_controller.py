@@ -149,7 +149,10 @@ def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path:
     old_instance = job["instance_id"]
     old_ec2 = provider.get(old_instance)
     assert old_ec2.state.value == "running" and old_ec2.provider_ref.startswith("i-")
-    assert elastic_ip_holder(provider) == old_ec2.provider_ref  # from the first placement
+    # From the first placement: the job is marked running, then its
+    # endpoint (the proxy route, then the Elastic IP) follows.
+    e2e.wait(lambda: elastic_ip_holder(provider) == old_ec2.provider_ref, 10,
+             "the Elastic IP on the first instance")
     e2e.wait_step(job_id, 40, timeout_s=30)
 
     # Move it to another type in another zone, by hand (a price drop or a
