@@ -346,14 +346,7 @@ class Transfers:
         try:
             for number, (offset, length) in enumerate(plan_parts(size, self.part_size), 1):
                 part = _PartSum(algorithm)
-                remaining = length
-                while remaining:
-                    got = source.readinto(buffer[:min(len(buffer), remaining)])  # type: ignore[attr-defined]
-                    if not got:
-                        raise SourceChanged(f"{source.name} shrank while it was uploaded")
-                    digest.update(buffer[:got])
-                    part.update(buffer[:got])
-                    remaining -= got
+                _feed(source, length, buffer, digest, part)
                 # Bounds the parts queued ahead of the workers (no memory is
                 # held per part; this keeps reads close behind the hashing).
                 window.acquire()
@@ -710,16 +703,22 @@ def _status(exc: ClientError) -> int:
 
 
 def _checksum_file(source: BinaryIO, size: int, into: _PartSum) -> None:
-    """Add the first ``size`` bytes of ``source`` to ``into``, read through
-    a small buffer; SourceChanged if the file ends first."""
-    buffer = memoryview(bytearray(COPY_CHUNK))
+    """Add the first ``size`` bytes of ``source`` to ``into``."""
     source.seek(0)
-    remaining = size
+    _feed(source, size, memoryview(bytearray(COPY_CHUNK)), into)
+
+
+def _feed(source: BinaryIO, length: int, buffer: memoryview, *sums: Any) -> None:
+    """Read the next ``length`` bytes of ``source`` through ``buffer`` into
+    each of ``sums`` (anything with ``update``); SourceChanged if the file
+    ends first."""
+    remaining = length
     while remaining:
         got = source.readinto(buffer[:min(len(buffer), remaining)])  # type: ignore[attr-defined]
         if not got:
             raise SourceChanged(f"{source.name} shrank while it was uploaded")
-        into.update(buffer[:got])
+        for into in sums:
+            into.update(buffer[:got])
         remaining -= got
 
 
