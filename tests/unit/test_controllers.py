@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -631,3 +631,43 @@ def test_a_command_that_fails_at_once_fails_the_job_without_moving_it(
     assert job.error == "command exited with code 2: python: can't open file"
     assert len(provider.launch_calls) == 1  # not retried on other offers
     assert provider.running_ids() == []
+
+
+class ManualClock:
+    """The control plane's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.at
+
+    def sleep(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+def test_savings_are_counted_against_staying_on_the_first_offer_from_its_launch(
+        tmp_path: Path, provider: FakeProvider, agents: FakeAgents) -> None:
+    # The baseline (the job left on its first offer) pays the first boot
+    # too: with no move, what the job cost is exactly its baseline.
+    clock = ManualClock()
+    settings = Settings(home=tmp_path, scout_interval_s=120, api_token="t")
+    svc = build_service(settings, provider=provider, agents=agents, clock=clock)
+    svc.plane.feed.start(svc.repo, clock.now())
+    try:
+        for offer in svc.repo.list_offers():
+            if offer.instance_type == "g4dn.xlarge" and offer.capacity.value == "spot":
+                svc.plane.update_offer(offer.id, available=False)
+        job_id = svc.plane.submit(SPEC).id
+        run_until(svc, job_id, JobStatus.PROVISIONING)
+        clock.sleep(180)  # the instance boots
+        run_until(svc, job_id, JobStatus.RUNNING)
+        clock.sleep(3600)
+        svc.plane.reconcile_once()
+        job = svc.repo.get_job(job_id)
+        price = svc.repo.instance_price(job.instance_id or "")
+        assert job.cost_usd == pytest.approx(price * 3780 / 3600)
+        assert job.baseline_cost_usd == pytest.approx(job.cost_usd)
+        assert job.savings_usd == pytest.approx(0.0, abs=1e-9)
+    finally:
+        svc.plane.stop()

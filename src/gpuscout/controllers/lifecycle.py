@@ -81,7 +81,10 @@ class Lifecycle:
             return
         fields = {"offer_id": offer.id, "instance_id": instance.id}
         if job.started_at is None:
+            # The baseline (staying on this first offer) is billed from the
+            # launch, as the instance is: its boot is a cost either way.
             fields["baseline_price_per_hour"] = offer.price_per_hour  # type: ignore[assignment]
+            fields["cost_updated_at"] = self.ctx.clock.now()  # type: ignore[assignment]
         try:
             self.ctx.repo.transition(job.id, S.PROVISIONING, expect={job.status}, **fields)
         except (ConcurrentChange, IllegalTransition):
@@ -99,7 +102,7 @@ class Lifecycle:
         if health is not None and health.state not in (AgentState.FAILED,):
             self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now)
             self._last_seen[instance_id] = now
-            fields = {"started_at": job.started_at or now, "cost_updated_at": now}
+            fields = {"started_at": job.started_at or now}
             self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)
             self.ctx.route(job.id, instance)
             self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
