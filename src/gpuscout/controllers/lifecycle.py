@@ -103,6 +103,8 @@ class Lifecycle:
             self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now)
             self._last_seen[instance_id] = now
             fields = {"started_at": job.started_at or now}
+            if self.ctx.repo.job_row_fields(job.id, "cost_updated_at")["cost_updated_at"] is None:
+                fields["cost_updated_at"] = now  # placed before launches started the baseline
             self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)
             self.ctx.route(job.id, instance)
             self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
