@@ -103,8 +103,6 @@ class Lifecycle:
             self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now)
             self._last_seen[instance_id] = now
             fields = {"started_at": job.started_at or now}
-            if self.ctx.repo.job_row_fields(job.id, "cost_updated_at")["cost_updated_at"] is None:
-                fields["cost_updated_at"] = now  # placed before launches started the baseline
             self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)
             self.ctx.route(job.id, instance)
             self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
@@ -238,10 +236,13 @@ class Lifecycle:
         if since is not None and row["baseline_price_per_hour"] and not job.status.is_terminal():
             baseline += row["baseline_price_per_hour"] * max(
                 0.0, (now - since).total_seconds()) / 3600.0
+        # The baseline's clock starts with the first launch (``_place``); a
+        # job placed before launches started it starts it here.
+        started = since is not None or row["baseline_price_per_hour"] is not None
         self.ctx.repo.update_job(
             job.id, cost_usd=self.ctx.repo.job_instance_cost(job.id),
             baseline_cost_usd=baseline,
-            cost_updated_at=now if since is not None else None,
+            cost_updated_at=now if started else None,
         )
 
 
