@@ -4,6 +4,7 @@ cannot produce, and agents that play the instance side.
 - ``aws_env`` (fixture): the environment plain boto3 reads (AWS_ENDPOINT_URL
   pointing at moto's server on loopback, test credentials, us-east-1), and
   the bucket ``TEST_BUCKET`` for ``TEST_STORE_URL``, the job store.
+- ``launch_request``: a LaunchRequest on that job store.
 - ``FaultyEc2``: wraps a real boto3 EC2 client and raises the AWS errors a
   test queues (throttling, no capacity) before the call reaches moto.
 - ``AgentAwsProvider``: the real AwsProvider whose every launched EC2
@@ -34,6 +35,7 @@ import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.exceptions import ClientError
 
+from gpuscout.domain import Offer
 from gpuscout.providers.aws import AwsConfig, AwsProvider
 from gpuscout.providers.base import LaunchRequest, ProviderInstance
 from tests.s3_servers import S3Endpoint, moto_server
@@ -83,6 +85,13 @@ def new_config(**changes: Any) -> AwsConfig:
                               "package_spec": None}
     fields.update(changes)
     return AwsConfig(**fields)
+
+
+def launch_request(offer: Offer, instance_id: str, **fields: Any) -> LaunchRequest:
+    """A LaunchRequest for ``offer`` whose job store is ``TEST_STORE_URL``;
+    ``fields`` give (or override) the rest."""
+    return LaunchRequest(**{"instance_id": instance_id, "offer": offer,
+                            "store_url": TEST_STORE_URL, **fields})
 
 
 class FaultyEc2:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import io
 import shlex
@@ -19,7 +20,6 @@ import sysconfig
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -29,7 +29,7 @@ from gpuscout.agent.protocol import AgentState
 from gpuscout.controllers.agent_client import AgentClient, AgentError
 from gpuscout.domain import Capacity, Offer
 from gpuscout.providers.aws import AwsProvider
-from gpuscout.providers.base import LaunchError, LaunchRequest
+from gpuscout.providers.base import LaunchError
 from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES
 from gpuscout.providers.code_bundle import CODE_PREFIX, wheel_of_running_package
 from tests.integration.aws_moto import (
@@ -39,6 +39,7 @@ from tests.integration.aws_moto import (
     AgentAwsProvider,
     aws_env,
     ec2_client,
+    launch_request,
     moto_server,
     new_config,
     stopping,
@@ -49,13 +50,8 @@ __all__ = ["aws_env", "moto_server"]  # fixtures used here
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 
-def request(offer: Offer, instance_id: str, **changes: Any) -> LaunchRequest:
-    fields: dict[str, Any] = {
-        "instance_id": instance_id, "job_id": "j-code", "offer": offer, "command": "true",
-        "store_url": TEST_STORE_URL, "agent_token": "agent-token-c",
-    }
-    fields.update(changes)
-    return LaunchRequest(**fields)
+request = functools.partial(launch_request, job_id="j-code", command="true",
+                            agent_token="agent-token-c")
 
 
 def an_offer(provider: AwsProvider) -> Offer:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import random
 from typing import Any
 
@@ -30,17 +31,16 @@ from gpuscout.providers.base import (
     CapacityError,
     InstanceNotFound,
     LaunchError,
-    LaunchRequest,
     ProviderError,
     ProviderState,
 )
 from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES
 from tests.integration.aws_moto import (
     TEST_SECRET,
-    TEST_STORE_URL,
     FaultyEc2,
     aws_env,
     ec2_client,
+    launch_request,
     moto_server,
     new_config,
 )
@@ -50,15 +50,9 @@ __all__ = ["aws_env", "moto_server"]  # fixtures used here
 pytestmark = pytest.mark.usefixtures("aws_env")
 
 
-def request(offer: Offer, instance_id: str, **changes: Any) -> LaunchRequest:
-    fields: dict[str, Any] = {
-        "instance_id": instance_id, "job_id": "j-1", "offer": offer,
-        "command": "python -m gpuscout.examples.linreg --steps 100",
-        "store_url": TEST_STORE_URL, "agent_token": "agent-token-1",
-        "control_url": "http://10.0.0.5:8080",
-    }
-    fields.update(changes)
-    return LaunchRequest(**fields)
+request = functools.partial(
+    launch_request, job_id="j-1", command="python -m gpuscout.examples.linreg --steps 100",
+    agent_token="agent-token-1", control_url="http://10.0.0.5:8080")
 
 
 def pick(offers: list[Offer], instance_type: str, capacity: Capacity) -> Offer:
