@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: sqlite file under home
     store_url: str | None = None  # default: file store under home
     api_token: str | None = None  # default: generated into home on first `up`
+    # Seals job secrets at rest (a Fernet key); default: generated into home.
+    secrets_key: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     scout_interval_s: float = Field(default=120.0, gt=0)

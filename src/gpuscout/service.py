@@ -17,6 +17,7 @@ from gpuscout.metrics import Metrics
 from gpuscout.policy import MoveCosts, MovePolicy
 from gpuscout.providers.base import Provider
 from gpuscout.routing.router import Router
+from gpuscout.secretbox import SecretBox
 from gpuscout.store import open_store
 
 
@@ -80,6 +81,7 @@ def build_service(
         timeouts=Timeouts(health_s=settings.health_timeout_s,
                           checkpoint_s=settings.checkpoint_timeout_s),
         zone_backoff_s=settings.zone_backoff_s,
+        secretbox=SecretBox.from_home(Path(settings.home), settings.secrets_key),
     )
     if feed is None and settings.market == "aws":
         from gpuscout.market.aws_prices import AwsPriceFeed

@@ -35,6 +35,7 @@ class FakeAgents:
         self.fail_restore: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self.tokens: dict[str, str] = {}
+        self.secrets_sent: dict[str, dict[str, str]] = {}
         self._lock = threading.RLock()
 
     def set_token(self, address: str, token: str) -> None:
@@ -109,3 +110,8 @@ class FakeAgents:
                 return
             a.step = step if step is not None else max(self.checkpoints)
             a.state = AgentState.RESTORING
+
+    def send_secrets(self, address: str, secrets: dict[str, str]) -> None:
+        with self._lock:
+            self.calls.append(("secrets", address))
+            self.secrets_sent[address] = dict(secrets)

@@ -84,7 +84,9 @@ def test_submit_answers_201_with_the_job_and_its_spec(client: TestClient) -> Non
     assert job["created_at"] and job["started_at"] is None and job["finished_at"] is None
     spec = job["spec"]
     assert spec["command"] == JOB["command"]
-    assert spec["resources"] == {"gpus": 1, "gpu_type": None, "cpus": 2.0, "memory_gb": 4.0}
+    assert spec["resources"] == {"gpus": 1, "gpu_type": None, "cpus": 2.0, "memory_gb": 4.0,
+                                 "capacity": None, "instance_type": None, "region": None,
+                                 "zone": None}
     assert (spec["budget_usd"], spec["savings_threshold"], spec["scout_interval_s"]) == (
         10, 0.3, 30)
     assert datetime.fromisoformat(spec["deadline"]) == datetime.fromisoformat(deadline)
@@ -96,7 +98,11 @@ def test_submit_fills_defaults_for_a_minimal_job(client: TestClient) -> None:
     assert response.status_code == 201
     spec = response.json()["spec"]
     assert spec["workload_type"] == "training"
-    assert spec["resources"] == {"gpus": 0, "gpu_type": None, "cpus": 1.0, "memory_gb": 1.0}
+    assert spec["resources"] == {"gpus": 0, "gpu_type": None, "cpus": 1.0, "memory_gb": 1.0,
+                                 "capacity": None, "instance_type": None, "region": None,
+                                 "zone": None}
+    assert (spec["workdir"], spec["setup"], spec["envs"], spec["secrets"],
+            spec["max_restarts_on_errors"]) == (None, None, {}, [], 0)
 
 
 PAST = (datetime.now(UTC) - timedelta(hours=1)).isoformat()

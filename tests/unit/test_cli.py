@@ -148,9 +148,9 @@ def test_submit_with_flags(cli: CliRunner, service: Service) -> None:
 def test_flags_override_the_yaml_file(cli: CliRunner, service: Service,
                                       tmp_path: Path) -> None:
     path = write(tmp_path, "job.yaml", JOB_YAML)
-    job_id = invoke(cli, "submit", path, "--name", "renamed", "--gpus", "2").strip()
+    job_id = invoke(cli, "submit", path, "--name", "renamed", "--gpus", "0").strip()
     spec = service.repo.get_job(job_id).spec
-    assert (spec.name, spec.resources.gpus, spec.resources.cpus) == ("renamed", 2, 2)
+    assert (spec.name, spec.resources.gpus, spec.resources.cpus) == ("renamed", 0, 2)
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -625,14 +625,17 @@ def test_a_command_that_fails_at_once_fails_the_job_without_moving_it(
 
     def crashing(address: str):  # type: ignore[no-untyped-def]
         a = original(address)
-        a.state, a.exit_code, a.error = AgentState.FAILED, 2, "python: can't open file"
+        a.state, a.exit_code = AgentState.FAILED, 2
+        a.error = "command exited with code 2; last lines of stderr:\npython: can't open file"
         return a
 
     agents.agent = crashing  # type: ignore[method-assign]
     job = service.plane.submit(SPEC)
     run_until(service, job.id, JobStatus.FAILED)
     job = service.repo.get_job(job.id)
-    assert job.error == "command exited with code 2: python: can't open file"
+    # The agent's own account, once (it read "command exited with code 2: command exited
+    # with code 2" when the control plane prefixed it again).
+    assert job.error == "command exited with code 2; last lines of stderr:\npython: can't open file"
     assert len(provider.launch_calls) == 1  # not retried on other offers
     assert provider.running_ids() == []
 

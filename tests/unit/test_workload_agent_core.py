@@ -250,5 +250,6 @@ def test_health_has_every_protocol_field() -> None:
     assert set(status().health()) == {
         "instance_id", "job_id", "state", "step", "total_steps", "loss",
         "last_checkpoint_step", "last_checkpoint_key", "first_step", "first_step_at",
-        "last_step_at", "exit_code", "error", "interruption_notice",
+        "last_step_at", "exit_code", "error", "interruption_notice", "awaiting_secrets",
+        "setup_s", "failed_phase",
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ DEFAULT_STOP_GRACE_S = 10.0
 # all: the workload talks to the agent over loopback without one).
 _AGENT_ONLY_ENV = (
     p.ENV_AGENT_HOST, p.ENV_AGENT_PORT, p.ENV_AGENT_TOKEN, p.ENV_COMMAND, p.ENV_STANDBY,
-    p.ENV_WORKDIR, p.ENV_CONTROL_URL,
+    p.ENV_WORKDIR, p.ENV_CONTROL_URL, p.ENV_WORKDIR_REF, p.ENV_SETUP, p.ENV_SECRET_NAMES,
 )
 
 
@@ -36,6 +37,15 @@ class AgentConfig:
     standby: bool
     control_url: str | None = None
     stop_grace_s: float = DEFAULT_STOP_GRACE_S
+    offer_id: str | None = None
+    workdir_ref: str | None = None  # the packed project folder to unpack first
+    setup: str | None = None
+    secret_names: tuple[str, ...] = ()
+
+    @property
+    def preparing(self) -> bool:
+        """Whether anything runs before the command (SETUP state)."""
+        return bool(self.workdir_ref or self.setup or self.secret_names)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -71,15 +81,30 @@ class AgentConfig:
             workdir=workdir,
             standby=standby_text in ("1", "true", "yes"),
             control_url=env.get(p.ENV_CONTROL_URL, "").strip() or None,
+            offer_id=env.get(p.ENV_OFFER_ID, "").strip() or None,
+            workdir_ref=env.get(p.ENV_WORKDIR_REF, "").strip() or None,
+            setup=env.get(p.ENV_SETUP, "").strip() or None,
+            secret_names=tuple(n for n in env.get(p.ENV_SECRET_NAMES, "").split(",")
+                               if n.strip()),
         )
 
     def workload_env(
         self, base: Mapping[str, str], *, agent_url: str, workload_port: int
     ) -> dict[str, str]:
-        """The environment of the job's command: ``base`` (the agent's own
-        environment) without the agent-only variables, plus protocol.py's
-        agent -> workload variables."""
+        """The environment of the job's setup and command: ``base`` (the
+        agent's own environment, which holds the job's ``envs``) without the
+        agent-only variables, plus protocol.py's agent -> workload variables,
+        with the Python environment the agent runs in first on ``PATH``, so
+        ``python``, ``python3`` and ``pip`` are the ones that import gpuscout,
+        whatever the shell that started the control plane had on its PATH."""
         env = {k: v for k, v in base.items() if k not in _AGENT_ONLY_ENV}
+        bin_dir = os.path.dirname(sys.executable)
+        rest = [d for d in env.get("PATH", os.defpath).split(os.pathsep) if d and d != bin_dir]
+        env["PATH"] = os.pathsep.join([bin_dir, *rest])
+        if sys.prefix != sys.base_prefix:  # a venv, as its bin/activate would say
+            env["VIRTUAL_ENV"] = sys.prefix
+        if self.offer_id:
+            env[p.ENV_OFFER_ID] = self.offer_id
         env.update({
             p.ENV_AGENT_URL: agent_url,
             p.ENV_WORKLOAD_PORT: str(workload_port),

@@ -18,14 +18,20 @@ step equals its last checkpoint's step: no step is lost on a planned move.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from gpuscout.agent.protocol import AgentState, ProgressAction
 
+# Lines of a failed command's stderr kept in its error, and at most this
+# many characters of them (the error travels in health, events and the API).
+ERROR_TAIL_LINES = 10
+MAX_ERROR_TAIL_CHARS = 2000
+
 LIVE_STATES = frozenset(
-    {AgentState.STARTING, AgentState.STANDBY, AgentState.RESTORING, AgentState.RUNNING,
-     AgentState.PAUSED}
+    {AgentState.SETUP, AgentState.STARTING, AgentState.STANDBY, AgentState.RESTORING,
+     AgentState.RUNNING, AgentState.PAUSED}
 )
 # States in which the workload will reach a step boundary without outside
 # help, so a checkpoint request can be queued. STANDBY waits for
@@ -87,6 +93,13 @@ class AgentStatus:
     next_request_id: int = 1
     # Set by /agent/stop or SIGTERM: the exit that follows is not the job's.
     stopping: bool = False
+    # A replacement: after SETUP it waits in STANDBY for /agent/restore.
+    standby: bool = False
+    awaiting_secrets: bool = False
+    setup_s: float | None = None
+    # Where the job's own work failed: "setup" (its workdir or setup) or
+    # "command"; None while nothing failed, or when the agent itself did.
+    failed_phase: str | None = None
 
     @property
     def live(self) -> bool:
@@ -109,12 +122,48 @@ class AgentStatus:
             "exit_code": self.exit_code,
             "error": self.error,
             "interruption_notice": self.interruption_notice,
+            "awaiting_secrets": self.awaiting_secrets,
+            "setup_s": self.setup_s,
+            "failed_phase": self.failed_phase,
         }
 
 
-def initial(instance_id: str, job_id: str, *, standby: bool) -> AgentStatus:
-    state = AgentState.STANDBY if standby else AgentState.STARTING
-    return AgentStatus(instance_id=instance_id, job_id=job_id, state=state)
+def initial(instance_id: str, job_id: str, *, standby: bool, preparing: bool = False,
+            awaiting_secrets: bool = False) -> AgentStatus:
+    """The status at start: SETUP while the job is prepared (secrets to
+    receive, a workdir to unpack, a setup to run), else STANDBY or STARTING."""
+    if preparing or awaiting_secrets:
+        state = AgentState.SETUP
+    else:
+        state = AgentState.STANDBY if standby else AgentState.STARTING
+    return AgentStatus(instance_id=instance_id, job_id=job_id, state=state, standby=standby,
+                       awaiting_secrets=awaiting_secrets)
+
+
+# --- preparing the job -------------------------------------------------------
+
+
+def secrets_received(status: AgentStatus) -> AgentStatus:
+    return replace(status, awaiting_secrets=False)
+
+
+def prepared(status: AgentStatus, setup_s: float | None) -> AgentStatus:
+    """Workdir unpacked and setup done: wait for a restore (a replacement) or
+    start. A status that left SETUP meanwhile (a stop) is kept."""
+    if status.state is not AgentState.SETUP:
+        return status
+    state = AgentState.STANDBY if status.standby else AgentState.STARTING
+    return replace(status, state=state, setup_s=setup_s)
+
+
+def on_setup_failed(status: AgentStatus, error: str, setup_s: float | None = None,
+                    exit_code: int | None = None) -> AgentStatus:
+    """The workdir could not be unpacked or the setup failed: the job's own
+    error (``exit_code`` set when setup itself exited non-zero)."""
+    if status.stopping:
+        error = f"stopped on request ({error})"
+    return replace(status, state=AgentState.FAILED, error=error, setup_s=setup_s,
+                   exit_code=exit_code, failed_phase="setup", pending=())
 
 
 # --- control plane -> agent ------------------------------------------------
@@ -283,21 +332,34 @@ def resume_released(status: AgentStatus) -> bool:
 # --- the child process -----------------------------------------------------
 
 
-def on_exit(status: AgentStatus, exit_code: int) -> AgentStatus:
-    """The job's command exited: 0 is COMPLETED, anything else FAILED.
+def exit_reason(what: str, exit_code: int, stderr_tail: Sequence[str] = ()) -> str:
+    """"command exited with code 2", and the last lines of its stderr."""
+    if exit_code < 0:
+        reason = f"{what} killed by signal {-exit_code}"
+    else:
+        reason = f"{what} exited with code {exit_code}"
+    tail = "\n".join(stderr_tail)
+    if tail:
+        reason += f"; last lines of stderr:\n{tail[-MAX_ERROR_TAIL_CHARS:]}"
+    return reason
+
+
+def on_exit(status: AgentStatus, exit_code: int,
+            stderr_tail: Sequence[str] = ()) -> AgentStatus:
+    """The job's command exited: 0 is COMPLETED, anything else FAILED, with
+    the last lines of its stderr in ``error``.
 
     A negative code is death by that signal (subprocess convention).
     """
     if exit_code == 0:
         return replace(status, state=AgentState.COMPLETED, exit_code=0, pending=())
-    if exit_code < 0:
-        reason = f"command killed by signal {-exit_code}"
-    else:
-        reason = f"command exited with code {exit_code}"
+    reason = exit_reason("command", exit_code, stderr_tail)
     if status.stopping:
         reason = f"stopped on request ({reason})"
-    return replace(status, state=AgentState.FAILED, exit_code=exit_code, error=reason, pending=())
+    return replace(status, state=AgentState.FAILED, exit_code=exit_code, error=reason,
+                   failed_phase="command", pending=())
 
 
 def on_start_failed(status: AgentStatus, error: str) -> AgentStatus:
-    return replace(status, state=AgentState.FAILED, error=f"command could not start: {error}")
+    return replace(status, state=AgentState.FAILED, error=f"command could not start: {error}",
+                   failed_phase="command")

@@ -17,10 +17,17 @@ GET  /agent/health
      -> {"instance_id", "job_id", "state", "step", "total_steps", "loss",
          "last_checkpoint_step", "last_checkpoint_key", "first_step",
          "first_step_at", "last_step_at", "exit_code", "error",
-         "interruption_notice"}
+         "interruption_notice", "awaiting_secrets", "setup_s", "failed_phase"}
      ``state`` is one of AgentState. ``first_step``/``first_step_at`` are the
      first step this instance completed and when; ``last_step_at`` when the
-     latest step completed.
+     latest step completed. ``awaiting_secrets``: the agent waits for
+     POST /agent/secrets before it prepares the job; ``setup_s``: how long
+     the job's setup ran on this instance (None until it ends);
+     ``failed_phase``: "setup" or "command" when the job's own work failed.
+POST /agent/secrets {"secrets": {NAME: VALUE}}
+     -> 200; the job's secret variables, for its setup and command. They
+     never travel in user-data (the boot script names them only, in
+     GPUSCOUT_SECRET_NAMES) and are masked in the job's log.
 POST /agent/checkpoint {"pause": bool, "timeout_s": float}
      -> 200 {"step", "key", "last_step_at"} once the workload has saved a
      verified checkpoint at its next step boundary; with ``pause`` the
@@ -39,7 +46,7 @@ Agent -> workload: environment of the job's command:
     GPUSCOUT_AGENT_URL          http://127.0.0.1:<agent port>
     GPUSCOUT_WORKLOAD_PORT      a free loopback port for the workload's server
     GPUSCOUT_STORE_URL          object store (file://... or s3://...)
-    GPUSCOUT_JOB_ID, GPUSCOUT_INSTANCE_ID
+    GPUSCOUT_JOB_ID, GPUSCOUT_INSTANCE_ID, GPUSCOUT_OFFER_ID
     GPUSCOUT_CHECKPOINT_PREFIX  jobs/<job id>/checkpoints
     GPUSCOUT_ARTIFACTS_PREFIX   jobs/<job id>/artifacts
 
@@ -63,6 +70,9 @@ WORKLOAD_PREFIX = "/workload"
 
 
 class AgentState(enum.StrEnum):
+    # Preparing the job: waiting for its secrets, unpacking its workdir,
+    # running its setup. Then STANDBY (a replacement) or STARTING.
+    SETUP = "setup"
     STARTING = "starting"  # agent up, workload process not yet reporting
     STANDBY = "standby"  # replacement: workload waits for /agent/restore
     RESTORING = "restoring"  # restore released, first step not done yet
@@ -89,6 +99,10 @@ ENV_COMMAND = "GPUSCOUT_JOB_COMMAND"
 ENV_STANDBY = "GPUSCOUT_STANDBY"
 ENV_WORKDIR = "GPUSCOUT_WORKDIR"
 ENV_CONTROL_URL = "GPUSCOUT_CONTROL_URL"
+ENV_OFFER_ID = "GPUSCOUT_OFFER_ID"  # the offer the instance was launched on
+ENV_WORKDIR_REF = "GPUSCOUT_WORKDIR_REF"  # "sha256:<hex>" of the packed workdir
+ENV_SETUP = "GPUSCOUT_SETUP"  # the job's setup command
+ENV_SECRET_NAMES = "GPUSCOUT_SECRET_NAMES"  # comma-separated; values come later
 # Environment the agent gives the workload.
 ENV_AGENT_URL = "GPUSCOUT_AGENT_URL"
 ENV_WORKLOAD_PORT = "GPUSCOUT_WORKLOAD_PORT"
@@ -102,3 +116,7 @@ def checkpoint_prefix(job_id: str) -> str:
 
 def artifacts_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/artifacts"
+
+
+def logs_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/logs"

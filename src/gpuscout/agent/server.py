@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import httpx
@@ -29,10 +30,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+from gpuscout import workdir
 from gpuscout.agent import core, imds
 from gpuscout.agent.config import AgentConfig
 from gpuscout.agent.protocol import AGENT_PREFIX, WORKLOAD_PREFIX
 from gpuscout.agent.supervisor import Supervisor
+from gpuscout.joblog import LogShipper
+from gpuscout.store import open_store
+from gpuscout.store.base import ObjectStore
 
 log = logging.getLogger("gpuscout.agent")
 
@@ -51,18 +56,36 @@ _HOP_BY_HOP = frozenset({
 })
 
 
+# How long a finished process's pipes are read after it exits (a process
+# that left its group may hold them open).
+PIPE_DRAIN_S = 5.0
+# The instance's own copy of the job's log, in its folder.
+JOB_LOG_FILE = "job.log"
+
+
 def error(status_code: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status_code)
 
 
 class Agent:
-    """The running agent: its status, the child process, the forwarding client."""
+    """The running agent: its status, the child process, the forwarding client,
+    and the job's log (``shipper``: setup and command output, line by line,
+    shipped to the store)."""
 
-    def __init__(self, config: AgentConfig, supervisor: Supervisor, workload_port: int) -> None:
+    def __init__(self, config: AgentConfig, supervisor: Supervisor, workload_port: int,
+                 shipper: LogShipper, store: ObjectStore | None = None) -> None:
         self.config = config
         self.supervisor = supervisor
         self.workload_port = workload_port
-        self.status = core.initial(config.instance_id, config.job_id, standby=config.standby)
+        self.shipper = shipper
+        self.store = store
+        self.status = core.initial(config.instance_id, config.job_id, standby=config.standby,
+                                   preparing=config.preparing,
+                                   awaiting_secrets=bool(config.secret_names))
+        # The process running now: the setup, then the command.
+        self.current: Supervisor | None = None
+        self.secrets: dict[str, str] = {}
+        self._stderr_before = 0
         self.closing = False
         self._cond = asyncio.Condition()
         self.client = httpx.AsyncClient(
@@ -100,13 +123,101 @@ class Agent:
             self.closing = True
             self._cond.notify_all()
 
+    # --- the job's processes ------------------------------------------------
+
+    def log_line(self, text: str) -> None:
+        """A line of the job's log written by the agent itself (a marker)."""
+        self.shipper.add(text, source="agent")
+
+    async def run_process(self, supervisor: Supervisor) -> int:
+        """Start ``supervisor``'s process, log its output, and return its exit
+        code once its output is read and the log flushed. Raises OSError if it
+        cannot start."""
+        self.current = supervisor
+        self._stderr_before = self.shipper.lines_added("stderr")
+        await supervisor.start()
+        pumps = [asyncio.ensure_future(self.shipper.pump(stream, source=source))
+                 for stream, source in ((supervisor.stdout, "stdout"),
+                                        (supervisor.stderr, "stderr")) if stream is not None]
+        code = await supervisor.wait()
+        # The group is killed when the leader exits, so the pipes close; a
+        # process that escaped the group may hold them: don't wait for it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*pumps), PIPE_DRAIN_S)
+        for pump in pumps:
+            pump.cancel()
+        await self.shipper.flush()
+        return code
+
+    def stderr_tail(self) -> list[str]:
+        """The last stderr lines of the process run last (secrets masked)."""
+        count = self.shipper.lines_added("stderr") - self._stderr_before
+        return self.shipper.tail_lines(min(count, core.ERROR_TAIL_LINES), "stderr")
+
+    async def prepare(self) -> bool:
+        """SETUP: wait for the job's secrets, unpack its workdir, run its
+        setup, then STANDBY or STARTING. False when the job cannot start
+        (the status says why) or the agent is closing."""
+        config = self.config
+        if config.secret_names:
+            async with self._cond:
+                await self._cond.wait_for(
+                    lambda: self.closing or self.status.stopping
+                    or not self.status.awaiting_secrets)
+            if self.closing or self.status.stopping:
+                return False
+            self.supervisor.env.update(self.secrets)
+        if config.workdir_ref:
+            try:
+                assert self.store is not None
+                files = await asyncio.to_thread(
+                    workdir.fetch_and_unpack, self.store, config.workdir_ref,
+                    Path(config.workdir))
+            except Exception as exc:
+                message = f"could not unpack the job's workdir {config.workdir_ref}: {exc}"
+                log.error("%s", message)
+                self.log_line(f"-- {message} --")
+                await self.update(lambda s: core.on_setup_failed(s, message))
+                return False
+            log.info("workdir %s unpacked: %d files", config.workdir_ref, files)
+        setup_s: float | None = None
+        if config.setup and not (self.closing or self.status.stopping):
+            self.log_line("-- setup --")
+            setup = Supervisor(config.setup, workdir=config.workdir, env=self.supervisor.env,
+                               grace_s=config.stop_grace_s, capture=True)
+            started = time.monotonic()
+            try:
+                code = await self.run_process(setup)
+            except OSError as exc:
+                reason = f"setup could not start: {exc}"
+                await self.update(lambda s: core.on_setup_failed(s, reason))
+                return False
+            setup_s = time.monotonic() - started
+            if code != 0:
+                reason = core.exit_reason("setup", code, self.stderr_tail())
+                self.log_line(f"-- setup failed (exit code {code}) after {setup_s:.1f} s --")
+                await self.update(lambda s: core.on_setup_failed(s, reason, setup_s, code))
+                return False
+            self.log_line(f"-- setup done in {setup_s:.1f} s --")
+        await self.update(lambda s: core.prepared(s, setup_s))
+        return not self.closing
+
     async def watch_child(self) -> None:
-        code = await self.supervisor.wait()
-        await self.update(lambda s: core.on_exit(s, code))
+        """Run the job's command to its end."""
+        try:
+            code = await self.run_process(self.supervisor)
+        except OSError as exc:
+            reason = str(exc)
+            log.error("the command could not start: %s", reason)
+            await self.update(lambda s: core.on_start_failed(s, reason))
+            return
+        tail = self.stderr_tail()
+        await self.update(lambda s: core.on_exit(s, code, tail))
 
     async def stop_child(self) -> None:
-        await self.update(core.begin_stop)
-        await self.supervisor.stop()
+        await self.update(core.begin_stop)  # also wakes a wait for secrets
+        if self.current is not None:
+            await self.current.stop()
 
 
 # --- request bodies --------------------------------------------------------
@@ -131,6 +242,10 @@ class ProgressBody(BaseModel):
 class CheckpointedBody(BaseModel):
     step: int = Field(ge=0)
     key: str = Field(min_length=1)
+
+
+class SecretsBody(BaseModel):
+    secrets: dict[str, str]
 
 
 # --- the app ---------------------------------------------------------------
@@ -197,6 +312,18 @@ def create_app(agent: Agent) -> FastAPI:
         log.info("checkpoint at step %d answered in %.3f s (pause=%s)",
                  outcome.step, time.monotonic() - started, body.pause)
         return JSONResponse(outcome.to_json())
+
+    @app.post(f"{AGENT_PREFIX}/secrets", dependencies=authorized)
+    async def secrets(body: SecretsBody) -> Response:
+        missing = sorted(set(agent.config.secret_names) - set(body.secrets))
+        if missing:
+            return error(422, f"secrets missing: {', '.join(missing)}")
+        if agent.status.awaiting_secrets:
+            agent.secrets = dict(body.secrets)
+            agent.shipper.redact(agent.secrets.values())
+            await agent.update(core.secrets_received)
+            log.info("received %d secret(s)", len(body.secrets))
+        return JSONResponse({"state": agent.status.state.value})
 
     @app.post(f"{AGENT_PREFIX}/resume", dependencies=authorized)
     async def resume() -> dict[str, Any]:
@@ -392,9 +519,14 @@ async def run_agent(config: AgentConfig) -> int:
     workload_port = free_loopback_port()
     env = config.workload_env(os.environ, agent_url=agent_url, workload_port=workload_port)
     supervisor = Supervisor(
-        config.command, workdir=config.workdir, env=env, grace_s=config.stop_grace_s
+        config.command, workdir=config.workdir, env=env, grace_s=config.stop_grace_s,
+        capture=True,
     )
-    agent = Agent(config, supervisor, workload_port)
+    store = open_store(config.store_url)
+    instance_dir = os.environ.get("GPUSCOUT_INSTANCE_DIR")
+    shipper = LogShipper(store, config.job_id, config.instance_id,
+                         local_path=Path(instance_dir) / JOB_LOG_FILE if instance_dir else None)
+    agent = Agent(config, supervisor, workload_port, shipper, store)
     server = _Server(uvicorn.Config(
         create_app(agent), log_level="warning", access_log=False, lifespan="off",
         timeout_graceful_shutdown=2,
@@ -432,18 +564,19 @@ async def run_agent(config: AgentConfig) -> int:
              config.host, port, " in standby" if config.standby else "")
 
     spot_watch = _watch_spot_notices(agent)
+
+    async def prepare_and_run() -> None:
+        if config.preparing and not await agent.prepare():
+            return
+        if agent.closing or server.should_exit or agent.status.stopping:
+            return
+        await agent.watch_child()
+
     watcher: asyncio.Task[None] | None = None
     if agent.closing or server.should_exit:
         pass  # a signal came while the server started: never start the job
     else:
-        try:
-            await supervisor.start()
-        except OSError as exc:
-            reason = str(exc)
-            log.error("the command could not start: %s", reason)
-            await agent.update(lambda s: core.on_start_failed(s, reason))
-        else:
-            watcher = asyncio.create_task(agent.watch_child())
+        watcher = asyncio.create_task(prepare_and_run())
     try:
         await serving
     finally:
@@ -454,6 +587,7 @@ async def run_agent(config: AgentConfig) -> int:
         await agent.stop_child()
         if watcher is not None:
             await watcher
+        await shipper.close()
         await agent.client.aclose()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -26,12 +26,16 @@ log = logging.getLogger("gpuscout.agent.supervisor")
 
 class Supervisor:
     def __init__(
-        self, command: str, *, workdir: str, env: Mapping[str, str], grace_s: float
+        self, command: str, *, workdir: str, env: Mapping[str, str], grace_s: float,
+        capture: bool = False,
     ) -> None:
         self.command = command
         self.workdir = workdir
         self.env = dict(env)
         self.grace_s = grace_s
+        # With capture, stdout and stderr are pipes (``stdout``/``stderr``)
+        # the caller must read to the end; else they are inherited.
+        self.capture = capture
         self._proc: asyncio.subprocess.Process | None = None
         self._exit_code: int | None = None
         self._stop_task: asyncio.Task[int | None] | None = None
@@ -39,6 +43,14 @@ class Supervisor:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def stdout(self) -> asyncio.StreamReader | None:
+        return self._proc.stdout if self._proc is not None else None
+
+    @property
+    def stderr(self) -> asyncio.StreamReader | None:
+        return self._proc.stderr if self._proc is not None else None
 
     @property
     def exit_code(self) -> int | None:
@@ -53,6 +65,10 @@ class Supervisor:
             cwd=self.workdir,
             env=self.env,
             stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE if self.capture else None,
+            stderr=asyncio.subprocess.PIPE if self.capture else None,
+            # A line longer than this is read in pieces (gpuscout.joblog).
+            limit=1024 * 1024,
             start_new_session=True,
         )
         log.info("started command (pid %d): %s", self._proc.pid, self.command)

@@ -8,6 +8,7 @@ values with ``from_domain``; list endpoints answer ``{"data": [...], "count": N}
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,8 @@ from gpuscout.domain import (
 )
 from gpuscout.policy import MoveDecision
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
 
 class _Input(BaseModel):
     # Python's JSON parser accepts Infinity and NaN; no price, budget or
@@ -43,9 +46,33 @@ class _Input(BaseModel):
 
 class ResourcesIn(_Input):
     gpus: int = Field(default=0, ge=0, description="GPUs the job needs (0: CPU only)")
-    gpu_type: str | None = Field(default=None, description="e.g. V100, T4; any if omitted")
+    gpu_type: str | list[str] | None = Field(
+        default=None, description="e.g. V100, T4, or a list of types any of which will do; "
+                                  "any if omitted")
     cpus: float = Field(default=1, gt=0)
     memory_gb: float = Field(default=1, gt=0)
+    capacity: Capacity | None = Field(
+        default=None, description="spot or on-demand only; GPU Scout chooses if omitted")
+    instance_type: str | None = Field(default=None, description="e.g. g4dn.xlarge")
+    region: str | None = None
+    zone: str | None = None
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _types(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list):
+            if not value or not all(t.strip() for t in value):
+                raise ValueError("a list of GPU types must name at least one, none blank")
+            return value[0] if len(value) == 1 else value
+        return value
+
+    def to_domain(self) -> Resources:
+        many = isinstance(self.gpu_type, list)
+        return Resources(
+            gpus=self.gpus, gpu_type=None if many else self.gpu_type,  # type: ignore[arg-type]
+            gpu_types=tuple(self.gpu_type) if many else (),  # type: ignore[arg-type]
+            cpus=self.cpus, memory_gb=self.memory_gb, capacity=self.capacity,
+            instance_type=self.instance_type, region=self.region, zone=self.zone)
 
 
 class JobCreate(_Input):
@@ -61,7 +88,21 @@ class JobCreate(_Input):
     deadline: datetime | None = Field(
         default=None, description="ISO 8601, in the future; without an offset it is UTC")
     resources: ResourcesIn = Field(default_factory=ResourcesIn)
-    workdir: str | None = None
+    workdir: str | None = Field(
+        default=None, pattern=r"^sha256:[0-9a-f]{64}$",
+        description="the packed project folder, as POST /api/v1/workdirs answered "
+                    "(\"sha256:<hex>\"); unpacked as the working folder on every instance")
+    setup: str | None = Field(
+        default=None, description="shell command run once per instance before the command, "
+                                  "in the working folder (e.g. pip install -r requirements.txt)")
+    envs: dict[str, str] = Field(default_factory=dict,
+                                 description="environment variables of setup and command")
+    secrets: dict[str, str] = Field(
+        default_factory=dict, description="environment variables whose values are never "
+        "shown back, logged or put in user-data")
+    max_restarts_on_errors: int = Field(
+        default=0, ge=0, le=100,
+        description="restarts from the last checkpoint after the command exits non-zero")
     savings_threshold: float | None = Field(default=None, ge=0, lt=1)
     scout_interval_s: float | None = Field(default=None, gt=0)
 
@@ -71,6 +112,31 @@ class JobCreate(_Input):
         if not value.strip():
             raise ValueError("must not be blank")
         return value
+
+    @field_validator("setup")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value if value and value.strip() else None
+
+    @field_validator("envs", "secrets")
+    @classmethod
+    def _variable_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name "
+                                 "(letters, digits and _, not starting with a digit)")
+            if name.startswith("GPUSCOUT_"):
+                raise ValueError(f"{name}: GPUSCOUT_* variables are set by GPU Scout")
+            if "\0" in text:
+                raise ValueError(f"{name}: the value contains a NUL byte")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_apart(self) -> JobCreate:
+        both = sorted(set(self.envs) & set(self.secrets))
+        if both:
+            raise ValueError(f"secrets: {', '.join(both)} also given in envs")
+        return self
 
     @field_validator("deadline")
     @classmethod
@@ -90,9 +156,11 @@ class JobCreate(_Input):
             name=self.name, command=self.command, model=self.model,
             dataset_size_gb=self.dataset_size_gb, workload_type=self.workload_type,
             expected_duration_hours=self.expected_duration_hours, budget_usd=self.budget_usd,
-            deadline=self.deadline, resources=Resources(**self.resources.model_dump()),
-            workdir=self.workdir, savings_threshold=self.savings_threshold,
-            scout_interval_s=self.scout_interval_s,
+            deadline=self.deadline, resources=self.resources.to_domain(),
+            workdir=self.workdir, setup=self.setup, envs=dict(self.envs),
+            secret_names=tuple(sorted(self.secrets)),
+            max_restarts_on_errors=self.max_restarts_on_errors,
+            savings_threshold=self.savings_threshold, scout_interval_s=self.scout_interval_s,
         )
 
 
@@ -101,9 +169,13 @@ class JobCreate(_Input):
 
 class ResourcesPublic(BaseModel):
     gpus: int
-    gpu_type: str | None
+    gpu_type: str | list[str] | None
     cpus: float
     memory_gb: float
+    capacity: Capacity | None
+    instance_type: str | None
+    region: str | None
+    zone: str | None
 
 
 class JobSpecPublic(BaseModel):
@@ -119,6 +191,10 @@ class JobSpecPublic(BaseModel):
     deadline: datetime | None
     resources: ResourcesPublic
     workdir: str | None
+    setup: str | None
+    envs: dict[str, str]
+    secrets: list[str] = Field(description="the names of the job's secrets (never values)")
+    max_restarts_on_errors: int
     savings_threshold: float | None
     scout_interval_s: float | None
 
@@ -130,10 +206,14 @@ class JobSpecPublic(BaseModel):
             dataset_size_gb=spec.dataset_size_gb, workload_type=spec.workload_type,
             expected_duration_hours=spec.expected_duration_hours, budget_usd=spec.budget_usd,
             deadline=spec.deadline,
-            resources=ResourcesPublic(gpus=r.gpus, gpu_type=r.gpu_type, cpus=r.cpus,
-                                      memory_gb=r.memory_gb),
-            workdir=spec.workdir, savings_threshold=spec.savings_threshold,
-            scout_interval_s=spec.scout_interval_s,
+            resources=ResourcesPublic(
+                gpus=r.gpus, gpu_type=list(r.gpu_types) if r.gpu_types else r.gpu_type,
+                cpus=r.cpus, memory_gb=r.memory_gb, capacity=r.capacity,
+                instance_type=r.instance_type, region=r.region, zone=r.zone),
+            workdir=spec.workdir, setup=spec.setup, envs=dict(spec.envs),
+            secrets=list(spec.secret_names),
+            max_restarts_on_errors=spec.max_restarts_on_errors,
+            savings_threshold=spec.savings_threshold, scout_interval_s=spec.scout_interval_s,
         )
 
 
@@ -160,6 +240,8 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     last_migration_at: datetime | None
     error: str | None
+    restarts: int = Field(description="restarts after the command failed "
+                                      "(spec.max_restarts_on_errors)")
     spec: JobSpecPublic
 
     @classmethod
@@ -172,7 +254,7 @@ class JobPublic(BaseModel):
             cost_usd=job.cost_usd, savings_usd=job.savings_usd,
             baseline_cost_usd=job.baseline_cost_usd, endpoint=endpoint_path(job.id),
             created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            last_migration_at=job.last_migration_at, error=job.error,
+            last_migration_at=job.last_migration_at, error=job.error, restarts=job.restarts,
             spec=JobSpecPublic.from_domain(job.spec),
         )
 

@@ -9,6 +9,7 @@ see an httpx exception.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,20 @@ class ApiClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
     def request(self, method: str, path: str, *, json: Any = None,
-                params: dict[str, Any] | None = None, raw: bool = False) -> Any:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                params: dict[str, Any] | None = None, raw: bool = False,
+                content: Any = None, content_type: str | None = None,
+                timeout_s: float | None = None) -> Any:
+        headers = self._headers()
+        if content_type:
+            headers["Content-Type"] = content_type
         try:
-            response = self._http.request(method, path, json=json, params=params,
-                                          headers=headers)
+            response = self._http.request(
+                method, path, json=json, params=params, headers=headers, content=content,
+                timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
         except httpx.ConnectError:
             raise ApiError(f"cannot reach the GPU Scout API at {self.url}: "
                            "is `gpuscout up` running?") from None
@@ -163,3 +172,47 @@ class ApiClient:
 
     def health(self) -> dict[str, Any]:
         return self.request("GET", "/healthz")
+
+    # --- workdirs and logs ---------------------------------------------------------
+
+    def upload_workdir(self, path: Path, ref: str) -> bool:
+        """Upload the packed folder at ``path`` (whose digest is ``ref``)
+        unless the control plane has it already; True if it was sent."""
+        try:
+            self.request("GET", f"{API_PREFIX}/workdirs/{ref}")
+            return False
+        except ApiError as err:
+            if err.status_code != 404:
+                raise
+        with path.open("rb") as f:
+            answer = self.request("POST", f"{API_PREFIX}/workdirs", content=f,
+                                  content_type="application/gzip", timeout_s=600.0)
+        if answer.get("ref") != ref:
+            raise ApiError(f"the control plane stored the workdir as {answer.get('ref')}, "
+                           f"not {ref}: it changed in transit")
+        return True
+
+    def logs(self, job_id: str, tail: int | None = None) -> str:
+        params = {"tail": tail} if tail is not None else None
+        data: bytes = self.request("GET", f"{API_PREFIX}/jobs/{job_id}/logs", params=params,
+                                   raw=True)
+        return data.decode("utf-8", errors="replace")
+
+    def follow_logs(self, job_id: str, tail: int | None = None) -> Iterator[str]:
+        """The job's log lines as they come, until the job ends."""
+        params: dict[str, Any] = {"follow": "true"}
+        if tail is not None:
+            params["tail"] = tail
+        try:
+            with self._http.stream("GET", f"{API_PREFIX}/jobs/{job_id}/logs", params=params,
+                                   headers=self._headers(),
+                                   timeout=httpx.Timeout(10.0, read=None)) as response:
+                if response.is_error:
+                    response.read()
+                    raise ApiError(describe_error(response), response.status_code)
+                yield from response.iter_lines()
+        except httpx.ConnectError:
+            raise ApiError(f"cannot reach the GPU Scout API at {self.url}: "
+                           "is `gpuscout up` running?") from None
+        except httpx.HTTPError as err:
+            raise ApiError(f"reading the log from {self.url} failed: {err}") from None

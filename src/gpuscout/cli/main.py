@@ -282,11 +282,49 @@ def read_job_file(path: Path) -> dict[str, Any]:
     return result
 
 
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    """``KEY=VALUE`` options (``KEY`` alone: the value from this shell's
+    environment, as SkyPilot's ``--env``/``--secret`` do)."""
+    import os
+
+    pairs: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key not in os.environ:
+                fail(f"{option} {key}: no value given and {key} is not set in this shell")
+            value = os.environ[key]
+        if not key:
+            fail(f"{option} {item!r}: expected KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _ship_workdir(api: ApiClient, folder: Path) -> str:
+    """Pack ``folder`` (leaving out .git and what .gitignore names), upload
+    it unless the control plane has it, and return its reference."""
+    from gpuscout.workdir import WorkdirError, pack
+
+    try:
+        packed = pack(folder)
+    except WorkdirError as error:
+        fail(str(error))
+    try:
+        sent = api.upload_workdir(packed.path, packed.ref)
+    finally:
+        packed.path.unlink(missing_ok=True)
+    what = "uploaded" if sent else "already stored"
+    err.print(f"workdir {folder}: {packed.files} files, {packed.size / 1e6:.1f} MB packed, "
+              f"{what}", style="dim", markup=False, highlight=False)
+    return packed.ref
+
+
 @app.command()
 def submit(
     ctx: typer.Context,
     file: Annotated[Path | None, typer.Argument(
-        help="YAML job file; its keys are the fields of POST /api/v1/jobs",
+        help="YAML job file (its keys are the fields of POST /api/v1/jobs), or a SkyPilot "
+             "task file (run, setup, workdir, envs, resources, ...)",
         show_default=False)] = None,
     name: Annotated[str | None, typer.Option(help="job name")] = None,
     command: Annotated[str | None, typer.Option(help="shell command to run")] = None,
@@ -300,19 +338,51 @@ def submit(
     dataset_size_gb: Annotated[float | None, typer.Option(help="dataset size, GB")] = None,
     workload_type: Annotated[str | None, typer.Option(
         help="training | fine-tuning | inference")] = None,
+    workdir: Annotated[Path | None, typer.Option(
+        help="project folder shipped to every instance (default: the job file's workdir, "
+             "relative to the job file)", show_default=False)] = None,
+    setup: Annotated[str | None, typer.Option(
+        help="command run once per instance before the job's command")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", help="KEY=VALUE environment variable (repeatable; KEY alone: from this "
+                      "shell)", show_default=False)] = None,
+    secret: Annotated[list[str] | None, typer.Option(
+        "--secret", help="KEY=VALUE secret variable, never shown back (repeatable; KEY "
+                         "alone: from this shell)", show_default=False)] = None,
     url: UrlOption = None, token: TokenOption = None,
 ) -> None:
     """Submit a job from a YAML file and/or flags (flags win); prints its id."""
+    from gpuscout.skypilot import TaskFileError, from_skypilot, looks_like_skypilot
+
     body: dict[str, Any] = {}
+    base = Path.cwd()
     if file is not None:
         try:
             body = read_job_file(file)
+            if looks_like_skypilot(body):
+                mapping = from_skypilot(body, default_name=file.stem)
+                body = mapping.body
+                for note in mapping.notes:
+                    err.print(f"note: {note}", style="dim", markup=False, highlight=False)
+        except TaskFileError as error:
+            fail(f"{file}: {error}")
         except ValueError as error:
             fail(str(error))
+        base = file.parent
     flags = {"name": name, "command": command, "expected_duration_hours": expected_hours,
              "budget_usd": budget, "model": model, "dataset_size_gb": dataset_size_gb,
-             "workload_type": workload_type}
+             "workload_type": workload_type, "setup": setup}
     body.update({k: v for k, v in flags.items() if v is not None})
+    for key, given in (("envs", _pairs(env, "--env")), ("secrets", _pairs(secret, "--secret"))):
+        if given:
+            current = body.get(key)
+            body[key] = {**(current if isinstance(current, dict) else {}), **given}
+    folder: Path | None = workdir
+    if folder is None and isinstance(body.get("workdir"), str) \
+            and not body["workdir"].startswith("sha256:"):
+        folder = base / Path(body["workdir"]).expanduser()
+    if folder is not None and not folder.is_dir():
+        fail(f"workdir {folder} does not exist or is not a folder")
     resources = {k: v for k, v in {"gpus": gpus, "gpu_type": gpu_type, "cpus": cpus,
                                    "memory_gb": memory_gb}.items() if v is not None}
     if resources:
@@ -322,11 +392,38 @@ def submit(
         fail("give a YAML job file or at least --name and --command")
     with _client(ctx, url, token) as api:
         try:
+            if folder is not None:
+                body["workdir"] = _ship_workdir(api, folder)
             job = api.submit(body)
         except ApiError as error:
             fail(f"invalid job: {error.message}" if error.status_code == 422
                  else error.message)
     out.print(job["id"], markup=False, highlight=False)
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="job id")],
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="keep printing new lines until the job ends")] = False,
+    tail: Annotated[int | None, typer.Option(
+        "--tail", "-n", min=0, help="only the last N lines", show_default=False)] = None,
+    url: UrlOption = None, token: TokenOption = None,
+) -> None:
+    """The job's setup and command output, one log across its moves."""
+    import sys
+
+    with friendly_errors(), _client(ctx, url, token) as api:
+        if not follow:
+            sys.stdout.write(api.logs(job, tail))
+            return
+        try:
+            for line in api.follow_logs(job, tail):
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()
@@ -433,18 +530,13 @@ def market_set(
 
 
 def why_excluded(offer: Offer, resources: Resources) -> str | None:
-    """Why ``offer`` cannot take a job needing ``resources`` (None: it can)."""
-    if offer.gpus < resources.gpus:
-        return f"{offer.gpus} GPUs, needs {resources.gpus}"
-    if resources.gpu_type and (offer.gpu_type or "").lower() != resources.gpu_type.lower():
-        return f"GPU {offer.gpu_type or 'none'}, needs {resources.gpu_type}"
-    if offer.vcpus < resources.cpus:
-        return f"{offer.vcpus:g} vCPUs, needs {resources.cpus:g}"
-    if offer.memory_gb < resources.memory_gb:
-        return f"{offer.memory_gb:g} GB memory, needs {resources.memory_gb:g}"
-    if not offer.available:
-        return "no capacity now"
-    return None
+    """Why ``offer`` cannot take a job needing ``resources`` (None: it can):
+    the first requirement it does not meet (``Offer.shortfall``), else no
+    capacity now."""
+    short = offer.shortfall(resources)
+    if short is not None:
+        return short
+    return None if offer.available else "no capacity now"
 
 
 def expected_cost(offer: Offer, hours: float) -> float:
@@ -453,20 +545,22 @@ def expected_cost(offer: Offer, hours: float) -> float:
 
 
 def plan_table(spec: JobSpec, offers: list[Offer], chosen: Offer | None) -> Table:
-    """Every offer, cheapest per work hour first, with the expected cost of
-    the whole job on it or why it is excluded."""
+    """Every offer as the job sees it (``offers_for``: a job that asks for no
+    GPU is priced by the hour), cheapest per work hour first, with the
+    expected cost of the whole job on it or why it is excluded."""
     from rich.table import Table
     from rich.text import Text
 
-    from gpuscout.policy.placement import rank_key
+    from gpuscout.policy.placement import offers_for, pricing
 
-    table = render._table(f"Offers considered for {spec.name} ({len(offers)})")
+    table = render._table(f"Offers considered for {spec.name} ({len(offers)}), "
+                          f"priced by: {pricing(spec.resources)}")
     for column, justify in (("OFFER", "left"), ("GPUS", "left"), ("$/HOUR", "right"),
                             ("SPEED", "right"), ("$/WORK-H", "right"),
                             ("EXPECTED", "right"), ("", "left")):
         table.add_column(column, justify=justify, no_wrap=column != "",  # type: ignore[arg-type]
                          overflow="fold")
-    ranked = sorted(offers, key=rank_key)
+    ranked = offers_for(spec.resources, offers).sorted_by_cost()
     for o in ranked:
         excluded = why_excluded(o, spec.resources)
         if chosen is not None and o.id == chosen.id:
@@ -520,7 +614,7 @@ def plan(
 
     from gpuscout.api.schemas import JobCreate
     from gpuscout.domain import Job, JobStatus
-    from gpuscout.policy import place_job
+    from gpuscout.policy import fits_catalog, place_job, pricing
 
     if provider not in ("local", "aws"):
         fail(f"--provider must be local or aws, not {provider!r}")
@@ -538,8 +632,11 @@ def plan(
     job = Job(id="plan", spec=spec, status=JobStatus.SCOUTING, created_at=now)
     decision = place_job(job, offers, now)
     out.print(plan_table(spec, offers, decision.offer))
+    out.print(f"[bold]Priced by:[/] {pricing(spec.resources)}", highlight=False)
     if decision.offer is None:
-        out.print(f"[bold yellow]No placement now:[/] {decision.reason}", highlight=False)
+        never = fits_catalog(spec.resources, offers)
+        out.print(f"[bold yellow]No placement now:[/] {decision.reason}"
+                  + (f"; {never}" if never else ""), highlight=False)
         raise typer.Exit(1 if not any(why_excluded(o, spec.resources) is None
                                       for o in offers) else 0)
     chosen = decision.offer

@@ -27,6 +27,9 @@ class AgentHealth:
     exit_code: int | None
     error: str | None
     interruption_notice: bool
+    awaiting_secrets: bool = False
+    setup_s: float | None = None
+    failed_phase: str | None = None  # "setup" | "command": the job's own failure
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentHealth:
@@ -38,6 +41,9 @@ class AgentHealth:
             last_checkpoint_step=data.get("last_checkpoint_step"),
             exit_code=data.get("exit_code"), error=data.get("error"),
             interruption_notice=bool(data.get("interruption_notice")),
+            awaiting_secrets=bool(data.get("awaiting_secrets")),
+            setup_s=data.get("setup_s"),
+            failed_phase=data.get("failed_phase"),
         )
 
 
@@ -62,6 +68,10 @@ class Agents(Protocol):
     def resume(self, address: str) -> None: ...
 
     def restore(self, address: str, step: int | None) -> None: ...
+
+    def send_secrets(self, address: str, secrets: dict[str, str]) -> None:
+        """Hand the job's secret values to an agent that awaits them."""
+        ...
 
 
 class AgentClient:
@@ -113,3 +123,6 @@ class AgentClient:
 
     def restore(self, address: str, step: int | None) -> None:
         self._call("POST", address, "/agent/restore", json={"step": step})
+
+    def send_secrets(self, address: str, secrets: dict[str, str]) -> None:
+        self._call("POST", address, "/agent/secrets", json={"secrets": secrets})

@@ -22,6 +22,7 @@ from gpuscout.metrics import Metrics
 from gpuscout.policy import ZONE_BACKOFF_S
 from gpuscout.providers.base import LaunchRequest, Provider, ProviderError, ProviderInstance
 from gpuscout.routing.router import Router
+from gpuscout.secretbox import SecretBox, SecretBoxError
 from gpuscout.store.base import ObjectStore
 
 log = logging.getLogger("gpuscout.controllers")
@@ -45,6 +46,9 @@ class Timeouts:
     resume_s: float = 60.0  # restore to first step on the replacement
     drain_s: float = 30.0  # requests in flight to an old instance
     lost_s: float = 20.0  # an unreachable running agent counts as lost after
+    # A replacement's setup (after its boot) before a move gives up on it;
+    # a first placement's setup has no limit (the user sees it in the log).
+    setup_s: float = 1800.0
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Context:
     # capacity taken back there is unlikely to last.
     zone_backoff_s: float = ZONE_BACKOFF_S
     capacity_history: CapacityHistory = field(default_factory=CapacityHistory)
+    secretbox: SecretBox | None = None  # opens the jobs' sealed secrets
     _history_lock: threading.Lock = field(default_factory=threading.Lock)
     _unavailable_until: dict[str, datetime] = field(default_factory=dict)
     _zone_avoided_until: dict[str, datetime] = field(default_factory=dict)
@@ -123,10 +128,12 @@ class Context:
         )
         token = secrets.token_urlsafe(24)
         self.repo.add_instance(instance, offer.price_per_hour, self.clock.now(), token)
+        spec = job.spec
         request = LaunchRequest(
-            instance_id=instance.id, job_id=job.id, offer=offer, command=job.spec.command,
+            instance_id=instance.id, job_id=job.id, offer=offer, command=spec.command,
             store_url=self.store_url, control_url=self.control_url, standby=standby,
-            workdir=job.spec.workdir, agent_token=token,
+            agent_token=token, workdir_ref=spec.workdir, setup=spec.setup,
+            secret_names=spec.secret_names, env=dict(spec.envs),
         )
         try:
             launched = self.provider.launch(request)
@@ -140,6 +147,15 @@ class Context:
             self.agents.set_token(launched.address, token)
         self.metrics.instances_launched.inc()
         return self.repo.get_instance(instance.id), launched
+
+    def deliver_secrets(self, job_id: str, address: str) -> None:
+        """Hand the job's secret values to the agent at ``address``, which
+        waits for them before it prepares the job (they never travel in
+        user-data). Raises AgentError if the agent does not take them."""
+        sealed = self.repo.job_row_fields(job_id, "secrets_sealed")["secrets_sealed"]
+        if self.secretbox is None:
+            raise SecretBoxError("this control plane has no key to open job secrets")
+        self.agents.send_secrets(address, self.secretbox.open(sealed))
 
     def route(self, job_id: str, instance: Instance) -> None:
         """Point the job's endpoint at ``instance``: the proxy's route first,

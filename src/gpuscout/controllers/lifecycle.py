@@ -8,7 +8,7 @@ executor; here it only has its progress and cost kept up to date.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from gpuscout.agent.protocol import AgentState
 from gpuscout.clock import utc
@@ -19,8 +19,17 @@ from gpuscout.domain import InstanceStatus, Job, JobStatus, MigrationReason
 from gpuscout.domain.states import IllegalTransition
 from gpuscout.policy import PlacementDecision, choose_offer
 from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
+from gpuscout.secretbox import SecretBoxError
 
 S = JobStatus
+
+# Launches refused for a reason other than capacity (a missing image, a
+# permission, a boot script too large) are retried this many times in all,
+# with backoff, before the job fails with the provider's error: such causes
+# rarely heal by themselves, and retrying at once floods the provider's API.
+MAX_LAUNCH_FAILURES = 5
+LAUNCH_BACKOFF_S = 5.0
+LAUNCH_BACKOFF_MAX_S = 300.0
 
 # Called with (job, reason) when a running job must move now (a preemption
 # notice); the control plane starts a make-before-break migration.
@@ -41,6 +50,8 @@ class Lifecycle:
         # When each running agent last answered (monotonic bookkeeping of
         # the loop; losing it on restart only delays loss detection).
         self._last_seen: dict[str, datetime] = {}
+        # Jobs backing off after a failed launch: not before this time.
+        self._retry_at: dict[str, datetime] = {}
 
     def reconcile(self, job: Job) -> None:
         try:
@@ -65,6 +76,10 @@ class Lifecycle:
         self.ctx.repo.transition(job.id, S.SCOUTING, expect={S.PENDING})
 
     def _place(self, job: Job) -> None:
+        now = self.ctx.clock.now()
+        retry_at = self._retry_at.get(job.id)
+        if retry_at is not None and now < retry_at:
+            return  # backing off after a launch that failed for its own reason
         placement = self.placement(job)
         if placement.offer is None:
             return  # keep scouting; the market may change
@@ -76,10 +91,11 @@ class Lifecycle:
             self.ctx.mark_unavailable(offer.id)
             self.ctx.event(job.id, "capacity", str(err), offer_id=offer.id)
             return
-        except ProviderError as err:
-            self.ctx.event(job.id, "launch_failed", str(err), offer_id=offer.id)
+        except Exception as err:  # noqa: BLE001 - the provider's own error, kept for the job
+            self._launch_failed(job, offer.id, err)
             return
-        fields = {"offer_id": offer.id, "instance_id": instance.id}
+        self._retry_at.pop(job.id, None)
+        fields = {"offer_id": offer.id, "instance_id": instance.id, "launch_failures": 0}
         if job.started_at is None:
             # The baseline (staying on this first offer) is billed from the
             # launch, as the instance is: its boot is a cost either way.
@@ -91,6 +107,28 @@ class Lifecycle:
             self.ctx.terminate(instance.id)  # cancelled meanwhile: leave nothing behind
             raise
 
+    def _launch_failed(self, job: Job, offer_id: str, err: Exception) -> None:
+        """A launch refused for a reason other than capacity (no image,
+        permission denied, a boot script too large): that will not heal by
+        itself, so the job is retried with backoff and fails after
+        ``MAX_LAUNCH_FAILURES`` tries, with the provider's error as its reason."""
+        failures = int(self.ctx.repo.job_row_fields(job.id, "launch_failures")
+                       ["launch_failures"] or 0) + 1
+        message = f"{type(err).__name__}: {err}" if not isinstance(err, ProviderError) else str(err)
+        if failures >= MAX_LAUNCH_FAILURES:
+            self._retry_at.pop(job.id, None)
+            self.ctx.repo.update_job(job.id, launch_failures=failures)
+            self._finish(job, None, S.FAILED,
+                         f"could not launch after {failures} tries: {message}",
+                         expect=job.status)
+            return
+        delay = launch_backoff_s(failures)
+        self._retry_at[job.id] = self.ctx.clock.now() + timedelta(seconds=delay)
+        self.ctx.repo.update_job(job.id, launch_failures=failures)
+        self.ctx.event(job.id, "launch_failed",
+                       f"launch on {offer_id} failed (try {failures} of {MAX_LAUNCH_FAILURES}, "
+                       f"next in {delay:.0f} s): {message}", offer_id=offer_id)
+
     def _provisioning(self, job: Job) -> None:
         instance_id = job.instance_id
         if instance_id is None:
@@ -99,6 +137,12 @@ class Lifecycle:
         instance = self.ctx.repo.get_instance(instance_id)
         health = self._health(instance.address)
         now = self.ctx.clock.now()
+        if health is not None:
+            self._last_seen[instance_id] = now
+            if health.awaiting_secrets and instance.address:
+                self._deliver_secrets(job, instance.address)
+            if health.state == AgentState.SETUP:
+                return  # the agent is up and preparing the job (workdir, setup)
         if health is not None and health.state not in (AgentState.FAILED,):
             self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now)
             self._last_seen[instance_id] = now
@@ -108,19 +152,28 @@ class Lifecycle:
             self.ctx.event(job.id, "running", f"running on {instance_id} ({job.offer_id})",
                            instance_id=instance_id)
             return
-        if health is not None and health.exit_code is not None:
-            # The machine booted and the command itself failed: that is the
-            # job's error, not the offer's; placing it elsewhere won't help.
-            self._finish(job, instance_id, S.FAILED, _command_error(health),
-                         expect=S.PROVISIONING)
+        if health is not None and (health.exit_code is not None
+                                   or health.failed_phase is not None):
+            # The machine booted and the job's own setup or command failed:
+            # that is the job's error, not the offer's; elsewhere won't help.
+            self._job_failed(job, instance_id, _command_error(health), expect=S.PROVISIONING)
             return
         gone = self._provider_gone(instance_id)
-        waited = (now - (instance.created_at or now)).total_seconds()
-        if gone or waited > self.ctx.timeouts.health_s or (
+        # Up to health_s for the agent to answer first; once it has answered
+        # (it may then prepare the job for long), the loss rule applies.
+        seen = self._last_seen.get(instance_id)
+        if seen is None:
+            waited, limit = (now - (instance.created_at or now)).total_seconds(), \
+                self.ctx.timeouts.health_s
+        else:
+            waited, limit = (now - seen).total_seconds(), self.ctx.timeouts.lost_s
+        if gone or waited > limit or (
             health is not None and health.state == AgentState.FAILED
         ):
             why = "instance is gone" if gone else (
-                f"agent failed: {health.error}" if health else f"not healthy after {waited:.0f}s")
+                f"agent failed: {health.error}" if health else
+                f"not healthy after {waited:.0f}s" if seen is None else
+                f"agent unreachable for {waited:.0f}s")
             self.ctx.event(job.id, "boot_failed", f"{instance_id}: {why}")
             self.ctx.terminate(instance_id, failed=True)
             if job.offer_id:
@@ -142,7 +195,7 @@ class Lifecycle:
         if health.state == AgentState.COMPLETED:
             self._finish(job, instance.id, S.COMPLETED, None)
         elif health.state == AgentState.FAILED:
-            self._finish(job, instance.id, S.FAILED, _command_error(health))
+            self._job_failed(job, instance.id, _command_error(health))
         elif health.interruption_notice or self._provider_notice(instance.id):
             self.ctx.event(job.id, "interruption",
                            f"{instance.id} got a spot interruption notice")
@@ -209,13 +262,38 @@ class Lifecycle:
             self.ctx.repo.update_job(job.id, step=health.step, loss=health.loss,
                                      total_steps=health.total_steps)
 
-    def _finish(self, job: Job, instance_id: str, status: JobStatus, error: str | None,
+    def _job_failed(self, job: Job, instance_id: str, error: str,
+                    expect: JobStatus = S.RUNNING) -> None:
+        """The job's own setup or command failed. With restarts left
+        (``max_restarts_on_errors``, SkyPilot's meaning) it starts again on a
+        fresh instance from its last verified checkpoint; else it fails."""
+        if job.restarts >= job.spec.max_restarts_on_errors:
+            self._finish(job, instance_id, S.FAILED, error, expect=expect)
+            return
+        restarts = job.restarts + 1
+        self.bill(job)
+        self.ctx.repo.transition(job.id, S.RECOVERING, expect={expect}, instance_id=None,
+                                 restarts=restarts, error=error)
+        self.ctx.router.switch(job.id, None)
+        self.ctx.terminate(instance_id)
+        self.ctx.event(job.id, "restart",
+                       f"restart {restarts} of {job.spec.max_restarts_on_errors} from the last "
+                       f"checkpoint after: {error}", instance_id=instance_id, restarts=restarts)
+
+    def _deliver_secrets(self, job: Job, address: str) -> None:
+        try:
+            self.ctx.deliver_secrets(job.id, address)
+        except (AgentError, SecretBoxError) as err:
+            log.warning("job %s: secrets not delivered to %s yet: %s", job.id, address, err)
+
+    def _finish(self, job: Job, instance_id: str | None, status: JobStatus, error: str | None,
                 expect: JobStatus = S.RUNNING) -> None:
         now = self.ctx.clock.now()
         self.bill(job)
         self.ctx.repo.transition(job.id, status, expect={expect}, finished_at=now,
                                  error=error)
-        self.ctx.terminate(instance_id)
+        if instance_id is not None:
+            self.ctx.terminate(instance_id)
         self.ctx.router.switch(job.id, None)
         self.bill(self.ctx.repo.get_job(job.id))
         self.ctx.event(job.id, status.value, error or f"job {status.value}")
@@ -246,6 +324,13 @@ class Lifecycle:
         )
 
 
+def launch_backoff_s(failures: int) -> float:
+    """Seconds before the next launch after ``failures`` consecutive launches
+    failed for a reason other than capacity: 5, 10, 20, 40 s, ... up to 5 min."""
+    return float(min(LAUNCH_BACKOFF_MAX_S, LAUNCH_BACKOFF_S * 2 ** (failures - 1)))
+
+
 def _command_error(health: AgentHealth) -> str:
-    detail = f": {health.error}" if health.error else ""
-    return f"command exited with code {health.exit_code}{detail}"
+    """The agent's own account ("command exited with code 2; last lines of
+    stderr: ..."), or the exit code alone."""
+    return health.error or f"command exited with code {health.exit_code}"

@@ -38,6 +38,7 @@ from gpuscout.domain import (
 )
 from gpuscout.domain.states import IllegalTransition
 from gpuscout.providers.base import CapacityError, ProviderError
+from gpuscout.secretbox import SecretBoxError
 from gpuscout.workload.checkpoint import CheckpointStore
 
 P = MigrationPhase
@@ -116,12 +117,10 @@ class MigrationExecutor:
         self._check_job(m)
         assert new.address is not None
 
-        # BOOTING: wait for the replacement's agent, waiting in standby.
-        self._wait_for(
-            lambda: self._agent_state(new.address) == AgentState.STANDBY,  # type: ignore[arg-type]
-            ctx.timeouts.health_s, f"replacement {new.id} did not come up in standby",
-            instance_id=new.id,
-        )
+        # BOOTING: wait for the replacement's agent to boot, unpack the job's
+        # workdir and run its setup (the job keeps training meanwhile), and
+        # wait in standby.
+        self._wait_for_standby(m, new.id, new.address)
         ctx.repo.update_instance(new.id, status=InstanceStatus.RUNNING,
                                  ready_at=ctx.clock.now())
         m = self._phase(m, P.CHECKPOINTING, replacement_ready_at=ctx.clock.now())
@@ -262,18 +261,45 @@ class MigrationExecutor:
         except AgentError:
             return None
 
-    def _wait_for(self, predicate, timeout_s: float, message: str,  # type: ignore[no-untyped-def]
-                  instance_id: str | None = None) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if instance_id is not None:
-                state = self.ctx.provider.get(instance_id).state.value
-                if state == "terminated":
-                    raise MigrationFailed(f"{message}: the instance terminated")
-            time.sleep(self.ctx.poll_interval_s)
-        raise MigrationFailed(f"{message} within {timeout_s:.0f}s")
+    def _wait_for_standby(self, m: Migration, instance_id: str, address: str) -> None:
+        """Until the replacement's agent waits in standby: it must answer
+        within ``health_s`` of launch; then its setup may take up to
+        ``setup_s``, while it keeps answering (``lost_s``). A failed setup
+        fails the move with the setup's own error."""
+        ctx = self.ctx
+        started = last_seen = time.monotonic()
+        seen = False
+        while True:
+            now = time.monotonic()
+            try:
+                health = ctx.agents.health(address)
+            except AgentError:
+                health = None
+            if health is not None:
+                seen, last_seen = True, now
+                if health.state == AgentState.STANDBY:
+                    return
+                if health.state == AgentState.FAILED:
+                    raise MigrationFailed(
+                        f"replacement {instance_id} failed before standby: {health.error}")
+                if health.awaiting_secrets:
+                    try:
+                        ctx.deliver_secrets(m.job_id, address)
+                    except (AgentError, SecretBoxError) as err:
+                        log.warning("secrets not delivered to %s yet: %s", instance_id, err)
+            if not seen and now - started > ctx.timeouts.health_s:
+                raise MigrationFailed(f"replacement {instance_id} did not come up within "
+                                      f"{ctx.timeouts.health_s:.0f}s")
+            if seen and now - last_seen > ctx.timeouts.lost_s:
+                raise MigrationFailed(f"replacement {instance_id} stopped answering during "
+                                      "its setup")
+            if now - started > ctx.timeouts.health_s + ctx.timeouts.setup_s:
+                raise MigrationFailed(f"replacement {instance_id} not in standby within "
+                                      f"{ctx.timeouts.health_s + ctx.timeouts.setup_s:.0f}s")
+            if ctx.provider.get(instance_id).state.value == "terminated":
+                raise MigrationFailed(f"replacement {instance_id} terminated while booting")
+            self._check_job(m)
+            time.sleep(ctx.poll_interval_s)
 
     def _wait_for_first_step(self, address: str, checkpoint_step: int):  # type: ignore[no-untyped-def]
         deadline = time.monotonic() + self.ctx.timeouts.resume_s

@@ -16,9 +16,10 @@ settings' estimates, replaced by the median of the last moves measured).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -40,6 +41,7 @@ from gpuscout.domain import (
     Offer,
 )
 from gpuscout.domain.states import TERMINAL, IllegalTransition
+from gpuscout.joblog import Segment, read_job_log
 from gpuscout.market.feeds import PriceFeed
 from gpuscout.policy import (
     JobView,
@@ -50,11 +52,15 @@ from gpuscout.policy import (
     PlacementDecision,
     Trigger,
     decide_move,
+    fits_catalog,
+    offers_for,
     place_job,
     zone_key,
 )
 from gpuscout.providers.base import InstanceNotFound
+from gpuscout.providers.bootstrap import job_size_problem
 from gpuscout.store.base import ObjectNotFound
+from gpuscout.workdir import key_of as workdir_key
 
 S = JobStatus
 
@@ -103,6 +109,7 @@ class ControlPlane:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_reap: datetime | None = None
+        self._last_error: dict[str, str] = {}  # per job, to record each error once
 
     # --- lifecycle of the control plane itself ------------------------------
 
@@ -156,7 +163,10 @@ class ControlPlane:
         self.feed.tick(self.ctx.repo, now)
         jobs = self.ctx.repo.list_jobs([s for s in S if s not in TERMINAL])
         for job in jobs:
-            self.lifecycle.reconcile(job)
+            # One job's failure must not hold the others back: it is logged
+            # and recorded on the job, and the pass goes on.
+            with self._isolated(job.id, "reconcile"):
+                self.lifecycle.reconcile(job)
         if self._last_reap is None or (
             (now - self._last_reap).total_seconds() >= self.intervals.reaper_s
         ):
@@ -186,18 +196,19 @@ class ControlPlane:
                     price_moves[m.job_id] = price_moves.get(m.job_id, 0) + 1
         for job in due:
             self._last_scouted[job.id] = now
-            view = self._view(job, now, avoid, price_moves.get(job.id, 0))
-            decision = decide_move(job, by_id.get(job.offer_id or ""), offers, self.policy, now,
-                                   view=view, costs=costs)
-            self.decisions[job.id] = decision
-            decisions.append(decision)
-            if decision.move and decision.target is not None:
-                self.ctx.event(job.id, "scout_decision", decision.reason,
-                               target=decision.target.id, **decision.numbers())
-                self._start_migration(job, decision.target,
-                                      _REASON_OF_TRIGGER.get(decision.trigger,
-                                                             MigrationReason.PRICE),
-                                      decision.savings)
+            with self._isolated(job.id, "scout"):
+                view = self._view(job, now, avoid, price_moves.get(job.id, 0))
+                decision = decide_move(job, by_id.get(job.offer_id or ""), offers, self.policy,
+                                       now, view=view, costs=costs)
+                self.decisions[job.id] = decision
+                decisions.append(decision)
+                if decision.move and decision.target is not None:
+                    self.ctx.event(job.id, "scout_decision", decision.reason,
+                                   target=decision.target.id, **decision.numbers())
+                    self._start_migration(job, decision.target,
+                                          _REASON_OF_TRIGGER.get(decision.trigger,
+                                                                 MigrationReason.PRICE),
+                                          decision.savings)
         self.ctx.metrics.scout_passes.inc()
         return decisions
 
@@ -262,10 +273,40 @@ class ControlPlane:
 
     # --- commands -------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> Job:
-        job = self.ctx.repo.create_job(spec, self.ctx.clock.now())
+    def submit(self, spec: JobSpec, secrets: dict[str, str] | None = None) -> Job:
+        """Record a job, refusing what can never run (InvalidRequest naming
+        the field): resources no offer in the catalog has, values that cannot
+        fit in an instance's boot script, a workdir that was never uploaded.
+        ``secrets`` are sealed (``ctx.secretbox``); the spec keeps their names."""
+        secrets = dict(secrets or {})
+        spec = replace(spec, secret_names=tuple(sorted(secrets)))
+        self.validate(spec)
+        sealed = None
+        if secrets:
+            if self.ctx.secretbox is None:
+                raise InvalidRequest("secrets", "this control plane has no key to seal secrets")
+            sealed = self.ctx.secretbox.seal(secrets)
+        job = self.ctx.repo.create_job(spec, self.ctx.clock.now(), secrets_sealed=sealed)
         self.ctx.metrics.jobs_submitted.inc()
         return job
+
+    def validate(self, spec: JobSpec) -> None:
+        """InvalidRequest (naming the field) for a job that can never run."""
+        why = fits_catalog(spec.resources, self.ctx.repo.list_offers())
+        if why is not None:
+            raise InvalidRequest("resources", why)
+        problem = job_size_problem(spec.command, spec.setup, dict(spec.envs),
+                                   spec.secret_names)
+        if problem is not None:
+            raise InvalidRequest(*problem)
+        if spec.workdir is not None:
+            try:
+                key = workdir_key(spec.workdir)
+            except ValueError as err:
+                raise InvalidRequest("workdir", str(err)) from None
+            if not self.ctx.store.exists(key):
+                raise InvalidRequest("workdir", f"{spec.workdir} was never uploaded "
+                                     "(POST /api/v1/workdirs first; the CLI does it)")
 
     def cancel(self, job_id: str) -> Job:
         job = self.ctx.repo.get_job(job_id)
@@ -284,7 +325,9 @@ class ControlPlane:
         job = self.ctx.repo.get_job(job_id)
         if job.status != S.RUNNING:
             raise Conflict(f"job {job_id} is {job.status.value}; only a running job can move")
-        offers = self.ctx.offers()
+        # As the job sees them (the policy's one place for it): a CPU-only
+        # job's offers are priced by the hour.
+        offers = offers_for(job.spec.resources, self.ctx.offers())
         if target_offer_id is not None:
             try:
                 target = next(o for o in offers if o.id == target_offer_id)
@@ -294,11 +337,11 @@ class ControlPlane:
                 raise InvalidRequest("offer_id", "the job already runs on this offer")
             if not target.available:
                 raise InvalidRequest("offer_id", f"offer {target.id} is not available")
-            if not target.satisfies(job.spec.resources):
+            if (short := target.shortfall(job.spec.resources)) is not None:
                 raise InvalidRequest("offer_id", f"offer {target.id} does not fit the job's "
-                                     "resources")
+                                     f"resources: {short}")
         else:
-            candidate = (Offers(offers).available().compatible(job.spec.resources)
+            candidate = (offers.available().compatible(job.spec.resources)
                          .excluding({job.offer_id or ""}).cheapest())
             if candidate is None:
                 raise Conflict(f"no other available offer fits job {job_id}")
@@ -355,6 +398,34 @@ class ControlPlane:
         except ObjectNotFound:
             raise NotFound("artifact", f"{job_id}/{name}") from None
 
+    def log_segments(self, job_id: str) -> list[Segment]:
+        """The job's instances in launch order, each with the marker line its
+        log starts with: where the job was placed, moved or recovered."""
+        self.ctx.repo.get_job(job_id)  # NotFound for an unknown job
+        moves = {m.to_instance_id: m for m in self.ctx.repo.list_migrations(job_id=job_id)
+                 if m.to_instance_id}
+        segments = []
+        for n, instance in enumerate(self.ctx.repo.list_instances(job_id=job_id)):
+            m = moves.get(instance.id)
+            where = f"{instance.id} ({instance.offer_id})"
+            if m is None:
+                marker = f"-- {'placed' if n == 0 else 'recovered'} on {where} --"
+            elif m.status == MigrationStatus.COMPLETED:
+                marker = (f"-- moved from {m.from_instance_id} to {where} at step "
+                          f"{m.checkpoint_step} --")
+            elif m.status == MigrationStatus.IN_PROGRESS:
+                marker = f"-- moving from {m.from_instance_id} to {where} --"
+            else:
+                why = (m.error or "failed").splitlines()[0]
+                marker = f"-- move from {m.from_instance_id} to {where} rolled back: {why} --"
+            segments.append(Segment(instance.id, marker))
+        return segments
+
+    def job_log(self, job_id: str, tail: int | None = None) -> list[str]:
+        """One continuous log of the job's setup and command output across
+        its instances, with a marker line per placement and move."""
+        return read_job_log(self.ctx.store, job_id, self.log_segments(job_id), tail=tail)
+
     def wait_for_migrations(self, timeout_s: float = 60.0) -> None:
         with self._lock:
             running = list(self._migrations.values())
@@ -362,6 +433,20 @@ class ControlPlane:
             thread.join(timeout_s)
 
     # --- internals -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _isolated(self, job_id: str, what: str) -> Iterator[None]:
+        """Contain an unexpected error in one job's part of a pass: logged,
+        and recorded as an event on the job (once per distinct message)."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - isolation is the point
+            message = f"{type(err).__name__}: {err}"
+            log.exception("job %s: %s failed", job_id, what)
+            if self._last_error.get(job_id) != message:
+                self._last_error[job_id] = message
+                with contextlib.suppress(Exception):
+                    self.ctx.event(job_id, "control_error", f"{what} failed: {message}")
 
     def _urgent_move(self, job: Job, reason: MigrationReason) -> None:
         """A preemption notice: avoid the zone, checkpoint within the notice

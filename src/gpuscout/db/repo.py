@@ -85,6 +85,7 @@ def _job(row: JobRow) -> Job:
         cost_usd=row.cost_usd, baseline_cost_usd=row.baseline_cost_usd,
         started_at=utc(row.started_at), finished_at=utc(row.finished_at),
         last_migration_at=utc(row.last_migration_at), error=row.error,
+        restarts=row.restarts or 0,
     )
 
 
@@ -164,11 +165,14 @@ class Repository:
 
     # --- jobs --------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec, now: datetime) -> Job:
+    def create_job(self, spec: JobSpec, now: datetime, *,
+                   secrets_sealed: str | None = None) -> Job:
+        """Record a submitted job (and its sealed secrets, in the same write)."""
         job_id = new_id("job")
         with self.session() as s:
             s.add(JobRow(id=job_id, name=spec.name, spec=spec_to_dict(spec),
-                         status=JobStatus.PENDING.value, created_at=now))
+                         status=JobStatus.PENDING.value, created_at=now,
+                         secrets_sealed=secrets_sealed))
             s.add(EventRow(job_id=job_id, time=now, kind="submitted",
                            message=f"job {spec.name!r} submitted", data=None))
         return self.get_job(job_id)

@@ -54,6 +54,10 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None]
     last_migration_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    launch_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The secret values, sealed (gpuscout.secretbox); never in clear text.
+    secrets_sealed: Mapped[str | None] = mapped_column(Text)
 
 
 class InstanceRow(Base):

@@ -78,10 +78,35 @@ class MigrationReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Resources:
+    """What a job needs of an offer; every constraint given must hold
+    (``Offer.shortfall`` checks them, in this order). Names of GPU types,
+    instance types, regions and zones match case-insensitively."""
+
     gpus: int = 0
-    gpu_type: str | None = None
+    gpu_type: str | None = None  # exactly this GPU type
     cpus: float = 1
     memory_gb: float = 1
+    gpu_types: tuple[str, ...] = ()  # any one of these GPU types (with gpu_type: both hold)
+    capacity: Capacity | None = None  # spot only or on-demand only; None: the policy chooses
+    instance_type: str | None = None
+    region: str | None = None
+    zone: str | None = None
+
+    def __post_init__(self) -> None:
+        # Values read from JSON or YAML: a list (or one name) of GPU types, a
+        # capacity by its value ("spot", "on-demand"; "on_demand" accepted).
+        types = self.gpu_types
+        if not isinstance(types, tuple):
+            types = (types,) if isinstance(types, str) else tuple(types)
+            object.__setattr__(self, "gpu_types", tuple(str(t) for t in types))
+        if self.capacity is not None and not isinstance(self.capacity, Capacity):
+            object.__setattr__(self, "capacity",
+                               Capacity(str(self.capacity).strip().lower().replace("_", "-")))
+
+    @property
+    def asks_for_gpu(self) -> bool:
+        """True when the job needs a GPU: a GPU count, or a GPU type named."""
+        return self.gpus > 0 or bool(self.gpu_type) or bool(self.gpu_types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +138,34 @@ class Offer:
         return f"{provider}:{zone}:{instance_type}:{Capacity(capacity).value}"
 
     def satisfies(self, resources: Resources) -> bool:
-        """True if this offer's hardware is enough for ``resources``."""
-        if self.gpus < resources.gpus:
-            return False
-        if resources.gpu_type and (self.gpu_type or "").lower() != resources.gpu_type.lower():
-            return False
-        return self.vcpus >= resources.cpus and self.memory_gb >= resources.memory_gb
+        """True if this offer meets every requirement of ``resources``."""
+        return self.shortfall(resources) is None
+
+    def shortfall(self, resources: Resources) -> str | None:
+        """The first requirement of ``resources`` this offer does not meet, as
+        a phrase ("0 GPUs, needs 1", "spot, needs on-demand"); None if it
+        meets them all. The one place offer eligibility is decided:
+        ``satisfies`` and the CLI's reasons for excluding an offer use it."""
+        r = resources
+        if self.gpus < r.gpus:
+            return f"{self.gpus} GPUs, needs {r.gpus}"
+        if r.gpu_type and (self.gpu_type or "").lower() != r.gpu_type.lower():
+            return f"GPU {self.gpu_type or 'none'}, needs {r.gpu_type}"
+        if r.gpu_types and (self.gpu_type or "").lower() not in (t.lower() for t in r.gpu_types):
+            return f"GPU {self.gpu_type or 'none'}, needs one of {', '.join(r.gpu_types)}"
+        if self.vcpus < r.cpus:
+            return f"{self.vcpus:g} vCPUs, needs {r.cpus:g}"
+        if self.memory_gb < r.memory_gb:
+            return f"{self.memory_gb:g} GB memory, needs {r.memory_gb:g}"
+        if r.capacity is not None and self.capacity != r.capacity:
+            return f"{self.capacity.value}, needs {r.capacity.value}"
+        if r.instance_type and self.instance_type.lower() != r.instance_type.lower():
+            return f"instance type {self.instance_type}, needs {r.instance_type}"
+        if r.region and self.region.lower() != r.region.lower():
+            return f"region {self.region}, needs {r.region}"
+        if r.zone and self.zone.lower() != r.zone.lower():
+            return f"zone {self.zone}, needs {r.zone}"
+        return None
 
     @property
     def cost_per_work_hour(self) -> float:
@@ -142,7 +189,16 @@ class JobSpec:
     budget_usd: float | None = None
     deadline: datetime | None = None
     resources: Resources = field(default_factory=Resources)
+    # The user's project folder, packed and stored content-addressed
+    # ("sha256:<hex>", gpuscout.workdir); unpacked as the working folder of
+    # setup and command on every instance. None: an empty working folder.
     workdir: str | None = None
+    setup: str | None = None  # run once per instance before the command
+    envs: dict[str, str] = field(default_factory=dict)  # shown by the API
+    # Names only: the values are sealed apart (gpuscout.secretbox) and reach
+    # the agent after boot over its authenticated channel.
+    secret_names: tuple[str, ...] = ()
+    max_restarts_on_errors: int = 0  # SkyPilot's name: restarts after a non-zero exit
     savings_threshold: float | None = None
     scout_interval_s: float | None = None
 
@@ -170,6 +226,7 @@ class Job:
     finished_at: datetime | None = None
     last_migration_at: datetime | None = None
     error: str | None = None
+    restarts: int = 0  # restarts after the command failed (max_restarts_on_errors)
 
     @property
     def savings_usd(self) -> float:

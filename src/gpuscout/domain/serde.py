@@ -13,6 +13,11 @@ def spec_to_dict(spec: JobSpec) -> dict[str, Any]:
     data = asdict(spec)
     data["workload_type"] = spec.workload_type.value
     data["deadline"] = spec.deadline.isoformat() if spec.deadline else None
+    # JSON has lists and strings; Resources turns them back into a tuple and a Capacity.
+    res = spec.resources
+    data["resources"]["gpu_types"] = list(res.gpu_types)
+    data["resources"]["capacity"] = res.capacity.value if res.capacity is not None else None
+    data["secret_names"] = list(spec.secret_names)
     return data
 
 
@@ -22,4 +27,6 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
     fields["workload_type"] = WorkloadType(fields.get("workload_type") or "training")
     deadline = fields.get("deadline")
     fields["deadline"] = datetime.fromisoformat(deadline) if deadline else None
+    fields["envs"] = dict(fields.get("envs") or {})
+    fields["secret_names"] = tuple(fields.get("secret_names") or ())
     return JobSpec(**fields)

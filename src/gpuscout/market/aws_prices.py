@@ -13,6 +13,9 @@ ondemand.csv``; the others are the AWS public on-demand list prices for Linux
 in us-east-1. ``relative_speed`` is training throughput against one V100
 (p3.2xlarge = 1.0), rough public figures (T4 ~ 0.5, A10G ~ 0.9, L4 ~ 0.7)
 times the instance's GPU count: the policy compares cost per unit of work.
+The CPU-only rows (m5, c5, r5: for jobs that ask for no GPU) carry 0.02, a
+GPU job's speed on them; a job that asks for no GPU is priced by the hour on
+every offer (``gpuscout.policy.offers_for``), so it never reads that number.
 Only the types in the table are offered: it is also the list of supported
 types (add a row to support another).
 """

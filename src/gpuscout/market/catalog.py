@@ -20,7 +20,9 @@ Sources (read from ``../shared/traces``; no trace file is copied here):
   trace has a price for it.
 - Relative speed: GPU training throughput against one V100 (p3.2xlarge = 1.0);
   rough public figures (T4 ~ half a V100 in mixed precision, K80 ~ a quarter,
-  M60 ~ 0.3); CPU-only types ~ 0.02.
+  M60 ~ 0.3); CPU-only types ~ 0.02. That is a GPU job's speed: a job that
+  asks for no GPU sees every offer at 1.0 and is priced by the hour
+  (``gpuscout.policy.offers_for``), so it goes to c5.xlarge, not g4dn.xlarge.
 """
 
 from __future__ import annotations

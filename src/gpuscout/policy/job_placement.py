@@ -45,7 +45,7 @@ from gpuscout.policy.migration import (
     wait_reserve_s,
     zone_key,
 )
-from gpuscout.policy.placement import Offers
+from gpuscout.policy.placement import offers_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +76,8 @@ def place_job(
     progress = 1.0 - work / total if total > 0 else 1.0
     line = uniform_progress_line(job, now)
     gone = leaving.id if leaving is not None else None
-    compatible = Offers(offers).compatible(job.spec.resources).ranked()
+    # Offers as this job sees them: a CPU-only job is priced by the hour.
+    compatible = offers_for(job.spec.resources, offers).compatible(job.spec.resources).ranked()
     candidates = [o for o in compatible.available() if o.id != gone and not (
         o.capacity == Capacity.SPOT and zone_key(o) in view.avoid_zones)]
 

@@ -45,7 +45,7 @@ from datetime import datetime
 from typing import Any
 
 from gpuscout.domain import Capacity, Job, JobStatus, Offer
-from gpuscout.policy.placement import Offers
+from gpuscout.policy.placement import Offers, offer_for, offers_for
 
 # Prices are decimals in binary floats: 1 - 0.8/1.0 is 0.19999999999999996.
 _EPS = 1e-9
@@ -398,13 +398,15 @@ def decide_move(
     if current is None:
         return stay("the job's current offer is unknown")
 
+    # Offers as this job sees them: a CPU-only job is priced by the hour.
+    current = offer_for(job.spec.resources, current)
     here: Offer = current  # (closures below do not see the narrowing)
     work = remaining_work_hours(job, now, view, current.relative_speed)
     cur_cost = current.cost_per_work_hour
     slack_stay = deadline_slack_s(job, now, work, current.relative_speed)
     base.update(current_cost_per_work_hour=cur_cost, remaining_work_hours=work,
                 deadline_slack_s=slack_stay)
-    ranked = Offers(offers) if not isinstance(offers, Offers) else offers
+    ranked = offers_for(job.spec.resources, offers)
     candidates = _candidates(ranked, job, current, view)
 
     def weigh(o: Offer) -> _Weighed:
@@ -506,12 +508,23 @@ def plan_moves(
     jobs: Iterable[Job], offers: Iterable[Offer], policy: MovePolicy, now: datetime,
     *, views: Mapping[str, JobView] | None = None, costs: MoveCosts | None = None,
 ) -> list[MoveDecision]:
-    """One scout pass: a decision for every running job (offers ranked once)."""
+    """One scout pass: a decision for every running job (offers ranked once,
+    and once more as jobs that ask for no GPU see them)."""
     ranked = Offers(offers).ranked()
     by_id = {o.id: o for o in ranked}
     views = views or {}
+    cpu_ranked: Offers | None = None
+
+    def seen_by(job: Job) -> Offers:
+        nonlocal cpu_ranked
+        if job.spec.resources.asks_for_gpu:
+            return ranked
+        if cpu_ranked is None:
+            cpu_ranked = offers_for(job.spec.resources, ranked).ranked()
+        return cpu_ranked
+
     return [
-        decide_move(job, by_id.get(job.offer_id or ""), ranked, policy, now,
+        decide_move(job, by_id.get(job.offer_id or ""), seen_by(job), policy, now,
                     view=views.get(job.id), costs=costs)
         for job in jobs
         if job.status == JobStatus.RUNNING

@@ -2,6 +2,8 @@
 
 Offers are compared by cost per unit of work (price / relative speed), so a
 cheap slow instance does not beat a fast one that finishes sooner for less.
+Relative speed is a GPU speed; a job that asks for no GPU sees every offer at
+speed 1.0 (``offers_for``), so it is priced by the hour.
 """
 
 from __future__ import annotations
@@ -59,6 +61,56 @@ class Offers:
         return ranked[0] if ranked else None
 
 
+# What a work hour means, by the job's resources (``pricing``).
+GPU_PRICING = "GPU work (V100 = 1.0)"
+CPU_PRICING = "CPU work (no GPU asked; $/h)"
+
+
+def pricing(resources: Resources) -> str:
+    """The measure a job's offers are ranked by, in words (``gpuscout plan``)."""
+    return GPU_PRICING if resources.asks_for_gpu else CPU_PRICING
+
+
+def offer_for(resources: Resources, offer: Offer) -> Offer:
+    """``offer`` as a job needing ``resources`` sees it (see ``offers_for``)."""
+    if resources.asks_for_gpu or offer.relative_speed == 1.0:
+        return offer
+    return offer.with_(relative_speed=1.0)
+
+
+def offers_for(resources: Resources, offers: Iterable[Offer]) -> Offers:
+    """The offers as a job needing ``resources`` sees them: the one place the
+    policy decides what a unit of the job's work costs on each offer
+    (``place_job``, ``decide_move``, ``choose_offer``, the control plane's
+    manual move and ``gpuscout plan`` all go through it).
+
+    A job that asks for a GPU (``Resources.asks_for_gpu``) sees the offers
+    as they are: ``relative_speed`` is GPU training throughput against one
+    V100, and cost per work hour is price / relative speed.
+
+    A job that asks for no GPU sees every offer at relative speed 1.0, so its
+    cost per work hour is the price per hour: its work does not go faster on
+    a GPU, and of the offers that fit it (enough vCPUs and memory, which
+    ``Offer.satisfies`` checks) the cheapest per hour does the same work for
+    less (a c5.xlarge at 0.069 $/h, not a g4dn.xlarge at 0.158 $/h). This is
+    how SkyPilot's optimizer ranks a task without a time estimator
+    (``sky/optimizer.py``: "Defaulting the task's estimated time to 1 hour"
+    on every candidate, so the cheapest hourly price wins) and how Karpenter
+    picks among the instance types that fit a pod's CPU and memory requests
+    (by price). A vCPU-based speed (work proportional to vCPUs) was not
+    chosen: a job asks for ``cpus`` and is not known to use more, so it
+    would favour large instances whose extra cores sit idle, and vCPUs of
+    different families are not equal either.
+
+    An ``Offers`` in which no speed changes is returned as it is (a ranked
+    snapshot stays ranked); otherwise the result is ranked when asked.
+    """
+    if isinstance(offers, Offers) and (
+            resources.asks_for_gpu or all(o.relative_speed == 1.0 for o in offers)):
+        return offers
+    return Offers(offer_for(resources, o) for o in offers)
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     offer: Offer
@@ -71,7 +123,7 @@ def choose_offer(
 ) -> Placement | None:
     """The cheapest available offer that fits, or None if nothing fits.
     Spot offers in ``avoid_zones`` ("provider:zone") are left out."""
-    candidates = Offers(offers).available().compatible(resources).excluding(exclude)
+    candidates = offers_for(resources, offers).available().compatible(resources).excluding(exclude)
     if avoid_zones:
         candidates = Offers(o for o in candidates if not (
             o.capacity == Capacity.SPOT and f"{o.provider}:{o.zone}" in avoid_zones))

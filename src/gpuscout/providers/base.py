@@ -71,8 +71,15 @@ class LaunchRequest:
     control_url: str | None = None  # where the agent may report (optional)
     agent_token: str = ""  # the instance's own token for its agent API
     standby: bool = False  # a replacement: wait for /agent/restore before restoring
+    # The working folder on the instance (default: ``work`` in the instance's
+    # folder); the packed project folder ``workdir_ref`` is unpacked there.
     workdir: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    workdir_ref: str | None = None  # "sha256:<hex>" in the store (gpuscout.workdir)
+    setup: str | None = None  # run in the working folder before the command
+    # The job's secrets by name; their values reach the agent after boot
+    # (POST /agent/secrets), never through user-data.
+    secret_names: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)  # the job's envs
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 from importlib import resources
 
 from gpuscout.agent import protocol
@@ -17,6 +18,12 @@ from gpuscout.providers.base import LaunchRequest
 
 # EC2 refuses user-data larger than 16 KB (before base64 encoding).
 MAX_USER_DATA_BYTES = 16 * 1024
+
+# What a provider may add to a job's boot script beyond the job's own values:
+# on AWS, the presigned URL of the gpuscout wheel (about 1.5 KB with a
+# session token) and the instance metadata endpoint. A job is refused at
+# submit when its command, setup and envs leave less than this free.
+PROVIDER_RESERVE_BYTES = 3 * 1024
 
 ENV_MARKER = "# @GPUSCOUT_ENV@"
 
@@ -61,6 +68,10 @@ def bootstrap_env(
         protocol.ENV_STANDBY: "1" if request.standby else "0",
         protocol.ENV_WORKDIR: request.workdir or None,
         protocol.ENV_CONTROL_URL: request.control_url or None,
+        protocol.ENV_OFFER_ID: request.offer.id,
+        protocol.ENV_WORKDIR_REF: request.workdir_ref or None,
+        protocol.ENV_SETUP: request.setup or None,
+        protocol.ENV_SECRET_NAMES: ",".join(request.secret_names) or None,
         ENV_PYTHON: python or None,
         ENV_PACKAGE_SPEC: package_spec or None,
         ENV_INSTANCE_DIR: instance_dir or None,
@@ -119,3 +130,47 @@ def render_bootstrap(
             "EC2 user-data limit (is the command or env very long?)"
         )
     return script
+
+
+def job_size_problem(command: str, setup: str | None, envs: dict[str, str],
+                     secret_names: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """Why a job's values cannot fit in its instances' boot script, as
+    ``(field, message)``, or None when they fit with room for the provider's
+    own values (``PROVIDER_RESERVE_BYTES``).
+
+    The script is what EC2 takes as user-data (16 KB at most), so this is
+    checked at submit, before anything is launched. The field named is the
+    largest of command, setup and envs.
+    """
+    from gpuscout.domain import Capacity, Offer
+
+    offer = Offer(id="x" * 64, provider="aws", region="r", zone="z", instance_type="t",
+                  capacity=Capacity.SPOT, gpus=0, gpu_type=None, vcpus=1, memory_gb=1,
+                  price_per_hour=1.0)
+    request = LaunchRequest(
+        instance_id="i-" + "0" * 38, job_id="job-" + "0" * 36, offer=offer, command=command,
+        store_url="s3://" + "b" * 63 + "/" + "p" * 64, control_url="http://" + "h" * 64,
+        agent_token="t" * 32, standby=True, workdir_ref="sha256:" + "0" * 64, setup=setup,
+        secret_names=secret_names, env=dict(envs))
+    try:
+        script = render_bootstrap(request, agent_host="0.0.0.0", agent_port=65535,  # noqa: S104
+                                  instance_dir="/var/lib/gpuscout")
+    except ValueError as err:
+        if "variable" in str(err) or "may not set" in str(err):
+            return "envs", str(err)
+        script = None
+    size = len(script.encode()) if script is not None else MAX_USER_DATA_BYTES + 1
+    room = MAX_USER_DATA_BYTES - PROVIDER_RESERVE_BYTES
+    if size <= room:
+        return None
+    sizes = {"command": len(command.encode()), "setup": len((setup or "").encode()),
+             "envs": sum(len(k) + len(v.encode()) + 2 for k, v in envs.items())}
+    field = max(sizes, key=lambda k: sizes[k])
+    own = len(render_bootstrap(replace(request, command="x", setup=None, env={}),
+                               agent_host="0.0.0.0", agent_port=65535,  # noqa: S104
+                               instance_dir="/var/lib/gpuscout").encode())
+    return field, (
+        f"command, setup and envs take {sum(sizes.values())} bytes ({field}: {sizes[field]}); "
+        f"with the boot script ({own} bytes) they must fit in {room} bytes (EC2's "
+        f"{MAX_USER_DATA_BYTES}-byte user-data less {PROVIDER_RESERVE_BYTES} for the provider); "
+        "put long commands in a script in the job's workdir")

@@ -10,7 +10,8 @@
 # of the agent's environment (gpuscout/agent/protocol.py) where the marker
 # line below is, every value shell-quoted. The script then
 #   1. makes the instance folder (GPUSCOUT_INSTANCE_DIR) and the job's working
-#      folder (GPUSCOUT_WORKDIR, default: the instance folder), and sends all
+#      folder (GPUSCOUT_WORKDIR, default: work/ in the instance folder, where
+#      the agent unpacks the job's project folder), and sends all
 #      further output to $GPUSCOUT_INSTANCE_DIR/agent.log;
 #   2. finds a Python that can import gpuscout.agent: GPUSCOUT_PYTHON if set
 #      and usable, else python3; failing both, it pip-installs
@@ -41,7 +42,7 @@ if [ -z "${GPUSCOUT_INSTANCE_DIR:-}" ]; then
 fi
 mkdir -p "$GPUSCOUT_INSTANCE_DIR" || die "cannot create $GPUSCOUT_INSTANCE_DIR"
 export GPUSCOUT_INSTANCE_DIR
-: "${GPUSCOUT_WORKDIR:=$GPUSCOUT_INSTANCE_DIR}"
+: "${GPUSCOUT_WORKDIR:=$GPUSCOUT_INSTANCE_DIR/work}"
 mkdir -p "$GPUSCOUT_WORKDIR" || die "cannot create $GPUSCOUT_WORKDIR"
 export GPUSCOUT_WORKDIR
 

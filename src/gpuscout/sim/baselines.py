@@ -28,13 +28,15 @@ from __future__ import annotations
 import math
 
 from gpuscout.domain import Capacity, Offer
-from gpuscout.policy import MovePolicy, Offers, zone_key
+from gpuscout.policy import MovePolicy, Offers, offer_for, offers_for, zone_key
 from gpuscout.sim.engine import Action, JobRun, SimConfig
 
 
 def _fitting(run: JobRun, t: float) -> Offers:
-    """Available offers that fit the job, ranked cheapest per work hour."""
-    return run.market.offers(t).available().compatible(run.job.spec.resources)
+    """Available offers that fit the job, ranked cheapest per work hour (as
+    the job sees them: a CPU-only job by the hour)."""
+    resources = run.job.spec.resources
+    return offers_for(resources, run.market.offers(t)).available().compatible(resources)
 
 
 def _cheapest(run: JobRun, t: float, capacity: Capacity | None = None,
@@ -90,6 +92,7 @@ class NaivePolicy(_Base):
     def scout(self, run: JobRun, t: float) -> Action | None:
         best = _cheapest(run, t, in_time=True)
         current = run.current(t)
+        current = offer_for(run.job.spec.resources, current) if current else None
         if best is None or current is None or best.id == current.id:
             return None
         if best.cost_per_work_hour <= (1 - self.threshold) * current.cost_per_work_hour + 1e-12:

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from gpuscout.domain import Capacity, Offer
-from gpuscout.policy import ZONE_BACKOFF_S, zone_key
+from gpuscout.policy import ZONE_BACKOFF_S, offer_for, zone_key
 from gpuscout.sim.jobs import SimJob
 from gpuscout.sim.market import SimMarket
 
@@ -218,7 +218,9 @@ class Simulator:
             if not market.available(offer.id, t):
                 return  # a capacity error: the job keeps waiting
             restore = cfg.restore_s if run.started_at is not None else 0.0
-            run.offer_id, run.speed, run.bill_from = offer.id, offer.relative_speed, t
+            # The speed the job's work runs at there (a CPU-only job: 1.0 anywhere).
+            speed = offer_for(job.spec.resources, offer).relative_speed
+            run.offer_id, run.speed, run.bill_from = offer.id, speed, t
             run.train_start = t + boot() + restore
             run.started_at = run.started_at if run.started_at is not None else t
 
@@ -267,7 +269,7 @@ class Simulator:
                 run.spent += market.cost(run.offer_id or target, run.bill_from, t)
                 saved = run.work_at(move_boot)
                 run.offer_id, run.bill_from = target, started
-                run.speed = market.templates[target].relative_speed
+                run.speed = offer_for(job.spec.resources, market.templates[target]).relative_speed
                 run.train_start, run.work_base = t, saved
                 run.move = None
                 run.migrations += 1
@@ -329,7 +331,8 @@ class Simulator:
             target, started, _ = run.move
             run.spent += market.cost(run.offer_id, run.bill_from, kill)
             run.offer_id, run.bill_from = target, started
-            run.speed = market.templates[target].relative_speed
+            run.speed = offer_for(run.job.spec.resources,
+                                  market.templates[target]).relative_speed
             run.train_start = max(move_boot or t, t) + cfg.restore_s
             run.work_base = saved
             run.move = None

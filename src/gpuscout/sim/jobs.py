@@ -50,8 +50,9 @@ def job_from_dict(data: dict[str, Any], where: str = "job") -> SimJob:
     fields = {k: v for k, v in data.items() if k in _SPEC_FIELDS}
     fields.setdefault("command", "sim")
     try:
+        # Resources takes gpu_types as a list and capacity as "spot" | "on-demand".
         fields["resources"] = Resources(**(fields.get("resources") or {}))
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # an unknown field, a capacity misspelt
         raise JobsFileError(f"{where}: resources: {err}") from None
     try:
         fields["workload_type"] = WorkloadType(fields.get("workload_type") or "training")

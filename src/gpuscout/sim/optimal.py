@@ -31,6 +31,7 @@ from bisect import bisect_right
 import numpy as np
 
 from gpuscout.domain import Offer
+from gpuscout.policy import offer_for
 from gpuscout.sim.engine import JobResult, SimConfig, to_datetime
 from gpuscout.sim.jobs import SimJob
 from gpuscout.sim.market import SimMarket
@@ -96,7 +97,8 @@ class OptimalPolicy:
         cfg, dt = self.config, self.step_s
         submit = job.submit_at.timestamp()
         deadline = job.spec.deadline.timestamp() if job.spec.deadline else None
-        offers = [o for o in market.templates.values() if o.satisfies(job.spec.resources)]
+        offers = [offer_for(job.spec.resources, o) for o in market.templates.values()
+                  if o.satisfies(job.spec.resources)]
         if not offers:
             return JobResult(job.name, 0.0, 0, None, True, False)
         total = job.spec.expected_duration_hours

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, Response, status
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from gpuscout.api.deps import PlaneDep, Reader, ServiceDep, Writer
 from gpuscout.api.schemas import (
@@ -21,6 +25,11 @@ from gpuscout.api.schemas import (
     MigrationsPublic,
 )
 from gpuscout.domain import JobStatus
+from gpuscout.joblog import LogFollower
+
+# How often a followed log is read again from the store (logs are shipped
+# every 2 s by the agents, so a line shows about 1-3 s after it is printed).
+FOLLOW_POLL_S = 1.0
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Reader])
 
@@ -28,7 +37,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Reader])
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Writer],
              summary="Submit a job")
 def submit_job(body: JobCreate, plane: PlaneDep) -> JobPublic:
-    return JobPublic.from_domain(plane.submit(body.to_spec()))
+    return JobPublic.from_domain(plane.submit(body.to_spec(), body.secrets))
 
 
 @router.get("", summary="List jobs, oldest first")
@@ -100,3 +109,36 @@ def get_artifact(job_id: str, name: str, plane: PlaneDep) -> Response:
     content = plane.artifact(job_id, name)
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return Response(content, media_type=media_type)
+
+
+@router.get("/{job_id}/logs", summary="The job's setup and command output, across its moves",
+            response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}}})
+def get_logs(
+    job_id: str, plane: PlaneDep,
+    tail: Annotated[int | None, Query(ge=0, description="only the last N lines")] = None,
+    follow: Annotated[bool, Query(description="keep the answer open and stream new lines "
+                                              "until the job ends")] = False,
+) -> Response:
+    """One continuous log: each line "<UTC time> <text>", and a marker line
+    ("-- moved from i-a to i-b at step N --") where the job was placed,
+    moved or recovered. With ``follow`` the answer streams."""
+    if not follow:
+        lines = plane.job_log(job_id, tail=tail)
+        return PlainTextResponse("".join(f"{line}\n" for line in lines))
+    segments = plane.log_segments(job_id)  # 404 for an unknown job, before streaming
+    follower = LogFollower(plane.ctx.store, job_id, tail=tail)
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal segments
+        while True:
+            done = plane.ctx.repo.get_job(job_id).status.is_terminal()
+            lines = await run_in_threadpool(follower.poll, segments)
+            for line in lines:
+                yield f"{line}\n"
+            if done:
+                return  # the job had ended before this last read
+            await asyncio.sleep(FOLLOW_POLL_S)
+            segments = await run_in_threadpool(plane.log_segments, job_id)
+
+    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")

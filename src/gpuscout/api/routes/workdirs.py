@@ -1,0 +1,103 @@
+"""``/api/v1/workdirs``: a job's project folder, packed (tar.gz) and stored
+content-addressed, so that a job can name it (``workdir: "sha256:<hex>"``).
+
+The CLI packs the folder (``gpuscout.workdir.pack``), asks whether its
+digest is stored already (``GET``), and uploads it only if not (``POST``):
+one upload per content, whatever the number of jobs that use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+import tempfile
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Request, status
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from gpuscout import workdir
+from gpuscout.api.deps import Reader, ServiceDep, Writer
+
+router = APIRouter(prefix="/workdirs", tags=["workdirs"], dependencies=[Reader])
+
+
+class WorkdirPublic(BaseModel):
+    ref: str = Field(description='"sha256:<hex>" of the archive; the value of a job\'s workdir')
+    size_bytes: int | None = None
+    files: int | None = None
+    uploaded: bool = Field(default=False, description="false when it was stored already")
+
+
+def _bad(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY,
+                         detail=[{"loc": ["body"], "field": "workdir", "msg": message,
+                                  "type": "value_error"}])
+
+
+def _check_archive(path: str) -> int:
+    """The number of files in a gzip'd tar whose every member would unpack
+    inside its folder; ValueError naming the first member that would not."""
+    files = 0
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in archive:
+                tarfile.data_filter(member, "/unpack")
+                files += member.isfile()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ValueError(f"the body is not a gzip'd tar archive: {err}") from None
+    except tarfile.FilterError as err:
+        raise ValueError(f"unsafe archive member: {err}") from None
+    return files
+
+
+@router.get("/{ref}", summary="Whether a packed workdir is stored (404 if not)")
+def get_workdir(ref: str, service: ServiceDep) -> WorkdirPublic:
+    try:
+        key = workdir.key_of(ref)
+    except ValueError as err:
+        raise _bad(str(err)) from None
+    if not service.plane.ctx.store.exists(key):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"workdir {ref} is not stored")
+    return WorkdirPublic(ref=ref)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Writer],
+             summary="Upload a packed workdir (the body: a .tar.gz)",
+             openapi_extra={"requestBody": {"content": {"application/gzip": {
+                 "schema": {"type": "string", "format": "binary"}}}, "required": True}})
+async def upload_workdir(
+    request: Request, service: ServiceDep,
+    content_length: Annotated[int | None, Header()] = None,
+) -> WorkdirPublic:
+    limit = workdir.MAX_WORKDIR_BYTES
+    if content_length is not None and content_length > limit:
+        raise _bad(f"the archive is {content_length} bytes, over the {limit}-byte limit")
+    store = service.plane.ctx.store
+    digest = hashlib.sha256()
+    size = 0
+    fd, path = tempfile.mkstemp(suffix=".tar.gz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _bad(f"the archive is over the {limit}-byte limit")
+                digest.update(chunk)
+                f.write(chunk)
+        if size == 0:
+            raise _bad("the body is empty: send the packed folder (a .tar.gz)")
+        try:
+            files = await run_in_threadpool(_check_archive, path)
+        except ValueError as err:
+            raise _bad(str(err)) from None
+        ref = f"sha256:{digest.hexdigest()}"
+        key = workdir.key_of(ref)
+        if await run_in_threadpool(store.exists, key):
+            return WorkdirPublic(ref=ref, size_bytes=size, files=files, uploaded=False)
+        await run_in_threadpool(store.put_file, key, path)
+        return WorkdirPublic(ref=ref, size_bytes=size, files=files, uploaded=True)
+    finally:
+        os.unlink(path)
