@@ -12,7 +12,6 @@ there, live. Prices are the 2021 us-east-1 list and spot prices.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from gpuscout.config import Settings
@@ -44,8 +43,10 @@ def demo_job_spec(steps: int = DEMO_STEPS, step_sleep_s: float = DEMO_STEP_SLEEP
         expected_duration_hours=steps * step_sleep_s / 3600,
         budget_usd=5.0,
         resources=Resources(gpus=1, cpus=1, memory_gb=1),
+        # Plain `python`: the job's PATH starts with the Python environment
+        # GPU Scout runs in, on every instance.
         command=(
-            f"{sys.executable} -m gpuscout.examples.linreg --steps {steps} "
+            f"python -m gpuscout.examples.linreg --steps {steps} "
             f"--step-sleep {step_sleep_s} --seed 7"
         ),
     )

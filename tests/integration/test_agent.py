@@ -23,6 +23,7 @@ import pytest
 
 from gpuscout.agent import protocol as p
 from gpuscout.examples import linreg
+from gpuscout.joblog import read_instance
 from gpuscout.store import open_store
 
 JOB_ID = "job-1"
@@ -292,7 +293,9 @@ def test_restore_of_a_missing_step_fails_the_replacement(
     assert new.call("POST", "/agent/restore", json={"step": 30}).status_code == 202
     health = new.wait(lambda h: h["state"] == "failed", "replacement fails")
     assert health["exit_code"] == 1 and health["step"] is None
-    assert "NoCheckpoint" in new.log_text()
+    # The job's stderr is in its error (and its log), not in the agent's log.
+    assert "NoCheckpoint" in health["error"]
+    assert "NoCheckpoint" not in new.log_text()
 
 
 def test_sigterm_to_a_standby_agent_ends_its_waiting_workload(
@@ -371,9 +374,16 @@ def test_bad_configuration_is_refused_with_the_variable_named(tmp_path: Path) ->
     assert done.returncode == 2 and p.ENV_AGENT_PORT in done.stderr
 
 
-def test_logs_are_not_one_line_per_step(start_agent: Callable[..., Agent]) -> None:
+def test_logs_are_not_one_line_per_step(start_agent: Callable[..., Agent],
+                                        store_url: str) -> None:
     agent = start_agent(linreg_command(30, sleep=0.0))
     agent.wait(lambda h: h["state"] == "completed", "completion")
     text = agent.log.read_text()
     assert "/workload/progress" not in text
-    assert "state running -> completed" in text and "trained 30 steps" in text
+    assert "state running -> completed" in text
+    # What the job prints goes to the job's log in the store (shipped before
+    # the agent reports the command's end), never to the agent's own log.
+    assert "trained 30 steps" not in text
+    job_log, _ = read_instance(open_store(store_url), JOB_ID, "i-a")
+    assert any(line.endswith("trained 30 steps") or "trained 30 steps" in line
+               for line in job_log), job_log

@@ -197,7 +197,7 @@ def test_terminate_kills_every_process_of_the_tree(provider: LocalProvider) -> N
     request = _request("sleep 1000 & echo $! > pids.txt; echo $$ >> pids.txt; exec sleep 1000")
     launched = provider.launch(request)
     folder = provider.instance_dir(request.instance_id)
-    pids_file = folder / "pids.txt"
+    pids_file = folder / "work" / "pids.txt"
     _wait_for(lambda: len(_lines(pids_file)) == 2, 20, "the job's pids")
     job_pids = {int(line) for line in _lines(pids_file)}
     agent_pid = int(launched.provider_ref)
@@ -223,7 +223,7 @@ def test_terminate_escalates_to_sigkill_for_a_job_that_ignores_sigterm(
     request = _request("trap '' TERM; sleep 1000 & echo $! > pids.txt; sleep 1000")
     provider.launch(request)
     folder = provider.instance_dir(request.instance_id)
-    _wait_for(lambda: _lines(folder / "pids.txt"), 20, "the job's pids")
+    _wait_for(lambda: _lines(folder / "work" / "pids.txt"), 20, "the job's pids")
     everything = _marked(str(folder))
 
     started = time.monotonic()
@@ -355,7 +355,7 @@ def test_the_command_runs_byte_for_byte_and_sees_no_control_plane_secrets(
     monkeypatch.setenv("GPUSCOUT_API_TOKEN", "control-plane-secret")
     request = _request(NASTY_COMMAND)
     provider.launch(request)
-    out = provider.instance_dir(request.instance_id) / "out.txt"
+    out = provider.instance_dir(request.instance_id) / "work" / "out.txt"
     _wait_for(lambda: len(_lines(out)) == 4, 20, "the command's output")
     assert out.read_text() == NASTY_OUTPUT
 
@@ -479,7 +479,7 @@ def test_bootstrap_unsets_what_is_not_given_and_works_in_the_instance_dir(
     env = _agent_env(instance_dir)
     assert protocol.ENV_CONTROL_URL not in env
     assert env[protocol.ENV_STANDBY] == "0"
-    assert env[protocol.ENV_WORKDIR] == str(instance_dir)
+    assert env[protocol.ENV_WORKDIR] == str(instance_dir / "work")
     # No python given: python3 from PATH, since it has gpuscout.
     assert (instance_dir / "agent-python").read_text().strip() == str(shim)
 

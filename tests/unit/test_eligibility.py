@@ -133,7 +133,7 @@ def test_the_simulator_runs_a_cpu_job_at_speed_one_on_a_gpu_type() -> None:
     m = market(row(0, "us-east-1a", "on-demand", 1.0, itype="g4dn.xlarge"))  # GPU speed 0.5
     sim_job = SimJob(JobSpec(name="c", command="x", expected_duration_hours=2), T0)
     for policy in (OnDemandPolicy(), GpuScoutPolicy()):
-        r = Simulator(m, EXACT).run_job(sim_job, policy)  # type: ignore[arg-type]
+        r = Simulator(m, EXACT).run_job(sim_job, policy)
         assert r.finished_at == at(180 + 2 * 3600)  # 2 h of work at 1.0, not 4 h at 0.5
 
 
