@@ -1,0 +1,219 @@
+"""A user's own project, end to end, as a new user runs it: `gpuscout up`
+started from a shell whose PATH does not hold the virtual environment, a
+project folder with a train.py that imports gpuscout.workload and numpy, a
+requirements.txt installed by `setup`, envs and a secret; submitted with the
+CLI as written in the README; moved by the scout and by hand; completed
+with the model of a standalone run; its log read and followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import wait
+
+pytestmark = pytest.mark.e2e
+
+VENV_BIN = Path(sys.executable).parent
+GPUSCOUT = VENV_BIN / "gpuscout"  # the README's `.venv/bin/gpuscout`
+CANARY = "canary-8c1f0e5d-secret-value"
+STEPS = 240
+
+TRAIN_PY = """\
+import json, os, sys, time
+import numpy as np
+from gpuscout import workload
+
+TOTAL = int(sys.argv[1])
+assert not os.path.exists("data/big.bin"), "ignored files must not be shipped"
+print("python", sys.executable, "label", os.environ.get("RUN_LABEL"), flush=True)
+print("the secret is", os.environ["WANDB_API_KEY"], flush=True)
+
+run = workload.init(checkpoint_every=20)
+restored = run.restore()
+start, state = restored if restored else (0, {"w": [0.0, 0.0]})
+w = np.array(state["w"])
+target = np.array([3.0, -2.0])
+for step in range(start + 1, TOTAL + 1):
+    rng = np.random.default_rng(step)
+    w = w - 0.05 * (w - target) + rng.normal(0, 1e-3, 2)
+    loss = float(((w - target) ** 2).sum())
+    if step % 10 == 0:
+        print(f"step {step} loss {loss:.6f}", flush=True)
+    time.sleep(0.04)
+    run.step_done(step, loss=loss, total_steps=TOTAL, state=lambda: {"w": w.tolist()})
+run.save_artifact("model.json", json.dumps({"w": w.tolist()}).encode())
+print("done", flush=True)
+"""
+
+JOB_YAML = f"""\
+name: my-project
+workdir: .
+setup: pip install -r requirements.txt && python -c "import numpy; print('setup ok')"
+command: python train.py {STEPS}
+envs:
+  RUN_LABEL: hello
+secrets:
+  WANDB_API_KEY: {CANARY}
+resources: {{gpus: 1, cpus: 1, memory_gb: 1}}
+expected_duration_hours: 0.01
+budget_usd: 5
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _project(root: Path) -> Path:
+    project = root / "my project"
+    (project / "data").mkdir(parents=True)
+    (project / "train.py").write_text(TRAIN_PY)
+    (project / "requirements.txt").write_text("numpy\n")
+    (project / ".gitignore").write_text("data/\n")
+    (project / "data" / "big.bin").write_bytes(b"\0" * 1024)
+    (project / "job.yaml").write_text(JOB_YAML)
+    return project
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """`gpuscout up` in a shell without the venv on PATH (and no VIRTUAL_ENV)."""
+    home, port = tmp_path / "home", _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GPUSCOUT_") and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=str(tmp_path), GPUSCOUT_HOME=str(home),
+               GPUSCOUT_BOOT_DELAY_S="1", GPUSCOUT_MIN_DWELL_S="0",
+               GPUSCOUT_SCOUT_INTERVAL_S="1", GPUSCOUT_RECONCILE_INTERVAL_S="0.2")
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen([str(GPUSCOUT), "up", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait(lambda: _up(url) or proc.poll() is not None, 60, "gpuscout up")
+        assert proc.poll() is None, (tmp_path / "up.log").read_text()
+        token = (home / "api_token").read_text().strip()
+        yield {"url": url, "env": env, "home": home, "token": token,
+               "api": httpx.Client(base_url=url, timeout=30,
+                                   headers={"Authorization": f"Bearer {token}"})}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        subprocess.run(["pkill", "-f", str(home)], check=False)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _cli(plane: dict[str, Any], *args: str, cwd: Path) -> str:
+    env = {**plane["env"], "GPUSCOUT_URL": plane["url"]}
+    done = subprocess.run([str(GPUSCOUT), *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_users_project_runs_moves_and_completes_with_its_logs(
+        plane: dict[str, Any], tmp_path: Path) -> None:
+    api: httpx.Client = plane["api"]
+    project = _project(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # The README's words: export the token, submit the job file (workdir: .
+    # is the job file's folder, wherever the command runs).
+    plane["env"]["GPUSCOUT_API_TOKEN"] = plane["token"]
+    job_id = _cli(plane, "submit", str(project / "job.yaml"), cwd=elsewhere).strip()
+
+    followed: list[str] = []
+    follower = threading.Thread(target=lambda: followed.extend(
+        _cli(plane, "logs", job_id, "--follow", cwd=elsewhere).splitlines()), daemon=True)
+    follower.start()
+
+    def job() -> dict[str, Any]:
+        return api.get(f"/api/v1/jobs/{job_id}").json()  # type: ignore[no-any-return]
+
+    def step_at_least(n: int) -> bool:
+        j = job()
+        assert j["status"] not in ("failed", "cancelled"), j
+        return j["status"] == "running" and (j["progress"]["step"] or 0) >= n
+
+    wait(lambda: step_at_least(30), 120, "the job to run")
+    # A scout move: another offer becomes much cheaper.
+    current = job()["offer_id"]
+    offers = api.get("/api/v1/offers").json()["data"]
+    target = next(o for o in offers if o["id"] != current and o["gpus"] >= 1
+                  and o["available"] and o["capacity"] == "spot")
+    _cli(plane, "market", "set", target["id"], "--price", "0.001", cwd=elsewhere)
+    wait(lambda: any(m["status"] == "completed"
+                     for m in api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]),
+         120, "the scout's move")
+    wait(lambda: step_at_least(job()["progress"]["step"] + 10), 60, "training after the move")
+    _cli(plane, "migrate", job_id, cwd=elsewhere)
+    wait(lambda: sum(m["status"] == "completed" for m in
+                     api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]) >= 2,
+         120, "the manual move")
+    final = wait(lambda: job() if job()["status"] in ("completed", "failed") else None, 120,
+                 "completion")
+    assert final["status"] == "completed", final
+    moves = api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]
+    assert [m["status"] for m in moves] == ["completed", "completed"]
+
+    # The model equals a standalone run's, bit for bit.
+    standalone = tmp_path / "standalone"
+    standalone.mkdir()
+    subprocess.run([sys.executable, str(project / "train.py"), str(STEPS)], cwd=standalone,
+                   check=True, timeout=120, capture_output=True,
+                   env={**plane["env"], "WANDB_API_KEY": "x" * 8})
+    artifact = api.get(f"/api/v1/jobs/{job_id}/artifacts/model.json")
+    assert artifact.status_code == 200
+    assert json.loads(artifact.content) == json.loads((standalone / "model.json").read_text())
+
+    # One log across the three instances: setup output on each, the job's
+    # python, steps in order, a marker per placement and move, no secret.
+    text = _cli(plane, "logs", job_id, cwd=elsewhere)
+    lines = text.splitlines()
+    assert lines[0].startswith("-- placed on i-")
+    assert sum(line.startswith("-- moved from i-") for line in lines) == 2
+    assert sum(line.endswith("setup ok") for line in lines) == 3
+    assert any("Requirement already satisfied: numpy" in line for line in lines)
+    assert any(f"python {VENV_BIN}/python label hello" in line for line in lines), text
+    assert any("the secret is ***" in line for line in lines) and CANARY not in text
+    steps = [int(line.split("step ")[1].split()[0]) for line in lines if " step " in line]
+    assert steps == sorted(steps) and steps[-1] == STEPS and len(set(steps)) == len(steps)
+    assert lines[-1].endswith("done")
+    tail = _cli(plane, "logs", job_id, "--tail", "3", cwd=elsewhere).splitlines()
+    assert tail == lines[-3:]
+
+    # --follow streamed the same lines as they came, and ended with the job.
+    follower.join(30)
+    assert not follower.is_alive()
+    assert followed[-1].endswith("done") and "-- moved from" in "\n".join(followed)
+
+    # The canary secret is nowhere but in the job's environment.
+    home: Path = plane["home"]
+    seen = [api.get(path).text for path in (
+        f"/api/v1/jobs/{job_id}", "/api/v1/jobs", f"/api/v1/jobs/{job_id}/events?limit=1000",
+        f"/api/v1/jobs/{job_id}/logs", "/metrics", "/api/v1/instances")]
+    assert all(CANARY not in body for body in seen)
+    assert json.loads(seen[0])["spec"]["secrets"] == ["WANDB_API_KEY"]
+    for path in home.rglob("*"):  # the database, user-data, instance logs, the store
+        if path.is_file() and path.name != "secrets_key":
+            assert CANARY.encode() not in path.read_bytes(), path
