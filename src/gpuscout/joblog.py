@@ -732,9 +732,14 @@ class LogFollower:
         propagate (and the next poll picks up where this one stopped)."""
         segments = list(segments)
         known = len(self._segments)
-        if segments[:known] != self._segments:
+        if [s.instance_id for s in segments[:known]] != [
+                s.instance_id for s in self._segments]:
             raise ValueError("segments may only grow: a poll got segments that do not "
                              "start with those of the poll before")
+        # A marker that changed (a move in progress that completed or rolled
+        # back) is shown again, as it reads now.
+        changed = [seg.marker for old, seg in zip(self._segments, segments, strict=False)
+                   if seg.marker is not None and seg.marker != old.marker]
         if not self._polled and self.tail is not None:
             lines, self._cursors = _read_log(self.store, self.job_id, segments, self.tail,
                                              want_cursors=True)
@@ -748,6 +753,8 @@ class LogFollower:
         cursors = dict(self._cursors)
         out: list[str] = []
         for i, seg in enumerate(segments):
+            if i < known and seg.marker in changed:
+                out.append(seg.marker)
             if i >= known and seg.marker is not None:
                 out.append(seg.marker)
             if owner[seg.instance_id] == i:

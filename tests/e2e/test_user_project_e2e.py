@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 VENV_BIN = Path(sys.executable).parent
 GPUSCOUT = VENV_BIN / "gpuscout"  # the README's `.venv/bin/gpuscout`
 CANARY = "canary-8c1f0e5d-secret-value"
-STEPS = 240
+STEPS = 400
 
 TRAIN_PY = """\
 import json, os, sys, time
@@ -64,8 +64,6 @@ setup: pip install -r requirements.txt && python -c "import numpy; print('setup 
 command: python train.py {STEPS}
 envs:
   RUN_LABEL: hello
-secrets:
-  WANDB_API_KEY: {CANARY}
 resources: {{gpus: 1, cpus: 1, memory_gb: 1}}
 expected_duration_hours: 0.01
 budget_usd: 5
@@ -123,8 +121,8 @@ def _up(url: str) -> bool:
         return False
 
 
-def _cli(plane: dict[str, Any], *args: str, cwd: Path) -> str:
-    env = {**plane["env"], "GPUSCOUT_URL": plane["url"]}
+def _cli(plane: dict[str, Any], *args: str, cwd: Path, **extra_env: str) -> str:
+    env = {**plane["env"], "GPUSCOUT_URL": plane["url"], **extra_env}
     done = subprocess.run([str(GPUSCOUT), *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -140,7 +138,10 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     # The README's words: export the token, submit the job file (workdir: .
     # is the job file's folder, wherever the command runs).
     plane["env"]["GPUSCOUT_API_TOKEN"] = plane["token"]
-    job_id = _cli(plane, "submit", str(project / "job.yaml"), cwd=elsewhere).strip()
+    # The secret comes from the shell, not the job file (which ships with
+    # the project folder), as SkyPilot's --secret does.
+    job_id = _cli(plane, "submit", str(project / "job.yaml"), "--secret", "WANDB_API_KEY",
+                  cwd=elsewhere, WANDB_API_KEY=CANARY).strip()
 
     followed: list[str] = []
     follower = threading.Thread(target=lambda: followed.extend(
@@ -165,7 +166,8 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     wait(lambda: any(m["status"] == "completed"
                      for m in api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]),
          120, "the scout's move")
-    wait(lambda: step_at_least(job()["progress"]["step"] + 10), 60, "training after the move")
+    moved_at = job()["progress"]["step"]
+    wait(lambda: step_at_least(moved_at + 10), 60, "training after the move")
     _cli(plane, "migrate", job_id, cwd=elsewhere)
     wait(lambda: sum(m["status"] == "completed" for m in
                      api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]) >= 2,
@@ -174,7 +176,10 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
                  "completion")
     assert final["status"] == "completed", final
     moves = api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]
-    assert [m["status"] for m in moves] == ["completed", "completed"]
+    completed = sum(m["status"] == "completed" for m in moves)
+    # (The scout may move the job back to the cheap offer after the manual
+    # move: no dwell here; a move the job's end cut short is rolled back.)
+    assert completed >= 2 and all(m["status"] != "in_progress" for m in moves)
 
     # The model equals a standalone run's, bit for bit.
     standalone = tmp_path / "standalone"
@@ -191,13 +196,21 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     text = _cli(plane, "logs", job_id, cwd=elsewhere)
     lines = text.splitlines()
     assert lines[0].startswith("-- placed on i-")
-    assert sum(line.startswith("-- moved from i-") for line in lines) == 2
-    assert sum(line.endswith("setup ok") for line in lines) == 3
+    assert sum(line.startswith("-- moved from i-") for line in lines) == completed
+    assert sum(line.endswith("setup ok") for line in lines) >= completed + 1
     assert any("Requirement already satisfied: numpy" in line for line in lines)
     assert any(f"python {VENV_BIN}/python label hello" in line for line in lines), text
     assert any("the secret is ***" in line for line in lines) and CANARY not in text
-    steps = [int(line.split("step ")[1].split()[0]) for line in lines if " step " in line]
-    assert steps == sorted(steps) and steps[-1] == STEPS and len(set(steps)) == len(steps)
+    # Each step once, in order (what a rolled-back replacement ran is not the
+    # job's: it is under its own marker).
+    steps, kept = [], True
+    for line in lines:
+        if line.startswith("-- "):
+            kept = "rolled back" not in line
+        elif " step " in line and kept:
+            steps.append(int(line.split("step ")[1].split()[0]))
+    assert steps == sorted(steps) and steps[-1] == STEPS and len(set(steps)) == len(steps), (
+        [m["error"] for m in moves], text)
     assert lines[-1].endswith("done")
     tail = _cli(plane, "logs", job_id, "--tail", "3", cwd=elsewhere).splitlines()
     assert tail == lines[-3:]

@@ -224,7 +224,7 @@ def test_a_machine_without_gpuscout_installs_the_shipped_wheel_and_runs_the_job(
     instance_dir = tmp_path / "machines" / "i-bare" / ".gpuscout" / "instance"
     venv = instance_dir / "venv"
     assert "installing http://" in log and "X-Amz-Signature" not in log
-    where, prefix = (instance_dir / "where.txt").read_text().split()
+    where, prefix = (instance_dir / "work" / "where.txt").read_text().split()
     assert Path(where).is_relative_to(venv) and Path(prefix) == venv
     assert not Path(where).is_relative_to(Path(__file__).resolve().parents[2])  # not ours
     installed = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
