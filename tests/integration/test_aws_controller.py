@@ -7,12 +7,15 @@ the user-data EC2 stored for it, run with bash (tests/integration/aws_moto.py).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
+from gpuscout import workdir
 from gpuscout.config import Settings
 from gpuscout.controllers.agent_client import AgentClient
 from gpuscout.controllers.context import Timeouts
@@ -22,7 +25,10 @@ from gpuscout.providers.base import LaunchRequest
 from gpuscout.server import ServerThread
 from gpuscout.service import build_service
 from tests.e2e.conftest import E2E, TOKEN, linreg_command, standalone_model
+from tests.e2e.test_user_project_e2e import CANARY, TRAIN_PY
 from tests.integration.aws_moto import (
+    TEST_BUCKET,
+    TEST_SECRET,
     TEST_STORE_URL,
     AgentAwsProvider,
     FaultyEc2,
@@ -241,3 +247,80 @@ class _Override:
 
     def __getattr__(self, name: str) -> Any:
         return self._operations.get(name) or getattr(self._client, name)
+
+
+def test_a_users_project_travels_through_s3_and_moves_between_ec2_instances(
+        tmp_path: Path) -> None:
+    """The project folder goes up once to the job's bucket, every instance
+    unpacks it and runs setup before the command; logs are shipped to S3 and
+    read back as one across the move; user-data stays under 16 KB and holds
+    no secret (the secret reaches the agent after boot)."""
+    home = tmp_path / "home"
+    settings = Settings(home=home, api_token=TOKEN, scout_interval_s=0.5,
+                        reconcile_interval_s=0.2, reaper_interval_s=5,
+                        store_url=TEST_STORE_URL)
+    base = AwsProvider(new_config())
+    # The instances reach the bucket with their role's credentials (moto's here).
+    role = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    provider = AgentAwsProvider(new_config(), tmp_path / "machines",
+                                table=small_table(base.table), machine_env=role)
+    service = build_service(settings, provider=provider, agents=AgentClient())
+    service.ctx.timeouts = Timeouts(health_s=30, checkpoint_s=20, resume_s=20, drain_s=5,
+                                    lost_s=5)
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "train.py").write_text(TRAIN_PY)
+    (project / ".gitignore").write_text("data/\n")
+    (project / "data" / "big.bin").write_bytes(b"\0" * 1024)
+    packed = workdir.pack(project)
+    server = ServerThread(service, start_plane=True)
+    server.start()
+    e2e = E2E(service, server, provider)  # type: ignore[arg-type]
+    try:
+        uploaded = e2e.api.post("/api/v1/workdirs", content=packed.path.read_bytes(),
+                                headers={"Content-Type": "application/gzip"})
+        assert uploaded.status_code == 201 and uploaded.json()["ref"] == packed.ref
+        assert boto3.client("s3").head_object(Bucket=TEST_BUCKET, Key=f"gpuscout/{packed.key}")
+        body = {
+            "name": "project-aws", "expected_duration_hours": 0.01,
+            "resources": {"gpus": 1, "cpus": 1, "memory_gb": 1},
+            "workdir": packed.ref, "command": "python train.py 300",
+            "setup": "python -c \"print('setup on ec2')\" && pip --version",
+            "envs": {"RUN_LABEL": "on-aws"}, "secrets": {"WANDB_API_KEY": CANARY},
+        }
+        response = e2e.api.post("/api/v1/jobs", json=body)
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        job = e2e.wait_status(job_id, "running", timeout_s=60)
+        e2e.wait_step(job_id, 40, timeout_s=30)
+        response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate")
+        assert response.status_code == 202, response.text
+        m = e2e.wait_migration(job_id, 1, timeout_s=60)
+        assert m["status"] == "completed", m
+        e2e.wait_status(job_id, "completed", timeout_s=60)
+
+        log = e2e.api.get(f"/api/v1/jobs/{job_id}/logs").text
+        lines = log.splitlines()
+        assert lines[0] == f"-- placed on {job['instance_id']} ({job['offer_id']}) --"
+        assert sum(line.endswith("setup on ec2") for line in lines) == 2
+        assert f"-- moved from {job['instance_id']} to {m['to_instance_id']} " \
+               f"({m['to_offer_id']}) at step {m['checkpoint_step']} --" in lines
+        assert any("label on-aws" in line for line in lines) and CANARY not in log
+        assert lines[-1].endswith("done")
+        for instance_id, script in provider.user_data_of.items():
+            assert len(script.encode()) < 16 * 1024, instance_id
+            assert CANARY not in script and TEST_SECRET not in script
+            assert "GPUSCOUT_SECRET_NAMES=WANDB_API_KEY" in script
+            assert f"GPUSCOUT_WORKDIR_REF={packed.ref}" in script
+        chunks = boto3.client("s3").list_objects_v2(
+            Bucket=TEST_BUCKET, Prefix=f"gpuscout/jobs/{job_id}/logs/")["Contents"]
+        assert {c["Key"].split("/")[4] for c in chunks} == {job["instance_id"],
+                                                            m["to_instance_id"]}
+    finally:
+        server.stop()
+        e2e.api.close()
+        packed.path.unlink(missing_ok=True)
+        for instance in provider.list():
+            provider.terminate(instance.instance_id)
+        provider.stop_all()
