@@ -46,10 +46,10 @@ def _check_archive(path: str) -> int:
             for member in archive:
                 tarfile.data_filter(member, "/unpack")
                 files += member.isfile()
+    except tarfile.FilterError as err:  # (a TarError too)
+        raise ValueError(f"unsafe archive member: {err}") from None
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ValueError(f"the body is not a gzip'd tar archive: {err}") from None
-    except tarfile.FilterError as err:
-        raise ValueError(f"unsafe archive member: {err}") from None
     return files
 
 
