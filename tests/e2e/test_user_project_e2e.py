@@ -21,7 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import wait
+from tests.e2e.conftest import e2e, wait
+
+__all__ = ["e2e"]
 
 pytestmark = pytest.mark.e2e
 
@@ -230,3 +232,44 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     for path in home.rglob("*"):  # the database, user-data, instance logs, the store
         if path.is_file() and path.name != "secrets_key":
             assert CANARY.encode() not in path.read_bytes(), path
+
+
+CRASHING = """\
+import sys
+from gpuscout import workload
+
+run = workload.init(checkpoint_every=1)
+restored = run.restore()
+start = restored[0] if restored else 0
+for step in range(start + 1, start + 4):
+    run.step_done(step, loss=1.0 / step, total_steps=100, state=lambda: {"step": step})
+print("about to fail", flush=True)
+raise ValueError(f"boom after step {start + 3}")
+"""
+
+
+def test_a_command_that_raises_restarts_from_its_checkpoint_then_fails(
+        e2e: Any, tmp_path: Path) -> None:
+    """Real agents and processes: the exception's last line is the job's
+    error; with max_restarts_on_errors: 2 it runs three times in all, each
+    run resuming from the checkpoint the one before saved."""
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING)
+    body = {"name": "crash", "command": f"python {script}", "max_restarts_on_errors": 2,
+            "resources": {"gpus": 1, "cpus": 1, "memory_gb": 1}}
+    response = e2e.api.post("/api/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    job = e2e.wait(lambda: (j := e2e.job(job_id))["status"] == "failed" and j, 90, "failure")
+    assert job["restarts"] == 2
+    assert job["error"].startswith("command exited with code 1; last lines of stderr:")
+    assert job["error"].splitlines()[-1] == "ValueError: boom after step 9"
+    assert job["progress"]["step"] == 9  # 3 steps per run, each run from the last checkpoint
+    events = e2e.wait(lambda: [e for e in e2e.api.get(f"/api/v1/jobs/{job_id}/events").json()[
+        "data"] if e["kind"] == "failed"] and e2e.api.get(
+            f"/api/v1/jobs/{job_id}/events").json()["data"], 10, "the failed event")
+    assert [e["kind"] for e in events].count("restart") == 2
+    failed = [e for e in events if e["kind"] == "failed"]
+    assert len(failed) == 1 and "ValueError: boom after step 9" in failed[0]["message"]
+    log = e2e.api.get(f"/api/v1/jobs/{job_id}/logs").text
+    assert log.count("about to fail") == 3 and log.count("-- recovered on i-") == 2

@@ -274,11 +274,11 @@ class Lifecycle:
         self.bill(job)
         self.ctx.repo.transition(job.id, S.RECOVERING, expect={expect}, instance_id=None,
                                  restarts=restarts, error=error)
-        self.ctx.router.switch(job.id, None)
-        self.ctx.terminate(instance_id)
         self.ctx.event(job.id, "restart",
                        f"restart {restarts} of {job.spec.max_restarts_on_errors} from the last "
                        f"checkpoint after: {error}", instance_id=instance_id, restarts=restarts)
+        self.ctx.router.switch(job.id, None)
+        self.ctx.terminate(instance_id)
 
     def _deliver_secrets(self, job: Job, address: str) -> None:
         try:
@@ -292,11 +292,11 @@ class Lifecycle:
         self.bill(job)
         self.ctx.repo.transition(job.id, status, expect={expect}, finished_at=now,
                                  error=error)
+        self.ctx.event(job.id, status.value, error or f"job {status.value}")
         if instance_id is not None:
             self.ctx.terminate(instance_id)
         self.ctx.router.switch(job.id, None)
         self.bill(self.ctx.repo.get_job(job.id))
-        self.ctx.event(job.id, status.value, error or f"job {status.value}")
 
     def bill(self, job: Job) -> None:
         """Accrue every live instance of the job, and the baseline: what the
