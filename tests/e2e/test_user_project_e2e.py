@@ -273,3 +273,65 @@ def test_a_command_that_raises_restarts_from_its_checkpoint_then_fails(
     assert len(failed) == 1 and "ValueError: boom after step 9" in failed[0]["message"]
     log = e2e.api.get(f"/api/v1/jobs/{job_id}/logs").text
     assert log.count("about to fail") == 3 and log.count("-- recovered on i-") == 2
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_block(after: str) -> str:
+    """The fenced block that follows the README line starting with ``after``."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(after)
+    fence = text.index("```", start)
+    body = text.index("\n", fence) + 1
+    return text[body:text.index("```", body)]
+
+
+def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's "Submit your own job" words, copied as they are: `gpuscout
+    up` and the commands run by bash from the GPU Scout folder, in a shell
+    whose PATH has no virtual environment, with the project in ~/my-project."""
+    home = tmp_path / "user"
+    project = home / "my-project"
+    project.mkdir(parents=True)
+    for name in ("train.py", "requirements.txt", "job.yaml"):
+        (project / name).write_text(readme_block(f"`~/my-project/{name}`:"))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GPUSCOUT_") and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=str(home),
+               GPUSCOUT_BOOT_DELAY_S="1")  # (5 s by default)
+    port = _free_port()
+    up = readme_block("GPU Scout folder, in any shell").strip()
+    assert up == ".venv/bin/gpuscout up"
+    env["GPUSCOUT_URL"] = f"http://127.0.0.1:{port}"
+    env["GPUSCOUT_PORT"] = str(port)
+    with (tmp_path / "up.log").open("wb") as log:
+        server = subprocess.Popen(["bash", "-c", up], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait(lambda: _up(env["GPUSCOUT_URL"]) or server.poll() is not None, 60, "up")
+        assert server.poll() is None, (tmp_path / "up.log").read_text()
+        commands = [line.split("#")[0].strip() for line in
+                    readme_block("Then, from the GPU Scout folder").splitlines()]
+        script = ""
+        outputs = []
+        job_id = ""
+        for command in filter(None, commands):
+            command = command.replace("JOB_ID", job_id)
+            done = subprocess.run(["bash", "-c", script + command], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+            if command.startswith("export "):
+                script += command + "\n"
+            if " submit " in command:
+                job_id = done.stdout.strip().splitlines()[-1]
+            outputs.append(done.stdout)
+        followed = outputs[2].splitlines()
+        assert followed[0].startswith("-- placed on i-")
+        assert any("Requirement already satisfied: numpy" in line for line in followed)
+        assert followed[-1].endswith("step 2000 loss 0.00000") or " step 2000 " in followed[-1]
+        assert "completed" in outputs[3]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+        subprocess.run(["pkill", "-f", str(home)], check=False)

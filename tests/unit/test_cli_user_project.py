@@ -144,3 +144,17 @@ def test_logs_prints_the_log_and_its_tail(cli: CliRunner, service: Service) -> N
     assert lines[0].startswith(f"-- placed on {instance_id}") and lines[-1].endswith("line 4")
     assert invoke(cli, "logs", job_id, "--tail", "2").splitlines() == lines[-2:]
     assert "404" in invoke(cli, "logs", "job-nope", code=1)
+
+
+def test_the_readmes_skypilot_task_and_its_gpu_scout_job_are_the_same_job() -> None:
+    import yaml  # type: ignore[import-untyped]
+
+    from gpuscout.api.schemas import JobCreate
+    from gpuscout.skypilot import from_skypilot
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = text[text.index("<th>SkyPilot"):]
+    blocks = [part.split("```", 1)[0] for part in table.split("```yaml\n")[1:3]]
+    sky, ours = (yaml.safe_load(block) for block in blocks)
+    assert "run" in sky and "command" in ours
+    assert JobCreate(**from_skypilot(sky).body).to_spec() == JobCreate(**ours).to_spec()
