@@ -183,3 +183,49 @@ def test_secrets_are_sealed_at_rest_and_handed_to_an_agent_that_awaits_them(
     assert request.secret_names == ("WANDB_API_KEY",) and "canary-value" not in repr(request)
     # In SETUP the job stays provisioning (its setup may take long).
     assert service.repo.get_job(job.id).status == JobStatus.PROVISIONING
+
+
+def test_a_replacement_whose_setup_fails_rolls_the_move_back_and_spares_the_offer(
+        tmp_path: Path, agents: FakeAgents) -> None:
+    from gpuscout.clock import SystemClock
+    from tests.unit.test_controllers import G4_SPOT_B, move_to_g4, running_job
+
+    settings = Settings(home=tmp_path, scout_interval_s=120, api_token="t")
+    svc = build_service(settings, provider=FakeProvider(address_for=address_for),
+                        agents=agents, clock=SystemClock())
+    svc.ctx.timeouts = Timeouts(health_s=2, checkpoint_s=1, resume_s=0.5, drain_s=0.5,
+                                lost_s=2)
+    svc.ctx.poll_interval_s = 0.005
+    svc.plane.feed.start(svc.repo, svc.ctx.clock.now())
+    try:
+        job_id = running_job(svc)
+        old = svc.repo.get_job(job_id).instance_id
+        original = agents.agent
+
+        def setup_fails(address: str):  # type: ignore[no-untyped-def]
+            a = original(address)
+            if address.startswith("standby-"):
+                a.state, a.exit_code = AgentState.FAILED, 1
+                a.error = "setup exited with code 1; last lines of stderr:\nNo module named x"
+            return a
+
+        agents.agent = setup_fails  # type: ignore[method-assign]
+        original_health = agents.health
+
+        def with_phase(address: str):  # type: ignore[no-untyped-def]
+            health = original_health(address)
+            failed = address.startswith("standby-")
+            return replace(health, failed_phase="setup" if failed else None)
+
+        agents.health = with_phase  # type: ignore[method-assign]
+        move_to_g4(svc, job_id)
+        svc.plane.wait_for_migrations()
+        (m,) = svc.repo.list_migrations(job_id=job_id)
+        assert m.status.value == "failed" and "No module named x" in (m.error or "")
+        job = svc.repo.get_job(job_id)
+        assert (job.status, job.instance_id) == (JobStatus.RUNNING, old)
+        # The job's own setup failed, not the offer: other jobs may still use it.
+        target = next(o for o in svc.ctx.offers() if o.id == G4_SPOT_B)
+        assert target.available
+    finally:
+        svc.plane.stop()

@@ -46,7 +46,13 @@ S = JobStatus
 
 
 class MigrationFailed(RuntimeError):
-    pass
+    """A move that cannot go on. ``offer_fault``: whether the target offer is
+    to blame (no healthy machine from it), so it is skipped for a while; a
+    failure of the job's own (its setup failed, it was cancelled) is not."""
+
+    def __init__(self, message: str, *, offer_fault: bool = True) -> None:
+        super().__init__(message)
+        self.offer_fault = offer_fault
 
 
 class MigrationExecutor:
@@ -84,7 +90,8 @@ class MigrationExecutor:
             self._forward(m)
         except Exception as err:  # every failure takes the same way back
             log.warning("migration %s failed: %s", migration_id, err)
-            self.rollback(self.ctx.repo.get_migration(migration_id), str(err))
+            self.rollback(self.ctx.repo.get_migration(migration_id), str(err),
+                          offer_fault=getattr(err, "offer_fault", True))
         return self.ctx.repo.get_migration(migration_id)
 
     def _phase(self, m: Migration, phase: MigrationPhase, **fields: object) -> Migration:
@@ -93,7 +100,8 @@ class MigrationExecutor:
     def _check_job(self, m: Migration) -> Job:
         job = self.ctx.repo.get_job(m.job_id)
         if job.status != S.MIGRATING:
-            raise MigrationFailed(f"job is {job.status.value}, no longer migrating")
+            raise MigrationFailed(f"job is {job.status.value}, no longer migrating",
+                                  offer_fault=False)
         return job
 
     def _forward(self, m: Migration) -> None:
@@ -198,7 +206,7 @@ class MigrationExecutor:
 
     # --- back --------------------------------------------------------------
 
-    def rollback(self, m: Migration, error: str) -> None:
+    def rollback(self, m: Migration, error: str, *, offer_fault: bool = True) -> None:
         """Keep (or put) the job back on the old instance; leave nothing behind."""
         ctx = self.ctx
         if m.phase.rolls_forward:
@@ -210,7 +218,7 @@ class MigrationExecutor:
                 ctx.terminate(m.to_instance_id, failed=True)
             except ProviderError as err:  # the reaper retries
                 log.warning("could not terminate replacement %s: %s", m.to_instance_id, err)
-        if m.phase in (P.LAUNCHING, P.BOOTING):
+        if m.phase in (P.LAUNCHING, P.BOOTING) and offer_fault:
             # The offer could not give a healthy machine: don't retry it at
             # once on the next scout pass.
             ctx.mark_unavailable(m.to_offer_id)
@@ -281,7 +289,8 @@ class MigrationExecutor:
                     return
                 if health.state == AgentState.FAILED:
                     raise MigrationFailed(
-                        f"replacement {instance_id} failed before standby: {health.error}")
+                        f"replacement {instance_id} failed before standby: {health.error}",
+                        offer_fault=health.failed_phase is None)
                 if health.awaiting_secrets:
                     try:
                         ctx.deliver_secrets(m.job_id, address)
