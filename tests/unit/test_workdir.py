@@ -11,12 +11,11 @@ import shutil
 import subprocess
 import tarfile
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gpuscout.store import FileDigest, FileStore, ObjectNotFound, ObjectStore
+from gpuscout.store import FileStore, ObjectNotFound, ObjectStore
 from gpuscout.workdir import (
     MAX_WORKDIR_BYTES,
     WORKDIR_PREFIX,
@@ -29,6 +28,7 @@ from gpuscout.workdir import (
     upload,
 )
 from tests.s3_servers import S3Endpoint, moto_server  # noqa: F401
+from tests.unit.test_checkpoint import RecordingStore
 
 
 def write(root: Path, rel: str, data: bytes | str = b"x", mode: int | None = None) -> Path:
@@ -222,44 +222,13 @@ def test_unpack_into_an_empty_folder_but_not_a_full_one(tmp_path: Path, project:
         fetch_and_unpack(store, ref, empty)
 
 
-class CountingStore:
-    """A store that counts put_file calls on the way through."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.url = inner.url
-        self.put_files = 0
-
-    def put(self, key: str, data: bytes) -> None:
-        self.inner.put(key, data)
-
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
-
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
-        self.put_files += 1
-        return self.inner.put_file(key, path)
-
-    def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
-        return self.inner.get_file(key, path)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-
 def test_upload_twice_writes_once(store: ObjectStore, tmp_path: Path, project: Path,
                                   packed_dir: Path) -> None:
-    counting = CountingStore(store)
+    recording = RecordingStore(store)
     first = pack(project, out_dir=packed_dir)
     second = pack(project, out_dir=packed_dir)
-    assert upload(counting, first) == upload(counting, second) == first.ref
-    assert counting.put_files == 1
+    assert upload(recording, first) == upload(recording, second) == first.ref
+    assert recording.puts == [first.key]
     assert list(store.list(WORKDIR_PREFIX)) == [first.key]
 
 
