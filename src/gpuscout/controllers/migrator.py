@@ -297,8 +297,8 @@ class MigrationExecutor:
                     except (AgentError, SecretBoxError) as err:
                         log.warning("secrets not delivered to %s yet: %s", instance_id, err)
             if not seen and now - started > ctx.timeouts.health_s:
-                raise MigrationFailed(f"replacement {instance_id} did not come up within "
-                                      f"{ctx.timeouts.health_s:.0f}s")
+                raise MigrationFailed(f"replacement {instance_id} did not come up in standby "
+                                      f"within {ctx.timeouts.health_s:.0f}s")
             if seen and now - last_seen > ctx.timeouts.lost_s:
                 raise MigrationFailed(f"replacement {instance_id} stopped answering during "
                                       "its setup")
