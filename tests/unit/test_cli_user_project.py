@@ -72,6 +72,7 @@ def test_a_skypilot_spot_task_keeps_its_secret_out_of_the_api(
     assert spec.max_restarts_on_errors == 3 and spec.secret_names == ("HF_TOKEN",)
     shown = invoke(cli, "show", job_id)
     assert "hf-placeholder-token" not in shown
+    assert "HF_TOKEN" in shown and "0 of 3" in shown and "capacity: spot" in shown
 
 
 def test_a_set_of_accelerators_is_any_of_them(cli: CliRunner, tmp_path: Path,

@@ -85,8 +85,12 @@ def job_details(job: Json) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    gpus = f"{res.get('gpus', 0)} x {res.get('gpu_type') or 'any GPU'}" if res.get("gpus") \
-        else "none"
+    gpu_type = res.get("gpu_type")
+    if isinstance(gpu_type, list):
+        gpu_type = " or ".join(gpu_type)
+    gpus = f"{res.get('gpus', 0)} x {gpu_type or 'any GPU'}" if res.get("gpus") else "none"
+    limits = "; ".join(f"{k.replace('_', ' ')}: {res[k]}" for k in
+                       ("capacity", "instance_type", "region", "zone") if res.get(k))
     rows: list[tuple[str, RenderableType]] = [
         ("job", f"{job['id']}  ({job['name']})"),
         ("status", status_text(job["status"])),
@@ -98,12 +102,21 @@ def job_details(job: Json) -> Table:
         ("budget", money(spec.get("budget_usd"))),
         ("endpoint", job.get("endpoint") or "-"),
         ("resources", f"GPUs: {gpus}; CPUs: {res.get('cpus')}; memory: "
-                      f"{res.get('memory_gb')} GB"),
+                      f"{res.get('memory_gb')} GB" + (f"; {limits}" if limits else "")),
         ("command", spec.get("command", "")),
         ("created", job.get("created_at") or "-"),
         ("started", job.get("started_at") or "-"),
         ("finished", job.get("finished_at") or "-"),
     ]
+    extras = {
+        "setup": spec.get("setup"),
+        "workdir": spec.get("workdir"),
+        "envs": " ".join(f"{k}={v}" for k, v in (spec.get("envs") or {}).items()),
+        "secrets": ", ".join(spec.get("secrets") or ()),  # names only: values are never shown
+        "restarts": (f"{job.get('restarts', 0)} of {spec['max_restarts_on_errors']}"
+                     if spec.get("max_restarts_on_errors") else None),
+    }
+    rows[10:10] = [(k, str(v)) for k, v in extras.items() if v]
     if job.get("error"):
         rows.append(("error", Text(job["error"], style="red")))
     for key, value in rows:
