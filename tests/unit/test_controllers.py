@@ -678,3 +678,36 @@ def test_savings_are_counted_against_staying_on_the_first_offer_from_its_launch(
         assert job.savings_usd == pytest.approx(0.0, abs=1e-9)
     finally:
         svc.plane.stop()
+
+
+def test_a_jobs_setup_counts_in_its_move_cost_and_not_in_the_machines_boot(
+        service: Service) -> None:
+    t0 = service.ctx.clock.now()
+
+    def done(n: int, boot: float) -> Migration:
+        return Migration(id=f"m{n}", job_id="j", status=MigrationStatus.COMPLETED,
+                         phase=MigrationPhase.DONE, reason=MigrationReason.PRICE,
+                         from_instance_id="a", from_offer_id="x", to_offer_id="y",
+                         to_instance_id=f"i-{n}", started_at=t0,
+                         replacement_ready_at=t0 + timedelta(seconds=boot),
+                         checkpointed_at=t0 + timedelta(seconds=boot + 1),
+                         resumed_at=t0 + timedelta(seconds=boot + 2))
+
+    # Three moves of 110 s to standby, 100 s of which was each job's setup:
+    # the machines boot in 10 s.
+    moves = [done(n, 110) for n in range(3)]
+    measured = service.plane.move_costs(moves, {f"i-{n}": 100.0 for n in range(3)})
+    assert measured.boot_s == pytest.approx(10.0)
+    # A job whose setup took an hour pays it on every move: the scout weighs it.
+    job_id = running_job(service)
+    instance_id = service.repo.get_job(job_id).instance_id or ""
+    service.repo.update_instance(instance_id, setup_s=3600.0)
+    service.plane.update_offer(G4_SPOT_B, available=True)
+    (quick,) = service.plane.scout_once(force=True)
+    cost_with_setup = quick.move_cost_usd
+    service.repo.update_instance(instance_id, setup_s=0.0)
+    (plain,) = service.plane.scout_once(force=True)
+    assert cost_with_setup is not None and plain.move_cost_usd is not None
+    # The hour of setup is billed on the replacement (g4dn.xlarge spot).
+    g4 = next(o for o in service.ctx.offers() if o.id == G4_SPOT_B)
+    assert cost_with_setup - plain.move_cost_usd == pytest.approx(g4.price_per_hour, rel=0.01)

@@ -144,7 +144,8 @@ class Lifecycle:
             if health.state == AgentState.SETUP:
                 return  # the agent is up and preparing the job (workdir, setup)
         if health is not None and health.state not in (AgentState.FAILED,):
-            self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now)
+            self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now,
+                                          setup_s=health.setup_s)
             self._last_seen[instance_id] = now
             fields = {"started_at": job.started_at or now}
             self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 
 from gpuscout.agent.protocol import AgentState, checkpoint_prefix
-from gpuscout.controllers.agent_client import AgentError
+from gpuscout.controllers.agent_client import AgentError, AgentHealth
 from gpuscout.controllers.context import Context, log
 from gpuscout.db import ConcurrentChange, new_id
 from gpuscout.domain import (
@@ -128,9 +128,9 @@ class MigrationExecutor:
         # BOOTING: wait for the replacement's agent to boot, unpack the job's
         # workdir and run its setup (the job keeps training meanwhile), and
         # wait in standby.
-        self._wait_for_standby(m, new.id, new.address)
+        ready = self._wait_for_standby(m, new.id, new.address)
         ctx.repo.update_instance(new.id, status=InstanceStatus.RUNNING,
-                                 ready_at=ctx.clock.now())
+                                 ready_at=ctx.clock.now(), setup_s=ready.setup_s)
         m = self._phase(m, P.CHECKPOINTING, replacement_ready_at=ctx.clock.now())
         self._check_job(m)
 
@@ -269,7 +269,7 @@ class MigrationExecutor:
         except AgentError:
             return None
 
-    def _wait_for_standby(self, m: Migration, instance_id: str, address: str) -> None:
+    def _wait_for_standby(self, m: Migration, instance_id: str, address: str) -> AgentHealth:
         """Until the replacement's agent waits in standby: it must answer
         within ``health_s`` of launch; then its setup may take up to
         ``setup_s``, while it keeps answering (``lost_s``). A failed setup
@@ -286,7 +286,7 @@ class MigrationExecutor:
             if health is not None:
                 seen, last_seen = True, now
                 if health.state == AgentState.STANDBY:
-                    return
+                    return health
                 if health.state == AgentState.FAILED:
                     raise MigrationFailed(
                         f"replacement {instance_id} failed before standby: {health.error}",

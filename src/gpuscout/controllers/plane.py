@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -71,6 +71,13 @@ _REASON_OF_TRIGGER = {
 }
 # Past moves whose measured phases replace the estimates (most recent).
 _MEASURED_MOVES = 20
+
+
+def with_setup(costs: MoveCosts, setup_s: float | None) -> MoveCosts:
+    """``costs`` for a job whose setup takes ``setup_s`` on a new instance:
+    it runs after the boot, before the replacement is ready, so it counts as
+    boot time (billed on the replacement while the job trains on the old)."""
+    return replace(costs, boot_s=costs.boot_s + setup_s) if setup_s else costs
 
 
 def _gist(reason: str) -> str:
@@ -187,9 +194,11 @@ class ControlPlane:
                 due.append(job)
         decisions = []
         costs, avoid, price_moves = self.costs, frozenset[str](), dict[str, int]()
+        setups: dict[str, float] = {}
         if due:
             completed = self.ctx.repo.list_migrations(status=MigrationStatus.COMPLETED)
-            costs = self.move_costs(completed)
+            setups = self.ctx.repo.setup_seconds()
+            costs = self.move_costs(completed, setups)
             avoid = self.ctx.avoided_zones()
             for m in completed:
                 if m.reason == MigrationReason.PRICE:
@@ -199,7 +208,8 @@ class ControlPlane:
             with self._isolated(job.id, "scout"):
                 view = self._view(job, now, avoid, price_moves.get(job.id, 0))
                 decision = decide_move(job, by_id.get(job.offer_id or ""), offers, self.policy,
-                                       now, view=view, costs=costs)
+                                       now, view=view,
+                                       costs=with_setup(costs, setups.get(job.instance_id or "")))
                 self.decisions[job.id] = decision
                 decisions.append(decision)
                 if decision.move and decision.target is not None:
@@ -217,7 +227,7 @@ class ControlPlane:
         now = self.ctx.clock.now()
         decision = place_job(job, self.ctx.offers(), now, policy=self.policy,
                              view=self._view(job, now, self.ctx.avoided_zones(), 0),
-                             costs=self.costs)
+                             costs=self._job_costs(job))
         previous = self.decisions.get(job.id)
         self.decisions[job.id] = MoveDecision(
             job_id=job.id, move=decision.offer is not None, reason=decision.reason,
@@ -238,16 +248,32 @@ class ControlPlane:
         running_s = (now - job.started_at).total_seconds() if job.started_at else 0.0
         return JobView(running_s=running_s, price_moves=price_moves, avoid_zones=avoid)
 
-    def move_costs(self, completed: Sequence[Migration] = ()) -> MoveCosts:
+    def _job_costs(self, job: Job) -> MoveCosts:
+        """The estimates for this job: its latest measured setup is part of
+        every boot (a placement, a recovery, a move's replacement)."""
+        measured = self.ctx.repo.setup_seconds(job.id)
+        return with_setup(self.costs, list(measured.values())[-1] if measured else None)
+
+    def move_costs(self, completed: Sequence[Migration] = (),
+                   setups: Mapping[str, float] | None = None) -> MoveCosts:
         """The settings' estimates, each replaced by the median of the last
         moves that measured it (three at least), and how far their slow
-        restarts (boot + restore, 90th percentile) ran past the median."""
+        restarts (boot + restore, 90th percentile) ran past the median.
+        ``setups`` (instance id -> seconds) is what each replacement spent on
+        its job's setup: a job's own cost (``with_setup``), not the machine's,
+        so it is left out of the measured boots."""
         recent = sorted(completed, key=lambda m: m.started_at.timestamp() if m.started_at
                         else 0.0)[-_MEASURED_MOVES:]
+        setups = setups or {}
 
         def span(m: Migration, start: str, end: str) -> float | None:
             a, b = getattr(m, start), getattr(m, end)
-            return (b - a).total_seconds() if a is not None and b is not None else None
+            if a is None or b is None:
+                return None
+            seconds = (b - a).total_seconds()
+            if (start, end) == ("started_at", "replacement_ready_at"):
+                seconds = max(0.0, seconds - setups.get(m.to_instance_id or "", 0.0))
+            return seconds
 
         def measured(start: str, end: str) -> float | None:
             spans = [s for m in recent if (s := span(m, start, end)) is not None]
@@ -476,7 +502,7 @@ class ControlPlane:
         now = self.ctx.clock.now()
         decision = place_job(job, offers, now, policy=self.policy,
                              view=self._view(job, now, self.ctx.avoided_zones(), 0),
-                             costs=self.costs, leaving=current)
+                             costs=self._job_costs(job), leaving=current)
         self.decisions[job.id] = MoveDecision(
             job_id=job.id, move=decision.offer is not None,
             reason=f"interruption notice on {job.instance_id}: {decision.reason}",

@@ -278,6 +278,17 @@ class Repository:
             rows = s.scalars(select(InstanceRow.cost_usd).where(InstanceRow.job_id == job_id))
             return float(sum(c or 0.0 for c in rows))
 
+    def setup_seconds(self, job_id: str | None = None) -> dict[str, float]:
+        """How long the job's setup ran on each instance that measured it
+        (instance id -> seconds), in launch order."""
+        query = (select(InstanceRow.id, InstanceRow.setup_s)
+                 .where(InstanceRow.setup_s.is_not(None))
+                 .order_by(InstanceRow.created_at, InstanceRow.id))
+        if job_id is not None:
+            query = query.where(InstanceRow.job_id == job_id)
+        with self.session() as s:
+            return {row.id: float(row.setup_s) for row in s.execute(query)}
+
     def get_instance(self, instance_id: str) -> Instance:
         with self.session() as s:
             row = s.get(InstanceRow, instance_id)

@@ -79,6 +79,8 @@ class InstanceRow(Base):
     created_at: Mapped[datetime]
     ready_at: Mapped[datetime | None]
     terminated_at: Mapped[datetime | None]
+    # How long the job's setup ran here, before the agent was ready (seconds).
+    setup_s: Mapped[float | None] = mapped_column(Float)
 
 
 class MigrationRow(Base):

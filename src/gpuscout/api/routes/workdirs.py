@@ -32,7 +32,7 @@ class WorkdirPublic(BaseModel):
 
 
 def _bad(message: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY,
+    return HTTPException(422,
                          detail=[{"loc": ["body"], "field": "workdir", "msg": message,
                                   "type": "value_error"}])
 

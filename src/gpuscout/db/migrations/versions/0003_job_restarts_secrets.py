@@ -1,4 +1,4 @@
-"""jobs.restarts, jobs.launch_failures, jobs.secrets_sealed
+"""jobs.restarts, jobs.launch_failures, jobs.secrets_sealed, instances.setup_s
 
 Revision ID: 0003
 Revises: 0002
@@ -25,9 +25,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("launch_failures", sa.Integer(), nullable=False,
                                       server_default="0"))
         batch_op.add_column(sa.Column("secrets_sealed", sa.Text(), nullable=True))
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("setup_s", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("instances", schema=None) as batch_op:
+        batch_op.drop_column("setup_s")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("secrets_sealed")
         batch_op.drop_column("launch_failures")
