@@ -324,3 +324,45 @@ def test_a_users_project_travels_through_s3_and_moves_between_ec2_instances(
         for instance in provider.list():
             provider.terminate(instance.instance_id)
         provider.stop_all()
+
+
+def test_a_launch_ec2_refuses_for_its_own_reason_fails_the_job_after_bounded_tries(
+        tmp_path: Path) -> None:
+    """UnauthorizedOperation is not a capacity problem: the job is retried
+    with backoff, a bounded number of times, then fails with EC2's error;
+    a job submitted beside it is placed at once and is not held back."""
+    from gpuscout.controllers.lifecycle import MAX_LAUNCH_FAILURES
+    from gpuscout.domain import Capacity as C
+    from tests.unit.test_controllers import ManualClock
+
+    spy = FaultyEc2(ec2_client())
+    provider = AwsProvider(new_config(), client=spy, table=small_table(
+        AwsProvider(new_config()).table))
+    clock = ManualClock()
+    service = build_service(Settings(home=tmp_path / "home", api_token=TOKEN),
+                            provider=provider, agents=AgentClient(), clock=clock)
+    plane = service.plane
+    plane.feed.start(service.repo, clock.now())
+    pinned = next(o for o in service.ctx.offers() if o.instance_type == "g5.xlarge"
+                  and o.capacity == C.ON_DEMAND)
+    spy.refuse("g5.xlarge", pinned.zone, False, "UnauthorizedOperation")
+    bad = plane.submit(JobSpec(name="bad", command="true", resources=Resources(
+        gpus=1, instance_type="g5.xlarge", zone=pinned.zone, capacity=C.ON_DEMAND)))
+    good = plane.submit(JobSpec(name="good", command="true",
+                                resources=Resources(gpus=1, cpus=1, memory_gb=1)))
+    try:
+        plane.reconcile_once()  # pending -> scouting
+        plane.reconcile_once()
+        assert service.repo.get_job(good.id).status == JobStatus.PROVISIONING
+        for _ in range(300):
+            plane.reconcile_once()
+            clock.sleep(2.0)
+        job = service.repo.get_job(bad.id)
+        assert job.status == JobStatus.FAILED, job
+        assert job.error is not None and "UnauthorizedOperation" in job.error
+        assert f"after {MAX_LAUNCH_FAILURES} tries" in job.error
+        refused = [e for e in service.repo.list_events(bad.id) if e.kind == "launch_failed"]
+        assert len(refused) == MAX_LAUNCH_FAILURES - 1  # the last one is the failure itself
+    finally:
+        for instance in provider.list():
+            provider.terminate(instance.instance_id)
