@@ -490,12 +490,27 @@ def fetch_and_unpack(store: ObjectStore, ref: str, dest: Path, *,
             archive.unlink()
 
 
+def check_archive(archive: Path, *, max_files: int = MAX_WORKDIR_FILES) -> int:
+    """The number of files (and symlinks) in a packed workdir whose every
+    member would unpack inside its folder (what ``fetch_and_unpack`` checks
+    before writing anything). Raises WorkdirError naming the first member
+    refused, or saying the archive is not a gzip'd tar."""
+    return _walk(archive, "upload", max_files, None)
+
+
 def _extract(archive: Path, into: Path, ref: str, max_files: int) -> int:
+    return _walk(archive, ref, max_files, into)
+
+
+def _walk(archive: Path, ref: str, max_files: int, into: Path | None) -> int:
+    """Check every member (and write it under ``into``, if given).
+
+    Members are written by hand, not by ``TarFile.extract``: only regular
+    files (mode 0644 or 0755), folders and checked relative symlinks, owned
+    by whoever unpacks, dated now. That is stricter than tarfile's "data"
+    filter, and needs no Python newer than 3.11.0 (the filter came in 3.11.4).
+    """
     now = time.time()
-
-    def data_now(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
-        return tarfile.data_filter(member, path).replace(mtime=now, deep=False)
-
     files: set[str] = set()
     links: set[str] = set()
     dirs: set[str] = set()
@@ -509,10 +524,31 @@ def _extract(archive: Path, into: Path, ref: str, max_files: int) -> int:
                 if len(files) + len(links) > max_files:
                     raise WorkdirError(f"workdir archive {ref} holds more than {max_files:,} "
                                        "files (the limit)")
-                tar.extract(member, into, filter=data_now)
+                if into is not None:
+                    _write_member(tar, member, into, now)
     except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
         raise WorkdirError(f"workdir archive {ref} cannot be unpacked: {exc}") from None
     return len(files) + len(links)
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, into: Path,
+                  now: float) -> None:
+    target = into.joinpath(*member.name.split("/"))
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if member.issym():
+        os.symlink(member.linkname, target)
+        return
+    source = tar.extractfile(member)
+    assert source is not None  # a regular file (checked)
+    mode = 0o755 if member.mode & 0o111 else 0o644
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as out, source:
+        shutil.copyfileobj(source, out, 1024 * 1024)
+    os.chmod(target, mode)  # whatever the umask
+    os.utime(target, (now, now))
 
 
 def _member_problem(member: tarfile.TarInfo, files: set[str], links: set[str],

@@ -10,21 +10,42 @@ checkpoints go to ``GPUSCOUT_STORE_URL`` if set, else to the file store
 standalone run started again in the same folder resumes where the last one
 checkpointed.
 
-State contract: the state is a JSON object. It is saved as ``state.json``
-with Python's shortest round-trip float repr, so floats come back bit for
-bit; numpy arrays and scalars are accepted (anything with ``tolist()``) and
-come back as lists and Python floats.
+A checkpoint is one of two kinds, chosen per ``step_done`` call:
+
+- a JSON state (``state=``, read back with ``restore()``): a JSON object
+  saved as ``state.json`` with Python's shortest round-trip float repr, so
+  floats come back bit for bit; numpy arrays and scalars are accepted
+  (anything with ``tolist()``) and come back as lists and Python floats.
+- a folder of files (``files=``, read back with ``restore_dir()``): a
+  function writes the step's files (torch.save, safetensors, anything) into
+  a fresh local staging folder, which is streamed into the store file by
+  file (``CheckpointStore.save_paths``, never a whole file in memory) and
+  deleted. Restoring streams the files back into a local folder, each
+  checked against the manifest before any lands (``load_to_dir``).
+
+Giving both ``state=`` and ``files=`` at once is refused (ValueError): a
+checkpoint is read back by exactly one of ``restore()``/``restore_dir()``.
+A script that wants JSON beside its files writes it into the folder (see
+``gpuscout.workload.torch``). Local staging and restored folders live under
+``<default_dir>/.gpuscout-work`` and are deleted when no longer needed
+(a staging folder after its upload, the restored folder at ``close()`` or
+the next ``restore_dir()``; what a killed process left behind, by the next
+run in that folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
+import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,14 +58,23 @@ import httpx
 
 from gpuscout.agent import protocol as p
 from gpuscout.agent.protocol import ProgressAction
-from gpuscout.store import ObjectStore, open_store
-from gpuscout.workload.checkpoint import CheckpointInfo, CheckpointStore, NoCheckpoint
+from gpuscout.store import ObjectStore, check_key, open_store
+from gpuscout.workload.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointStore,
+    NoCheckpoint,
+)
 
 log = logging.getLogger("gpuscout.workload")
 
 STATE_FILE = "state.json"
 STANDALONE_CHECKPOINT_DIR = ".checkpoints"
 STANDALONE_CHECKPOINT_PREFIX = "checkpoints"
+# Local folders of file checkpoints (staging before upload, restored ones),
+# under the run's default_dir.
+WORK_DIR = ".gpuscout-work"
 # A workload whose agent is gone is unsupervised: nobody can checkpoint,
 # move or stop it. After this long without reaching the agent it gives up.
 AGENT_GRACE_S = 30.0
@@ -54,6 +84,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 
 State = Mapping[str, Any]
 StateArg = State | Callable[[], State]
+# Writes a checkpoint's files into the (empty, existing) folder it is given.
+SaveFiles = Callable[[Path], None]
 
 
 class AgentUnavailable(RuntimeError):
@@ -321,6 +353,8 @@ class Run:
         self._artifacts = artifacts
         self._server: WorkloadServer | None = None
         self.last_checkpoint: CheckpointInfo | None = None
+        self._restored: Path | None = None  # restore_dir()'s own folder
+        self._swept = False
 
     @property
     def managed(self) -> bool:
@@ -328,12 +362,14 @@ class Run:
         return self.agent is not None
 
     def restore(self) -> tuple[int, dict[str, Any]] | None:
-        """The state to start from: ``(step, state)``, or None to start fresh.
+        """The JSON state to start from: ``(step, state)``, or None to start fresh.
 
         Under an agent this first waits while the agent is in standby, then
-        loads the step the agent names (which must exist and verify), or the
-        latest verified checkpoint; corrupt or partial checkpoints are
-        skipped by ``CheckpointStore``.
+        loads the step the agent names (which must exist and verify, else
+        NoCheckpoint or CorruptCheckpoint), or the latest verified
+        checkpoint; corrupt or partial checkpoints are skipped by
+        ``CheckpointStore``. A checkpoint saved with ``files=`` holds no
+        JSON state: CheckpointError (use ``restore_dir()``).
         """
         target = self.agent.restore_target() if self.agent is not None else None
         if target is None:
@@ -344,42 +380,110 @@ class Run:
                 return None
         else:
             info, files = self.checkpoints.load(target)
+        if STATE_FILE not in files:
+            raise CheckpointError(
+                f"checkpoint {info.key} (step {info.step}) holds files, not a JSON "
+                f"{STATE_FILE}: it was saved with files=, restore it with restore_dir()")
         self.last_checkpoint = info
         log.info("restored checkpoint of step %d (%s)", info.step, info.key)
         return info.step, decode_state(files[STATE_FILE])
+
+    def restore_dir(
+        self, dest: str | os.PathLike[str] | None = None
+    ) -> tuple[int, Path] | None:
+        """The files to start from: ``(step, folder)``, or None to start fresh.
+
+        Picks the checkpoint exactly as ``restore()`` does (standby wait,
+        the agent's step, else the newest that verifies; a corrupt or
+        partial one is skipped for the previous one), and streams its files
+        into ``folder``: checkpoint file ``a/b`` at ``folder/a/b``. Every
+        file is checked (size, sha256) against the manifest in a staging
+        folder before any lands, so ``folder`` only ever holds a verified
+        checkpoint. A JSON-state checkpoint restores as its ``state.json``.
+
+        ``dest`` None (the default): a fresh folder under
+        ``<default_dir>/.gpuscout-work``, owned by the run: it is deleted
+        by the next ``restore_dir()`` and by ``close()``, and the caller may
+        delete it as soon as it has loaded the files. ``dest`` given: that
+        folder, which must be empty or absent (ValueError otherwise) and is
+        left to the caller. Raises NoCheckpoint / CorruptCheckpoint when
+        the agent named a step that does not exist / verify, and OSError
+        when the local disk fails.
+        """
+        target = self.agent.restore_target() if self.agent is not None else None
+        owned = dest is None
+        if dest is None:
+            self._drop_restored()
+            folder = self._new_local_dir("restore")
+        else:
+            folder = Path(dest)
+            if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+                raise ValueError(f"restore_dir: {folder} must be an empty folder or absent")
+        try:
+            info = self.checkpoints.load_to_dir(folder, target)
+        except NoCheckpoint:
+            if owned:
+                shutil.rmtree(folder, ignore_errors=True)
+            if target is not None:
+                raise
+            log.info("no checkpoint to restore: starting fresh")
+            return None
+        except BaseException:
+            if owned:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if owned:
+            self._restored = folder
+        self.last_checkpoint = info
+        log.info("restored checkpoint of step %d (%s) into %s", info.step, info.key, folder)
+        return info.step, folder
 
     def step_done(
         self,
         step: int,
         *,
-        state: StateArg,
+        state: StateArg | None = None,
+        files: SaveFiles | None = None,
         loss: float | None = None,
         total_steps: int | None = None,
     ) -> None:
         """Report that step ``step`` completed; checkpoint and pause as due.
 
-        ``state`` (a dict, or a function returning one, called only when a
-        checkpoint is taken) is the state after this step. A checkpoint is
-        saved every ``checkpoint_every`` steps and whenever the agent asks;
-        if the agent asks to pause, this blocks until it resumes. A failed
-        save (the store failing) is logged and training goes on: the agent
-        asks again at the next step boundary. A state that is not JSON-able
-        raises TypeError.
+        Exactly one of ``state`` and ``files`` describes the state after
+        this step (ValueError for none or both, at every call):
+
+        - ``state``: a dict, or a function returning one (called only when a
+          checkpoint is taken), saved as JSON; not JSON-able: TypeError.
+        - ``files``: ``files(folder)`` is called only when a checkpoint is
+          taken, with a fresh empty local folder (a ``Path``); it writes the
+          step's files there (sub-folders allowed), and they are streamed
+          into the store and the folder deleted. Whatever it raises
+          propagates (the script's bug, or its local disk); writing nothing,
+          a symlinked folder, something that is not a regular file, or a
+          name the store refuses (``MANIFEST.json``, ``.gpuscout-tmp-*``)
+          raises ValueError.
+
+        A checkpoint is saved every ``checkpoint_every`` steps and whenever
+        the agent asks; if the agent asks to pause, this blocks until it
+        resumes. A failed upload (the store failing) is logged and training
+        goes on: the agent asks again at the next step boundary.
         """
+        _check_kind(state, files)
         action = ProgressAction.CONTINUE
         if self.agent is not None:
             action = self.agent.progress(step, loss=loss, total_steps=total_steps, at=time.time())
         periodic = self.checkpoint_every is not None and step % self.checkpoint_every == 0
         if action is ProgressAction.CHECKPOINT or periodic:
-            # A state that cannot be encoded is the script's bug: it raises.
-            # The store failing (network, disk) is not: training goes on.
-            files = {STATE_FILE: encode_state(state() if callable(state) else state)}
-            try:
-                info: CheckpointInfo | None = self.checkpoints.save(step, files)
-                self.last_checkpoint = info
-            except Exception:
-                log.exception("checkpoint of step %d failed; training goes on", step)
-                info = None
+            # A state that cannot be encoded, or a files function that fails,
+            # is the script's: it raises. The store failing (network, disk)
+            # is not: training goes on.
+            if files is None:
+                assert state is not None
+                blobs = {STATE_FILE: encode_state(state() if callable(state) else state)}
+                info = self._upload(step, lambda: self.checkpoints.save(step, blobs))
+            else:
+                with self._staged(files) as paths:
+                    info = self._upload(step, lambda: self.checkpoints.save_paths(step, paths))
             if info is not None and self.agent is not None:
                 action = self.agent.checkpointed(info.step, info.key)
         if action is ProgressAction.PAUSE and self.agent is not None:
@@ -392,6 +496,60 @@ class Run:
         info = self.checkpoints.save(step, {STATE_FILE: encode_state(state)})
         self.last_checkpoint = info
         return info
+
+    def checkpoint_files(self, step: int, files: SaveFiles) -> CheckpointInfo:
+        """Save the files ``files(folder)`` writes as the checkpoint of
+        ``step`` (see ``step_done``); does not tell the agent. Unlike
+        ``step_done``, a failing store raises."""
+        with self._staged(files) as paths:
+            info = self.checkpoints.save_paths(step, paths)
+        self.last_checkpoint = info
+        return info
+
+    def _upload(self, step: int, save: Callable[[], CheckpointInfo]) -> CheckpointInfo | None:
+        try:
+            info = save()
+        except Exception:
+            log.exception("checkpoint of step %d failed; training goes on", step)
+            return None
+        self.last_checkpoint = info
+        return info
+
+    @contextlib.contextmanager
+    def _staged(self, files: SaveFiles) -> Iterator[dict[str, Path]]:
+        """A fresh staging folder filled by ``files``, as {name: path};
+        deleted afterwards whatever happens."""
+        folder = self._new_local_dir("save")
+        try:
+            files(folder)
+            yield _collect_files(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._remove_empty_work_dir()
+
+    def _new_local_dir(self, kind: str) -> Path:
+        """A new empty folder ``<default_dir>/.gpuscout-work/<kind>-<pid>-<id>``.
+        The first call also deletes the folders of processes that are gone."""
+        root = self.default_dir / WORK_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        if not self._swept:
+            _sweep_dead_folders(root)
+            self._swept = True
+        folder = root / f"{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        folder.mkdir(parents=True)  # parents: another run may just have removed root
+        return folder
+
+    def _drop_restored(self) -> None:
+        if self._restored is not None:
+            shutil.rmtree(self._restored, ignore_errors=True)
+            self._restored = None
+            self._remove_empty_work_dir()
+
+    def _remove_empty_work_dir(self) -> None:
+        try:
+            (self.default_dir / WORK_DIR).rmdir()  # only if empty
+        except OSError:
+            pass
 
     def save_artifact(self, name: str, data: bytes) -> str:
         """Store an output file; return where it went (a store key or a path).
@@ -432,11 +590,14 @@ class Run:
         return self._server.port
 
     def close(self) -> None:
+        """Stop serving, drop the agent connection and delete the folder
+        ``restore_dir()`` made; idempotent."""
         if self._server is not None:
             self._server.close()
             self._server = None
         if self.agent is not None:
             self.agent.close()
+        self._drop_restored()
 
     def __enter__(self) -> Run:
         return self
@@ -444,6 +605,56 @@ class Run:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _check_kind(state: StateArg | None, files: SaveFiles | None) -> None:
+    if (state is None) == (files is None):
+        raise ValueError("step_done needs exactly one of state= (JSON) and files= "
+                         "(a function writing the checkpoint's files into a folder)")
+    if files is not None and not callable(files):
+        raise TypeError("files= must be a function taking the folder to write into")
+
+
+def _collect_files(folder: Path) -> dict[str, Path]:
+    """The files under ``folder`` as {checkpoint file name: path}; ValueError
+    for nothing, a symlinked folder, a special file or a name a store refuses."""
+    found: dict[str, Path] = {}
+    for here, dirs, names in os.walk(folder):
+        base = Path(here)
+        for name in dirs:
+            if (base / name).is_symlink():
+                raise ValueError(f"checkpoint folder {(base / name).relative_to(folder)} "
+                                 "is a symlink; write a real folder")
+        for name in names:
+            path = base / name
+            rel = path.relative_to(folder).as_posix()
+            if not path.is_file():
+                raise ValueError(f"checkpoint file {rel!r} is not a regular file")
+            check_key(rel)
+            if rel == MANIFEST:
+                raise ValueError(f"checkpoint file name {MANIFEST!r} is reserved")
+            found[rel] = path
+    if not found:
+        raise ValueError("the files= function wrote no file into its folder")
+    return dict(sorted(found.items()))
+
+
+_LOCAL_DIR = re.compile(r"^(?:save|restore)-(\d+)-[0-9a-f]+$")
+
+
+def _sweep_dead_folders(root: Path) -> None:
+    """Delete staging/restored folders under ``root`` whose process is gone
+    (a run that was killed); those of live processes stay."""
+    for entry in root.iterdir():
+        match = _LOCAL_DIR.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue  # alive (someone else's), or not a pid
 
 
 def init(

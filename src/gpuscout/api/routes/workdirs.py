@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 import tempfile
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Request, status
@@ -35,22 +35,6 @@ def _bad(message: str) -> HTTPException:
     return HTTPException(422,
                          detail=[{"loc": ["body"], "field": "workdir", "msg": message,
                                   "type": "value_error"}])
-
-
-def _check_archive(path: str) -> int:
-    """The number of files in a gzip'd tar whose every member would unpack
-    inside its folder; ValueError naming the first member that would not."""
-    files = 0
-    try:
-        with tarfile.open(path, "r:gz") as archive:
-            for member in archive:
-                tarfile.data_filter(member, "/unpack")
-                files += member.isfile()
-    except tarfile.FilterError as err:  # (a TarError too)
-        raise ValueError(f"unsafe archive member: {err}") from None
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ValueError(f"the body is not a gzip'd tar archive: {err}") from None
-    return files
 
 
 @router.get("/{ref}", summary="Whether a packed workdir is stored (404 if not)")
@@ -90,9 +74,9 @@ async def upload_workdir(
         if size == 0:
             raise _bad("the body is empty: send the packed folder (a .tar.gz)")
         try:
-            files = await run_in_threadpool(_check_archive, path)
+            files = await run_in_threadpool(workdir.check_archive, Path(path))
         except ValueError as err:
-            raise _bad(str(err)) from None
+            raise _bad(str(err).replace("workdir archive upload", "the archive")) from None
         ref = f"sha256:{digest.hexdigest()}"
         key = workdir.key_of(ref)
         if await run_in_threadpool(store.exists, key):
