@@ -378,10 +378,11 @@ def _too_large_message(folder: Path, entries: list[_Entry], limit: int) -> str:
                      for name, size in by_top.most_common(_SHOW_LARGEST))
     files = ", ".join(f"{e.rel} ({_human(e.size)})"
                       for e in heapq.nlargest(_SHOW_LARGEST, entries, key=lambda e: e.size))
+    largest = f"largest: {tops}" + ("" if tops == files else f"; largest files: {files}")
     return (
         f"workdir {folder} is too large: packed, it passes the limit of {_human(limit)} "
-        f"({len(entries):,} files, {_human(total)} before compression); largest: {tops}; "
-        f"largest files: {files}; list what the job does not need in .gitignore or "
+        f"({len(entries):,} files, {_human(total)} before compression); {largest}; "
+        f"list what the job does not need in .gitignore or "
         f"{IGNORE_FILE}, and keep datasets and weights in object storage"
     )
 

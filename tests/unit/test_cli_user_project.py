@@ -161,3 +161,41 @@ def test_the_readmes_skypilot_task_and_its_gpu_scout_job_are_the_same_job() -> N
     mapped = from_skypilot(sky).body
     assert mapped.pop("workdir") == ours.pop("workdir") == "."  # the CLI packs the folder
     assert JobCreate(**mapped).to_spec() == JobCreate(**ours).to_spec()
+
+
+def test_plan_takes_the_same_files_as_submit(cli: CliRunner, tmp_path: Path) -> None:
+    project(tmp_path)
+    task = tmp_path / "train_gpu.yaml"
+    shutil.copy(SKYPILOT / "train_gpu.yaml", task)
+    result = cli.invoke(app, ["plan", str(task)])  # a SkyPilot file with a workdir
+    assert result.exit_code == 0, result.output
+    assert "Choice:" in result.stdout and "p3.2xlarge" in result.stdout
+    ours = write(tmp_path, "job.yaml", "name: n\nworkdir: code\ncommand: python train.py\n"
+                 "resources: {gpus: 1}\n")
+    result = cli.invoke(app, ["plan", ours])
+    assert result.exit_code == 0 and "Choice:" in result.stdout, result.output
+    missing = write(tmp_path, "gone.yaml", "name: n\nworkdir: nowhere\ncommand: c\n")
+    result = cli.invoke(app, ["plan", missing])
+    assert result.exit_code == 1 and "workdir" in result.stderr and "does not exist" in (
+        result.stderr)
+
+
+def test_a_skypilot_secret_left_empty_takes_its_value_from_secret(
+        cli: CliRunner, service: Service, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    task = write(tmp_path, "task.yaml", "run: python train.py\nresources:\n  accelerators: T4\n"
+                 "secrets:\n  HF_TOKEN: null\nenvs:\n  EPOCHS: 3\n")
+    result = cli.invoke(app, ["submit", task])
+    assert result.exit_code == 1 and "secrets.HF_TOKEN" in result.stderr
+    monkeypatch.setenv("HF_TOKEN", "hf-from-shell")
+    job_id = job_of(invoke(cli, "submit", task, "--secret", "HF_TOKEN"))
+    sealed = service.repo.job_row_fields(job_id, "secrets_sealed")["secrets_sealed"]
+    assert service.ctx.secretbox.open(sealed) == {"HF_TOKEN": "hf-from-shell"}  # type: ignore[union-attr]
+    assert dict(service.repo.get_job(job_id).spec.envs) == {"EPOCHS": "3"}
+
+
+def test_numbers_in_envs_are_text(cli: CliRunner, service: Service, tmp_path: Path) -> None:
+    job = write(tmp_path, "job.yaml", "name: n\ncommand: c\nenvs: {STEPS: 600, LR: 0.01, "
+                "DEBUG: true}\n")
+    spec = service.repo.get_job(job_of(invoke(cli, "submit", job))).spec
+    assert dict(spec.envs) == {"STEPS": "600", "LR": "0.01", "DEBUG": "True"}

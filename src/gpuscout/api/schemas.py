@@ -118,6 +118,16 @@ class JobCreate(_Input):
     def _blank_is_none(cls, value: str | None) -> str | None:
         return value if value and value.strip() else None
 
+    @field_validator("envs", "secrets", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, value: Any) -> Any:
+        # YAML reads `EPOCHS: 10` as a number; an environment holds text (as
+        # SkyPilot does: str() of the value). Anything else stays an error.
+        if isinstance(value, dict):
+            return {k: str(v) if isinstance(v, bool | int | float) else v
+                    for k, v in value.items()}
+        return value
+
     @field_validator("envs", "secrets")
     @classmethod
     def _variable_names(cls, value: dict[str, str]) -> dict[str, str]:

@@ -300,6 +300,51 @@ def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
     return pairs
 
 
+def load_job_file(file: Path, *, envs: dict[str, str] | None = None,
+                  secrets: dict[str, str] | None = None,
+                  placeholders: bool = False) -> tuple[dict[str, Any], Path]:
+    """A job file's body (a GPU Scout job file, or a SkyPilot task file
+    mapped onto one, its notes printed) and the folder its paths are
+    relative to. ``envs``/``secrets`` given on the command line fill a
+    SkyPilot file's variables left without a value (``HF_TOKEN: null``, as
+    ``sky launch --secret HF_TOKEN`` expects); with ``placeholders``, any
+    left are empty (to plan a job). Exits with one line on error."""
+    from gpuscout.skypilot import TaskFileError, from_skypilot, looks_like_skypilot
+
+    try:
+        body = read_job_file(file)
+        if looks_like_skypilot(body):
+            for key, given in (("envs", envs or {}), ("secrets", secrets or {})):
+                values = body.get(key)
+                if isinstance(values, dict):
+                    body[key] = {k: given.get(k, "" if placeholders else None)
+                                 if v is None else v for k, v in values.items()}
+            mapping = from_skypilot(body, default_name=file.stem)
+            body = mapping.body
+            for note in mapping.notes:
+                err.print(f"note: {note}", style="dim", markup=False, highlight=False)
+    except TaskFileError as error:
+        fail(f"{file}: {error}")
+    except ValueError as error:
+        fail(str(error))
+    return body, file.parent
+
+
+def workdir_folder(body: dict[str, Any], base: Path, given: Path | None) -> Path | None:
+    """The project folder to pack: ``--workdir``, else the job file's
+    ``workdir`` (relative to the job file); None when there is none or it
+    is already a stored reference. Exits with one line if it is no folder."""
+    folder = given
+    value = body.get("workdir")
+    if folder is None and isinstance(value, str) and not value.startswith("sha256:"):
+        folder = base / Path(value).expanduser()
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        fail(f"workdir {folder} does not exist or is not a folder")
+    return folder.resolve()
+
+
 def _ship_workdir(api: ApiClient, folder: Path) -> str:
     """Pack ``folder`` (leaving out .git and what .gitignore names), upload
     it unless the control plane has it, and return its reference."""
@@ -352,37 +397,17 @@ def submit(
     url: UrlOption = None, token: TokenOption = None,
 ) -> None:
     """Submit a job from a YAML file and/or flags (flags win); prints its id."""
-    from gpuscout.skypilot import TaskFileError, from_skypilot, looks_like_skypilot
-
-    body: dict[str, Any] = {}
-    base = Path.cwd()
-    if file is not None:
-        try:
-            body = read_job_file(file)
-            if looks_like_skypilot(body):
-                mapping = from_skypilot(body, default_name=file.stem)
-                body = mapping.body
-                for note in mapping.notes:
-                    err.print(f"note: {note}", style="dim", markup=False, highlight=False)
-        except TaskFileError as error:
-            fail(f"{file}: {error}")
-        except ValueError as error:
-            fail(str(error))
-        base = file.parent
+    envs, secrets = _pairs(env, "--env"), _pairs(secret, "--secret")
+    body, base = load_job_file(file, envs=envs, secrets=secrets) if file else ({}, Path.cwd())
     flags = {"name": name, "command": command, "expected_duration_hours": expected_hours,
              "budget_usd": budget, "model": model, "dataset_size_gb": dataset_size_gb,
              "workload_type": workload_type, "setup": setup}
     body.update({k: v for k, v in flags.items() if v is not None})
-    for key, given in (("envs", _pairs(env, "--env")), ("secrets", _pairs(secret, "--secret"))):
+    for key, given in (("envs", envs), ("secrets", secrets)):
         if given:
             current = body.get(key)
             body[key] = {**(current if isinstance(current, dict) else {}), **given}
-    folder: Path | None = workdir
-    if folder is None and isinstance(body.get("workdir"), str) \
-            and not body["workdir"].startswith("sha256:"):
-        folder = base / Path(body["workdir"]).expanduser()
-    if folder is not None and not folder.is_dir():
-        fail(f"workdir {folder} does not exist or is not a folder")
+    folder = workdir_folder(body, base, workdir)
     resources = {k: v for k, v in {"gpus": gpus, "gpu_type": gpu_type, "cpus": cpus,
                                    "memory_gb": memory_gb}.items() if v is not None}
     if resources:
@@ -618,8 +643,12 @@ def plan(
 
     if provider not in ("local", "aws"):
         fail(f"--provider must be local or aws, not {provider!r}")
+    body, base = load_job_file(file, placeholders=True)
+    if workdir_folder(body, base, None) is not None:
+        body.pop("workdir")  # packed and uploaded at submit; nothing to plan
+    body.pop("secrets", None)  # (values may be left for --secret at submit)
     try:
-        spec = JobCreate(**read_job_file(file)).to_spec()
+        spec = JobCreate(**body).to_spec()
     except ValueError as error:
         if isinstance(error, ValidationError):
             problems = "; ".join(

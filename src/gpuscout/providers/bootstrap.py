@@ -170,7 +170,7 @@ def job_size_problem(command: str, setup: str | None, envs: dict[str, str],
                                agent_host="0.0.0.0", agent_port=65535,  # noqa: S104
                                instance_dir="/var/lib/gpuscout").encode())
     return field, (
-        f"command, setup and envs take {sum(sizes.values())} bytes ({field}: {sizes[field]}); "
+        f"{sizes[field]} bytes, of {sum(sizes.values())} for command, setup and envs together; "
         f"with the boot script ({own} bytes) they must fit in {room} bytes (EC2's "
         f"{MAX_USER_DATA_BYTES}-byte user-data less {PROVIDER_RESERVE_BYTES} for the provider); "
         "put long commands in a script in the job's workdir")

@@ -421,17 +421,14 @@ class Run:
                 raise ValueError(f"restore_dir: {folder} must be an empty folder or absent")
         try:
             info = self.checkpoints.load_to_dir(folder, target)
-        except NoCheckpoint:
+        except BaseException as exc:
             if owned:
                 shutil.rmtree(folder, ignore_errors=True)
-            if target is not None:
+                self._remove_empty_work_dir()
+            if target is not None or not isinstance(exc, NoCheckpoint):
                 raise
             log.info("no checkpoint to restore: starting fresh")
             return None
-        except BaseException:
-            if owned:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise
         if owned:
             self._restored = folder
         self.last_checkpoint = info
