@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gpuscout.providers.code_bundle import build_wheel
 from tests.e2e.conftest import e2e, wait
 
 __all__ = ["e2e"]
@@ -40,6 +41,9 @@ from gpuscout import workload
 TOTAL = int(sys.argv[1])
 assert not os.path.exists("data/big.bin"), "ignored files must not be shipped"
 print("python", sys.executable, "label", os.environ.get("RUN_LABEL"), flush=True)
+if os.path.isdir("wheels"):
+    import hello_pkg  # installed by setup, from the project's wheels/ folder
+    print("hello_pkg", hello_pkg.GREETING, flush=True)
 print("the secret is", os.environ["WANDB_API_KEY"], flush=True)
 
 run = workload.init(checkpoint_every=20)
@@ -62,7 +66,10 @@ print("done", flush=True)
 JOB_YAML = f"""\
 name: my-project
 workdir: .
-setup: pip install -r requirements.txt && python -c "import numpy; print('setup ok')"
+setup: >-
+  pip install -r requirements.txt &&
+  pip install --no-index --no-deps wheels/hello_pkg-0.1-py3-none-any.whl &&
+  python -c "import numpy; print('setup ok')"
 command: python train.py {STEPS}
 envs:
   RUN_LABEL: hello
@@ -86,6 +93,15 @@ def _project(root: Path) -> Path:
     (project / ".gitignore").write_text("data/\n")
     (project / "data" / "big.bin").write_bytes(b"\0" * 1024)
     (project / "job.yaml").write_text(JOB_YAML)
+    # A package of the user's own, installed by setup into the job's own
+    # environment on each instance (never into GPU Scout's).
+    package = root / "hello_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("GREETING = 'hi from hello_pkg'\n")
+    wheel = build_wheel(package, name="hello_pkg", version="0.1",
+                        metadata="Metadata-Version: 2.1\nName: hello_pkg\nVersion: 0.1\n")
+    (project / "wheels").mkdir()
+    (project / "wheels" / wheel.filename).write_bytes(wheel.data)
     return project
 
 
@@ -188,7 +204,8 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     standalone.mkdir()
     subprocess.run([sys.executable, str(project / "train.py"), str(STEPS)], cwd=standalone,
                    check=True, timeout=120, capture_output=True,
-                   env={**plane["env"], "WANDB_API_KEY": "x" * 8})
+                   env={**plane["env"], "WANDB_API_KEY": "x" * 8,
+                        "PYTHONPATH": str(tmp_path)})  # (hello_pkg's folder)
     artifact = api.get(f"/api/v1/jobs/{job_id}/artifacts/model.json")
     assert artifact.status_code == 200
     assert json.loads(artifact.content) == json.loads((standalone / "model.json").read_text())
@@ -201,7 +218,12 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     assert sum(line.startswith("-- moved from i-") for line in lines) == completed
     assert sum(line.endswith("setup ok") for line in lines) >= completed + 1
     assert any("Requirement already satisfied: numpy" in line for line in lines)
-    assert any(f"python {VENV_BIN}/python label hello" in line for line in lines), text
+    # The job's python: its own environment on the instance, layered on GPU
+    # Scout's; what setup installed there is not in GPU Scout's.
+    assert any("/jobenv/bin/python label hello" in line for line in lines), text
+    assert sum(line.endswith("hello_pkg hi from hello_pkg") for line in lines) >= 3
+    assert subprocess.run([sys.executable, "-c", "import hello_pkg"],
+                          capture_output=True).returncode != 0
     assert any("the secret is ***" in line for line in lines) and CANARY not in text
     # Each step once, in order (what a rolled-back replacement ran is not the
     # job's: it is under its own marker).

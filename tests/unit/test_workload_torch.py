@@ -138,8 +138,7 @@ def test_round_trip_restores_every_tensor_and_every_generator(tmp_path: Path) ->
     extra = gs_torch.load_state(tmp_path / "ck", **second.parts())
     assert extra == {"note": 0.1 + 0.2}
     assert_same(clone(snapshot(second)), saved)
-    assert second.optimizer.param_groups[0]["lr"] == first.optimizer.param_groups[0]["lr"] * (
-        0.7 ** -3)  # the LR of step 11, three decays before step 20's
+    assert second.optimizer.param_groups[0]["lr"] == saved["scheduler._last_lr.0"]
     py2, npy2, cpu2 = draws()
     assert (py2, npy2) == (py, npy) and torch.equal(cpu2, cpu)
 
@@ -153,8 +152,8 @@ def test_files_and_their_formats(tmp_path: Path) -> None:
     t = Trainer(seed=1)
     t.step()
     gs_torch.save_state(tmp_path, model=t.model, optimizer=t.optimizer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        gs_torch.WEIGHTS_FILE, gs_torch.TRAINER_FILE, gs_torch.META_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        gs_torch.WEIGHTS_FILE, gs_torch.TRAINER_FILE, gs_torch.META_FILE])
     meta = json.loads((tmp_path / gs_torch.META_FILE).read_text())
     assert meta["format"] == 1 and meta["parts"] == ["model", "optimizer"]
     assert meta["sampler"] is None and meta["extra"] == {}

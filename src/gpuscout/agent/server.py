@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from gpuscout import workdir
-from gpuscout.agent import core, imds
+from gpuscout.agent import core, imds, jobenv
 from gpuscout.agent.config import AgentConfig
 from gpuscout.agent.protocol import AGENT_PREFIX, WORKLOAD_PREFIX
 from gpuscout.agent.supervisor import Supervisor
@@ -61,6 +61,8 @@ _HOP_BY_HOP = frozenset({
 PIPE_DRAIN_S = 5.0
 # The instance's own copy of the job's log, in its folder.
 JOB_LOG_FILE = "job.log"
+# The job's own Python environment (agent/jobenv.py), in the instance's folder.
+JOB_ENV_DIR = "jobenv"
 
 
 def error(status_code: int, message: str, **extra: Any) -> JSONResponse:
@@ -159,6 +161,15 @@ class Agent:
         setup, then STANDBY or STARTING. False when the job cannot start
         (the status says why) or the agent is closing."""
         config = self.config
+        instance_dir = os.environ.get("GPUSCOUT_INSTANCE_DIR")
+        if instance_dir:
+            try:
+                bin_dir = await asyncio.to_thread(jobenv.make_job_env,
+                                                  Path(instance_dir) / JOB_ENV_DIR)
+            except OSError as exc:  # the agent's own environment will do
+                log.warning("no environment of the job's own (%s): using the agent's", exc)
+            else:
+                self.supervisor.env = jobenv.job_env_vars(self.supervisor.env, bin_dir)
         if config.secret_names:
             async with self._cond:
                 await self._cond.wait_for(
@@ -566,7 +577,7 @@ async def run_agent(config: AgentConfig) -> int:
     spot_watch = _watch_spot_notices(agent)
 
     async def prepare_and_run() -> None:
-        if config.preparing and not await agent.prepare():
+        if not await agent.prepare():
             return
         if agent.closing or server.should_exit or agent.status.stopping:
             return

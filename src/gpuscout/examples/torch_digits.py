@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import torch
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
         from torch import nn
         from torch.utils.data import TensorDataset
 
@@ -127,15 +127,19 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         start = 0
-        resumed = gs_torch.resume(run, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  sampler=sampler)
+        foreign = (f"does not belong to --seed {args.seed} --steps {args.steps}; use "
+                   "another --out or delete its .checkpoints folder")
+        try:
+            resumed = gs_torch.resume(run, model=model, optimizer=optimizer,
+                                      scheduler=scheduler, sampler=sampler)
+        except gs_torch.StateMismatch as exc:  # another seed's data order, say
+            print(f"torch_digits: the checkpoint found ({exc}) {foreign}", file=sys.stderr)
+            return 2
         if resumed is not None:
             start, extra = resumed
             if extra.get("seed") != args.seed or start > args.steps:
                 print(f"torch_digits: the checkpoint found (step {start}, seed "
-                      f"{extra.get('seed')}) does not belong to --seed {args.seed} --steps "
-                      f"{args.steps}; use another --out or delete its .checkpoints folder",
-                      file=sys.stderr)
+                      f"{extra.get('seed')}) {foreign}", file=sys.stderr)
                 return 2
             log.info("resuming after step %d", start)
         live["step"] = start

@@ -410,15 +410,15 @@ class Run:
         the agent named a step that does not exist / verify, and OSError
         when the local disk fails.
         """
-        target = self.agent.restore_target() if self.agent is not None else None
         owned = dest is None
-        if dest is None:
-            self._drop_restored()
-            folder = self._new_local_dir("restore")
-        else:
+        if dest is not None:
             folder = Path(dest)
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
                 raise ValueError(f"restore_dir: {folder} must be an empty folder or absent")
+        target = self.agent.restore_target() if self.agent is not None else None
+        if dest is None:
+            self._drop_restored()
+            folder = self._new_local_dir("restore")
         try:
             info = self.checkpoints.load_to_dir(folder, target)
         except BaseException as exc:

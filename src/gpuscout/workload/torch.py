@@ -100,10 +100,11 @@ class ResumableSampler(Sampler[list[int]]):
     ahead (``prefetch_factor * num_workers`` batches): iterate
     ``sampler.follow(loader)`` instead of ``loader``, and the position
     counts batches delivered to the loop. Breaking out of an epoch keeps
-    the position: the next ``iter()`` goes on from there. Random draws made
-    by the dataset inside worker processes are not covered (a resumed
-    epoch hands its batches to other workers): keep them out of the dataset,
-    or use ``num_workers=0``.
+    the position: the next ``iter()`` goes on from there; ``load_state_dict``
+    ends a pass under way (its iterator stops), the next one starts at the
+    loaded position. Random draws made by the dataset inside worker
+    processes are not covered (a resumed epoch hands its batches to other
+    workers): keep them out of the dataset, or use ``num_workers=0``.
 
     Raises ValueError for ``dataset_len < 1``, ``batch_size < 1``, a
     negative seed, or ``drop_last`` with fewer rows than one batch.
@@ -126,6 +127,7 @@ class ResumableSampler(Sampler[list[int]]):
         self.epoch = 0
         self.batch = 0  # batches of ``epoch`` done
         self._following = 0
+        self._generation = 0  # bumped by load_state_dict: ends passes under way
 
     @property
     def batches_per_epoch(self) -> int:
@@ -156,7 +158,10 @@ class ResumableSampler(Sampler[list[int]]):
         size, count = self.batch_size, self.batches_per_epoch
         if not self._following:
             self.epoch, self.batch = epoch, start
+        generation = self._generation
         for index in range(start, count):
+            if self._generation != generation:
+                return  # load_state_dict moved the position: this pass is over
             if not self._following:
                 self.batch = index + 1
             yield order[index * size:(index + 1) * size]
@@ -196,6 +201,7 @@ class ResumableSampler(Sampler[list[int]]):
                 and 0 <= batch <= self.batches_per_epoch):
             raise StateMismatch(f"sampler position {epoch!r}/{batch!r} is not valid")
         self.epoch, self.batch = epoch, batch
+        self._generation += 1
 
 
 def resumable_loader(dataset: Any, sampler: ResumableSampler,

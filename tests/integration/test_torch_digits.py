@@ -1,0 +1,170 @@
+"""The PyTorch example job as a real process: killed and started again in
+its folder, and moved between two real agents (checkpoint, pause, restore on
+a standby replacement), it ends with the weights and optimizer state of an
+uninterrupted run, tensor for tensor."""
+
+from __future__ import annotations
+
+import io
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from gpuscout.agent import protocol as p  # noqa: E402
+from gpuscout.store import open_store  # noqa: E402
+from gpuscout.workload.checkpoint import CheckpointStore  # noqa: E402
+from gpuscout.workload.runtime import (  # noqa: E402
+    STANDALONE_CHECKPOINT_DIR,
+    STANDALONE_CHECKPOINT_PREFIX,
+    WORK_DIR,
+)
+from tests.integration import test_agent, test_linreg  # noqa: E402
+from tests.integration.test_agent import JOB_ID, Agent  # noqa: E402
+from tests.integration.test_linreg import standalone_env  # noqa: E402
+
+# the fixtures that start real agents and clean up processes
+start_agent = test_agent.start_agent
+store_url = test_agent.store_url
+procs = test_linreg.procs
+
+DIGITS = [sys.executable, "-m", "gpuscout.examples.torch_digits"]
+STEPS = 120  # two epochs of 57 batches and a bit, one LR decay (at 100)
+SEED = 4
+
+
+def run_digits(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DIGITS, *args], cwd=cwd, env=standalone_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(leaves(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list | tuple):
+        return leaves(dict(enumerate(value)), prefix)
+    return {prefix.rstrip("."): value}
+
+
+def assert_identical(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Every tensor equal (torch.equal, same dtype), every other value equal."""
+    flat_got, flat_want = leaves(got), leaves(want)
+    assert flat_got.keys() == flat_want.keys()
+    tensors = 0
+    for key, expected in flat_want.items():
+        actual = flat_got[key]
+        if isinstance(expected, torch.Tensor):
+            assert actual.dtype == expected.dtype and torch.equal(actual, expected), key
+            tensors += 1
+        else:
+            assert actual == expected, key
+    assert tensors >= 6 + 13  # 6 parameters; their Adam moments and step counts
+
+
+def load_model(data: bytes) -> dict[str, Any]:
+    return dict(torch.load(io.BytesIO(data), weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """model.pt of an uninterrupted standalone run."""
+    folder = tmp_path_factory.mktemp("reference")
+    done = run_digits("--steps", str(STEPS), "--seed", str(SEED), "--out", str(folder),
+                      cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert "step 120/120 loss" in done.stderr
+    return load_model((folder / "model.pt").read_bytes())
+
+
+def test_killed_standalone_run_resumes_and_ends_identical(
+    tmp_path: Path, reference: dict[str, Any], procs: list[subprocess.Popen[bytes]]
+) -> None:
+    out = tmp_path / "out"
+    args = ["--steps", str(STEPS), "--seed", str(SEED), "--step-sleep", "0.03",
+            "--checkpoint-every", "10", "--out", str(out)]
+    with (tmp_path / "first.log").open("wb") as log:
+        first = subprocess.Popen([*DIGITS, *args], cwd=tmp_path, env=standalone_env(),
+                                 stdout=log, stderr=log)
+    procs.append(first)
+    checkpoints = CheckpointStore(
+        open_store((out / STANDALONE_CHECKPOINT_DIR).resolve().as_uri()),
+        STANDALONE_CHECKPOINT_PREFIX)
+    deadline = time.monotonic() + 60
+    latest = None
+    while time.monotonic() < deadline:
+        latest = checkpoints.latest() if (out / STANDALONE_CHECKPOINT_DIR).is_dir() else None
+        if latest is not None and latest.step >= 40:  # mid-epoch (57 batches an epoch)
+            break
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        time.sleep(0.05)
+    assert latest is not None and latest.step >= 40
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    assert not (out / "model.pt").exists()
+    assert sorted(latest.files) == ["trainer.json", "trainer.pt", "weights.pt"]
+
+    second = run_digits(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    resumed = [line for line in second.stderr.splitlines() if "resuming after step" in line]
+    assert resumed, second.stderr
+    assert latest.step <= int(resumed[0].rsplit(" ", 1)[1]) < STEPS
+    assert_identical(load_model((out / "model.pt").read_bytes()), reference)
+    assert not (out / WORK_DIR).exists()  # no staging or restored folder left
+
+
+def test_a_run_stopped_half_way_and_run_on_ends_identical(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    common = ["--seed", str(SEED), "--checkpoint-every", "20", "--out", str(tmp_path)]
+    half = run_digits("--steps", str(STEPS // 2), *common, cwd=tmp_path)
+    assert half.returncode == 0, half.stderr
+    rest = run_digits("--steps", str(STEPS), *common, cwd=tmp_path)
+    assert rest.returncode == 0, rest.stderr
+    assert "resuming after step 60" in rest.stderr
+    assert_identical(load_model((tmp_path / "model.pt").read_bytes()), reference)
+
+    other = run_digits("--steps", str(STEPS), "--seed", str(SEED + 1), "--out", str(tmp_path),
+                       cwd=tmp_path)
+    assert other.returncode == 2 and "does not belong to --seed" in other.stderr
+
+
+def test_moved_between_agents_mid_run_ends_identical(
+    start_agent: Callable[..., Agent], store_url: str, reference: dict[str, Any]
+) -> None:
+    command = (f"{shlex.quote(sys.executable)} -m gpuscout.examples.torch_digits "
+               f"--steps {STEPS} --seed {SEED} --step-sleep 0.03 --checkpoint-every 0")
+    old = start_agent(command, instance_id="i-old")
+    new = start_agent(command, instance_id="i-new", standby=True)
+    old.wait(lambda h: h["state"] == "running" and h["step"] >= 30, "old instance training",
+             timeout=60)
+    assert new.health()["state"] == "standby"
+
+    answer = old.call("POST", "/agent/checkpoint", json={"pause": True, "timeout_s": 20})
+    assert answer.status_code == 200, answer.text
+    step = answer.json()["step"]
+    assert 30 <= step < STEPS
+    assert new.call("POST", "/agent/restore", json={"step": step}).status_code == 202
+    health = new.wait(lambda h: h["state"] == "running" and h["step"] > step,
+                      "replacement's first step", timeout=60)
+    assert health["first_step"] == step + 1
+    assert old.health()["step"] == step  # the old side never ran past the checkpoint
+    assert old.call("POST", "/agent/stop").status_code == 202
+
+    health = new.wait(lambda h: h["state"] == "completed", "replacement completes", timeout=60)
+    assert health["exit_code"] == 0
+    model_key = f"{p.artifacts_prefix(JOB_ID)}/model.pt"
+    assert_identical(load_model(open_store(store_url).get(model_key)), reference)
+    checkpoints = CheckpointStore(open_store(store_url), p.checkpoint_prefix(JOB_ID)).list()
+    assert [c.step for c in checkpoints] == [step]  # only the one the move asked for
