@@ -295,6 +295,12 @@ def test_a_command_that_raises_restarts_from_its_checkpoint_then_fails(
     assert len(failed) == 1 and "ValueError: boom after step 9" in failed[0]["message"]
     log = e2e.api.get(f"/api/v1/jobs/{job_id}/logs").text
     assert log.count("about to fail") == 3 and log.count("-- recovered on i-") == 2
+    # `logs --follow` ends with the job and, for scripts, says it failed.
+    done = subprocess.run([str(GPUSCOUT), "logs", job_id, "--follow"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ,
+                                                      "GPUSCOUT_URL": e2e.server.url})
+    assert done.returncode == 1 and done.stdout.count("about to fail") == 3
+    assert done.stderr.strip() == f"error: job {job_id} failed: ValueError: boom after step 9"
 
 
 REPO = Path(__file__).resolve().parents[2]

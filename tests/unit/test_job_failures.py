@@ -229,3 +229,14 @@ def test_a_replacement_whose_setup_fails_rolls_the_move_back_and_spares_the_offe
         assert target.available
     finally:
         svc.plane.stop()
+
+
+def test_a_job_sees_skypilots_variables_unless_it_sets_them(
+        service: Service, clock: ManualClock) -> None:
+    job = service.plane.submit(replace(SPEC, envs={"SKYPILOT_NODE_RANK": "mine", "A": "1"}))
+    passes(service, 3, clock)
+    request = service.ctx.provider.request_of(  # type: ignore[attr-defined]
+        service.repo.get_job(job.id).instance_id)
+    assert request.env == {"SKYPILOT_NODE_RANK": "mine", "SKYPILOT_NUM_NODES": "1",
+                           "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
+                           "SKYPILOT_TASK_ID": job.id, "A": "1"}

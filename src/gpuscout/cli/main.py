@@ -431,7 +431,8 @@ def logs(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(help="job id")],
     follow: Annotated[bool, typer.Option(
-        "--follow", "-f", help="keep printing new lines until the job ends")] = False,
+        "--follow", "-f", help="keep printing new lines until the job ends (then exit 1 "
+                               "unless it completed)")] = False,
     tail: Annotated[int | None, typer.Option(
         "--tail", "-n", min=0, help="only the last N lines", show_default=False)] = None,
     url: UrlOption = None, token: TokenOption = None,
@@ -448,7 +449,12 @@ def logs(
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            pass
+            return
+        # The stream ends with the job: say how, and exit 1 unless it completed.
+        data = api.job(job)
+    if data["status"] != "completed":
+        reason = (data.get("error") or "").splitlines()[-1:] or [""]
+        fail(f"job {job} {data['status']}" + (f": {reason[0]}" if reason[0] else ""))
 
 
 @app.command()

@@ -225,9 +225,15 @@ def decision_text(decisions: list[Json]) -> Text:
     return text
 
 
+_ENDED = ("completed", "failed", "cancelled")
+
+
 def show_job(job: Json, migrations: list[Json], events: list[Json],
              decisions: list[Json]) -> Group:
-    return Group(job_details(job), Text(""), decision_text(decisions), Text(""),
+    # A job that ended has no decision that applies any more.
+    scout = (Text(f"scout: none (the job is {job['status']})", style="dim")
+             if job.get("status") in _ENDED else decision_text(decisions))
+    return Group(job_details(job), Text(""), scout, Text(""),
                  migrations_table(migrations), events_table(events))
 
 

@@ -39,6 +39,19 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
+def skypilot_env(job: Job, offer: Offer) -> dict[str, str]:
+    """The variables SkyPilot gives a task's setup and run, so that a task
+    file's commands (``torchrun --nproc_per_node=$SKYPILOT_NUM_GPUS_PER_NODE``)
+    work unchanged; GPU Scout runs one node, whose address is its own.
+    (SkyPilot docs, "Environment variables": SKYPILOT_NODE_RANK,
+    SKYPILOT_NODE_IPS, SKYPILOT_NUM_NODES, SKYPILOT_NUM_GPUS_PER_NODE,
+    SKYPILOT_TASK_ID.) A job's own envs override them."""
+    return {
+        "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1",
+        "SKYPILOT_NUM_GPUS_PER_NODE": str(offer.gpus), "SKYPILOT_TASK_ID": job.id,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     health_s: float = 120.0  # a new instance's agent must answer within this
@@ -133,7 +146,7 @@ class Context:
             instance_id=instance.id, job_id=job.id, offer=offer, command=spec.command,
             store_url=self.store_url, control_url=self.control_url, standby=standby,
             agent_token=token, workdir_ref=spec.workdir, setup=spec.setup,
-            secret_names=spec.secret_names, env=dict(spec.envs),
+            secret_names=spec.secret_names, env={**skypilot_env(job, offer), **spec.envs},
         )
         try:
             launched = self.provider.launch(request)
