@@ -103,6 +103,12 @@ class JobCreate(_Input):
     max_restarts_on_errors: int = Field(
         default=0, ge=0, le=100,
         description="restarts from the last checkpoint after the command exits non-zero")
+    checkpoint_keep: int = Field(
+        default=3, ge=1, le=1000,
+        description="verified checkpoints kept while the job runs (older ones are deleted)")
+    checkpoint_keep_finished: int = Field(
+        default=1, ge=0, le=1000,
+        description="checkpoints kept once the job completed, failed or was cancelled")
     savings_threshold: float | None = Field(default=None, ge=0, lt=1)
     scout_interval_s: float | None = Field(default=None, gt=0)
 
@@ -170,6 +176,8 @@ class JobCreate(_Input):
             workdir=self.workdir, setup=self.setup, envs=dict(self.envs),
             secret_names=tuple(sorted(self.secrets)),
             max_restarts_on_errors=self.max_restarts_on_errors,
+            checkpoint_keep=self.checkpoint_keep,
+            checkpoint_keep_finished=self.checkpoint_keep_finished,
             savings_threshold=self.savings_threshold, scout_interval_s=self.scout_interval_s,
         )
 
@@ -205,6 +213,8 @@ class JobSpecPublic(BaseModel):
     envs: dict[str, str]
     secrets: list[str] = Field(description="the names of the job's secrets (never values)")
     max_restarts_on_errors: int
+    checkpoint_keep: int
+    checkpoint_keep_finished: int
     savings_threshold: float | None
     scout_interval_s: float | None
 
@@ -223,6 +233,8 @@ class JobSpecPublic(BaseModel):
             workdir=spec.workdir, setup=spec.setup, envs=dict(spec.envs),
             secrets=list(spec.secret_names),
             max_restarts_on_errors=spec.max_restarts_on_errors,
+            checkpoint_keep=spec.checkpoint_keep,
+            checkpoint_keep_finished=spec.checkpoint_keep_finished,
             savings_threshold=spec.savings_threshold, scout_interval_s=spec.scout_interval_s,
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from gpuscout.agent.protocol import AgentState
+from gpuscout.agent.protocol import AgentState, checkpoint_prefix
 from gpuscout.clock import utc
 from gpuscout.controllers.agent_client import AgentError, AgentHealth
 from gpuscout.controllers.context import Context, log
@@ -20,6 +20,7 @@ from gpuscout.domain.states import IllegalTransition
 from gpuscout.policy import PlacementDecision, choose_offer
 from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
 from gpuscout.secretbox import SecretBoxError
+from gpuscout.workload.checkpoint import CheckpointStore
 
 S = JobStatus
 
@@ -52,6 +53,8 @@ class Lifecycle:
         self._last_seen: dict[str, datetime] = {}
         # Jobs backing off after a failed launch: not before this time.
         self._retry_at: dict[str, datetime] = {}
+        # The checkpoint step each running job was last pruned after.
+        self._retained: dict[str, int] = {}
 
     def reconcile(self, job: Job) -> None:
         try:
@@ -193,6 +196,7 @@ class Lifecycle:
             return
         self._last_seen[instance.id] = self.ctx.clock.now()
         self._record_progress(job, health)
+        self._retain(job, health.last_checkpoint_step)
         if health.state == AgentState.COMPLETED:
             self._finish(job, instance.id, S.COMPLETED, None)
         elif health.state == AgentState.FAILED:
@@ -298,6 +302,40 @@ class Lifecycle:
             self.ctx.terminate(instance_id)
         self.ctx.router.switch(job.id, None)
         self.bill(self.ctx.repo.get_job(job.id))
+        self.retain_finished(job)
+
+    # --- checkpoint retention ---------------------------------------------------
+
+    def _retain(self, job: Job, step: int | None) -> None:
+        """After each new checkpoint of a running job, keep its newest
+        ``checkpoint_keep`` (counted on their manifests; the newest good one
+        always stays, and a move or recovery restores the newest). Not while
+        a move runs: the executor owns the checkpoints then."""
+        if step is None or self._retained.get(job.id) == step:
+            return
+        self._retained[job.id] = step
+        try:
+            CheckpointStore(self.ctx.store, checkpoint_prefix(job.id)).prune(
+                job.spec.checkpoint_keep, verify=False)
+        except Exception as err:  # noqa: BLE001 - retention is housekeeping; retried next save
+            log.warning("job %s: old checkpoints not deleted: %s", job.id, err)
+            self._retained.pop(job.id, None)
+
+    def retain_finished(self, job: Job) -> None:
+        """A job that ended keeps its newest ``checkpoint_keep_finished``
+        checkpoints (0: none), so a long job leaves no gigabytes behind."""
+        self._retained.pop(job.id, None)
+        keep = job.spec.checkpoint_keep_finished
+        store = CheckpointStore(self.ctx.store, checkpoint_prefix(job.id))
+        try:
+            deleted = store.delete_all() if keep == 0 else store.prune(keep, verify=False)
+        except Exception as err:  # noqa: BLE001 - the job's end stands; the note says why
+            log.warning("job %s: checkpoints not deleted: %s", job.id, err)
+            return
+        if deleted:
+            self.ctx.event(job.id, "checkpoints_deleted",
+                           f"kept the newest {keep} checkpoint(s); deleted {len(deleted)}",
+                           deleted=len(deleted))
 
     def bill(self, job: Job) -> None:
         """Accrue every live instance of the job, and the baseline: what the

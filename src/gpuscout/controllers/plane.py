@@ -344,6 +344,7 @@ class ControlPlane:
             self.ctx.terminate(instance.id)
         self.lifecycle.bill(job)
         self.ctx.event(job_id, "cancelled", "cancelled; all its instances terminated")
+        self.lifecycle.retain_finished(job)
         return self.ctx.repo.get_job(job_id)
 
     def migrate(self, job_id: str, target_offer_id: str | None = None) -> Migration:

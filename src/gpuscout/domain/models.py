@@ -199,6 +199,10 @@ class JobSpec:
     # the agent after boot over its authenticated channel.
     secret_names: tuple[str, ...] = ()
     max_restarts_on_errors: int = 0  # SkyPilot's name: restarts after a non-zero exit
+    # Verified checkpoints kept while the job runs, and once it has ended
+    # (0: none); older ones are deleted from the store.
+    checkpoint_keep: int = 3
+    checkpoint_keep_finished: int = 1
     savings_threshold: float | None = None
     scout_interval_s: float | None = None
 

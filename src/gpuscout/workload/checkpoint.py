@@ -283,18 +283,24 @@ class CheckpointStore:
             raise first_error
         raise NoCheckpoint(f"no checkpoint of step {step} under {self.prefix}/")
 
-    def prune(self, keep: int) -> builtins.list[str]:
+    def prune(self, keep: int, *, verify: bool = True) -> builtins.list[str]:
         """Delete every checkpoint older than the newest ``keep`` that count,
         good or bad, and return the keys deleted. Newer partial ones are left
         alone (a save may be in progress); with fewer than ``keep`` good
-        checkpoints nothing is deleted, so the newest good one always stays."""
+        checkpoints nothing is deleted, so the newest good one always stays.
+        ``verify=False`` counts a checkpoint good on its manifest and the
+        presence of its files, without reading them (the cheap check a
+        control plane can afford after every save of a multi-GB state)."""
         if keep < 1:
             raise ValueError(f"prune keeps at least one checkpoint, got keep={keep}")
         scanned = self._scan()
         kept = 0
         for index, (key, names) in enumerate(scanned):
             try:
-                self._verify(key, names)
+                if verify:
+                    self._verify(key, names)
+                else:
+                    self._read_manifest(key, names)
             except CorruptCheckpoint:
                 continue
             kept += 1
@@ -304,6 +310,10 @@ class CheckpointStore:
         else:
             return []
         return self._delete(doomed)
+
+    def delete_all(self) -> builtins.list[str]:
+        """Delete every checkpoint (a finished job that keeps none)."""
+        return self._delete(self._scan())
 
     def discard_after(self, step: int) -> builtins.list[str]:
         """Delete every checkpoint, good or partial, of a step after ``step``
