@@ -49,6 +49,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -123,10 +124,21 @@ class _Manifest:
     entries: Mapping[str, _Entry]
 
 
+_version_lock = threading.Lock()
+_last_version_ms = 0
+
+
 def new_version() -> str:
     """A short id, unique per save and ordered by time within one step:
-    milliseconds since the epoch (11 hex digits) and 24 random bits."""
-    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(3)}"
+    milliseconds since the epoch (11 hex digits) and 24 random bits. Within
+    one process the milliseconds strictly increase, so two saves of a step
+    in the same millisecond still order as they were made (the random bits
+    alone ordered them by chance)."""
+    global _last_version_ms
+    with _version_lock:
+        ms = max(time.time_ns() // 1_000_000, _last_version_ms + 1)
+        _last_version_ms = ms
+    return f"{ms:011x}{secrets.token_hex(3)}"
 
 
 def checkpoint_key(prefix: str, step: int, version: str) -> str:
