@@ -76,7 +76,8 @@ class FakeAgents:
                 first_step=a.first_step, first_step_at=a.first_step_at,
                 last_step_at=a.last_step_at,
                 last_checkpoint_step=max(self.checkpoints, default=None),
-                exit_code=a.exit_code, error=a.error, interruption_notice=a.notice)
+                exit_code=a.exit_code, error=a.error, interruption_notice=a.notice,
+                restore_waiting=a.state == AgentState.STANDBY)
 
     def checkpoint(self, address: str, *, pause: bool, timeout_s: float) -> CheckpointResult:
         with self._lock:

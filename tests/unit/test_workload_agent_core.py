@@ -251,5 +251,5 @@ def test_health_has_every_protocol_field() -> None:
         "instance_id", "job_id", "state", "step", "total_steps", "loss",
         "last_checkpoint_step", "last_checkpoint_key", "first_step", "first_step_at",
         "last_step_at", "exit_code", "error", "interruption_notice", "awaiting_secrets",
-        "setup_s", "failed_phase",
+        "setup_s", "failed_phase", "restore_waiting",
     }

@@ -100,6 +100,11 @@ class AgentStatus:
     # Where the job's own work failed: "setup" (its workdir or setup) or
     # "command"; None while nothing failed, or when the agent itself did.
     failed_phase: str | None = None
+    # A replacement's workload has started (imported its framework, loaded
+    # its data, built its model) and waits for /agent/restore: only then is
+    # the replacement ready, and pausing the old instance costs no more than
+    # the restore itself.
+    restore_waiting: bool = False
 
     @property
     def live(self) -> bool:
@@ -125,6 +130,7 @@ class AgentStatus:
             "awaiting_secrets": self.awaiting_secrets,
             "setup_s": self.setup_s,
             "failed_phase": self.failed_phase,
+            "restore_waiting": self.restore_waiting,
         }
 
 
@@ -255,6 +261,13 @@ def request_restore(status: AgentStatus, step: int | None) -> tuple[AgentStatus,
     if status.restore_requested and status.live and status.restore_step == step:
         return status, None
     return status, Refusal(f"agent is not in standby (state {status.state.value})")
+
+
+def workload_waits(status: AgentStatus) -> AgentStatus:
+    """The workload asked for its restore target: in standby, it is ready."""
+    if status.state is AgentState.STANDBY and not status.restore_waiting:
+        return replace(status, restore_waiting=True)
+    return status
 
 
 def restore_released(status: AgentStatus) -> bool:

@@ -17,13 +17,18 @@ GET  /agent/health
      -> {"instance_id", "job_id", "state", "step", "total_steps", "loss",
          "last_checkpoint_step", "last_checkpoint_key", "first_step",
          "first_step_at", "last_step_at", "exit_code", "error",
-         "interruption_notice", "awaiting_secrets", "setup_s", "failed_phase"}
+         "interruption_notice", "awaiting_secrets", "setup_s", "failed_phase",
+         "restore_waiting"}
      ``state`` is one of AgentState. ``first_step``/``first_step_at`` are the
      first step this instance completed and when; ``last_step_at`` when the
      latest step completed. ``awaiting_secrets``: the agent waits for
      POST /agent/secrets before it prepares the job; ``setup_s``: how long
      the job's setup ran on this instance (None until it ends);
-     ``failed_phase``: "setup" or "command" when the job's own work failed.
+     ``failed_phase``: "setup" or "command" when the job's own work failed;
+     ``restore_waiting``: a replacement's workload has started and asks for
+     its restore target (the replacement is ready: its start-up, imports
+     and data loading are behind it, and a move pauses the old instance
+     only now).
 POST /agent/secrets {"secrets": {NAME: VALUE}}
      -> 200; the job's secret variables, for its setup and command. They
      never travel in user-data (the boot script names them only, in

@@ -359,6 +359,7 @@ def create_app(agent: Agent) -> FastAPI:
     async def restore_target(
         timeout_s: Annotated[float, Query(gt=0, le=MAX_LONG_POLL_S)] = DEFAULT_LONG_POLL_S,
     ) -> Response:
+        await agent.update(core.workload_waits)
         if not await agent.wait_until(core.restore_released, timeout_s):
             return Response(status_code=204)  # still in standby: ask again
         return JSONResponse({"step": agent.status.restore_step})

@@ -30,6 +30,7 @@ class AgentHealth:
     awaiting_secrets: bool = False
     setup_s: float | None = None
     failed_phase: str | None = None  # "setup" | "command": the job's own failure
+    restore_waiting: bool = False  # a standby workload asks for its restore target
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentHealth:
@@ -44,6 +45,7 @@ class AgentHealth:
             awaiting_secrets=bool(data.get("awaiting_secrets")),
             setup_s=data.get("setup_s"),
             failed_phase=data.get("failed_phase"),
+            restore_waiting=bool(data.get("restore_waiting")),
         )
 
 

@@ -270,7 +270,8 @@ class MigrationExecutor:
             return None
 
     def _wait_for_standby(self, m: Migration, instance_id: str, address: str) -> AgentHealth:
-        """Until the replacement's agent waits in standby: it must answer
+        """Until the replacement's workload waits in standby for its restore
+        (started, its imports and data loading done): it must answer
         within ``health_s`` of launch; then its setup may take up to
         ``setup_s``, while it keeps answering (``lost_s``). A failed setup
         fails the move with the setup's own error."""
@@ -285,8 +286,8 @@ class MigrationExecutor:
                 health = None
             if health is not None:
                 seen, last_seen = True, now
-                if health.state == AgentState.STANDBY:
-                    return health
+                if health.state == AgentState.STANDBY and health.restore_waiting:
+                    return health  # the workload is up and asks for its checkpoint
                 if health.state == AgentState.FAILED:
                     raise MigrationFailed(
                         f"replacement {instance_id} failed before standby: {health.error}",
