@@ -23,8 +23,8 @@ test-deps: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@[ -x node_modules/.bin/s3rver ] || npm install --silent --no-audit --no-fund s3rver@3 >/dev/null
 	@# The CPU build that lies on this machine's disk (not in the dev extra: pip would pick a newer CUDA build).
-	@$(BIN)/python -c 'from importlib.util import find_spec as f; assert all(map(f, ("torch", "sklearn", "transformers", "accelerate")))' 2>/dev/null \
-		|| $(BIN)/pip install --quiet torch==2.13.0 scikit-learn transformers accelerate
+	@$(BIN)/python -c 'from importlib.util import find_spec as f; assert all(map(f, ("torch", "sklearn", "transformers", "accelerate", "lightning")))' 2>/dev/null \
+		|| $(BIN)/pip install --quiet torch==2.13.0 scikit-learn transformers accelerate lightning
 
 test: test-deps
 	$(BIN)/ruff check src tests bench
