@@ -3,37 +3,17 @@ verified checkpoints; one that ended keeps ``checkpoint_keep_finished``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
-
-import pytest
 
 from gpuscout.agent.protocol import AgentState, checkpoint_prefix
 from gpuscout.domain import JobStatus
-from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service
 from gpuscout.workload.checkpoint import CheckpointStore
 from tests.unit.fake_agents import FakeAgents
-from tests.unit.test_controllers import ManualClock, address_for
-from tests.unit.test_job_failures import SPEC, make_service, passes
+from tests.unit.test_controllers import ManualClock
+from tests.unit.test_job_failures import SPEC, agents, clock, passes, service
 
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def agents() -> FakeAgents:
-    return FakeAgents()
-
-
-@pytest.fixture
-def service(tmp_path: Path, agents: FakeAgents, clock: ManualClock) -> Iterator[Service]:
-    svc = make_service(tmp_path, FakeProvider(address_for=address_for), agents, clock)
-    yield svc
-    svc.plane.stop()
+__all__ = ["agents", "clock", "service"]  # fixtures used here
 
 
 def saved(service: Service, agents: FakeAgents, job_id: str, *steps: int) -> CheckpointStore:

@@ -40,7 +40,7 @@ import warnings
 from typing import Any
 
 from gpuscout import workload
-from gpuscout.examples.linreg import _non_negative_int, _port, _positive_int, _seconds
+from gpuscout.examples.torch_digits import digits_parser
 
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
@@ -52,27 +52,9 @@ log = logging.getLogger("gpuscout.examples.lightning_digits")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpuscout.examples.lightning_digits",
-        description="Train a small CNN on the 8x8 digits data set with PyTorch Lightning "
-                    "(GPU Scout example job).",
-    )
-    parser.add_argument("--steps", type=_positive_int, required=True,
-                        help="total training steps (batches of 32)")
-    parser.add_argument("--step-sleep", type=_seconds, default=0.0,
-                        help="extra seconds per step, to simulate a slower GPU (default 0)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
-                        help="seed of the weights, dropout and batch order (default 0)")
-    parser.add_argument("--out", default=".",
-                        help="folder for model.pt and, standalone, .checkpoints/ (default .)")
-    parser.add_argument("--checkpoint-every", type=_non_negative_int, default=25,
-                        help="checkpoint every M steps; 0: only when the agent asks (default 25)")
-    parser.add_argument("--port", type=_port, default=None,
-                        help="standalone: serve /status on this port")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch CPU threads; keep it fixed across runs for exactness "
-                             "(default 1)")
-    return parser
+    return digits_parser(
+        "lightning_digits", "Train a small CNN on the 8x8 digits data set with PyTorch Lightning "
+                    "(GPU Scout example job).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,10 +50,15 @@ log = logging.getLogger("gpuscout.examples.torch_digits")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpuscout.examples.torch_digits",
-        description="Train a small CNN on the 8x8 digits data set (GPU Scout example job).",
-    )
+    return digits_parser(
+        "torch_digits", "Train a small CNN on the 8x8 digits data set (GPU Scout example job).")
+
+
+def digits_parser(example: str, description: str) -> argparse.ArgumentParser:
+    """The options every digits example takes (torch_digits, lightning_digits,
+    hf_digits): the same job shape under three frameworks."""
+    parser = argparse.ArgumentParser(prog=f"python -m gpuscout.examples.{example}",
+                                     description=description)
     parser.add_argument("--steps", type=_positive_int, required=True,
                         help="total training steps (batches of 32)")
     parser.add_argument("--step-sleep", type=_seconds, default=0.0,
