@@ -199,3 +199,32 @@ def test_numbers_in_envs_are_text(cli: CliRunner, service: Service, tmp_path: Pa
                 "DEBUG: true}\n")
     spec = service.repo.get_job(job_of(invoke(cli, "submit", job))).spec
     assert dict(spec.envs) == {"STEPS": "600", "LR": "0.01", "DEBUG": "True"}
+
+
+def test_jobs_piped_keep_one_line_per_job_and_json_for_scripts(
+        server: object, service: Service, tmp_path: Path) -> None:
+    """A real `gpuscout` process with its output piped, as `gpuscout jobs |
+    grep` runs it: names and offers are not wrapped at 80 columns."""
+    import json as json_
+    import os
+    import subprocess
+    import sys
+
+    name = "a-rather-long-job-name-that-used-to-wrap-in-pieces"
+    job = service.plane.submit(JobSpec_of(name))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env.update(GPUSCOUT_URL=server.url, GPUSCOUT_API_TOKEN="t")  # type: ignore[attr-defined]
+    gpuscout = str(Path(sys.executable).parent / "gpuscout")
+    listed = subprocess.run([gpuscout, "jobs"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    assert any(name in line and job.id in line for line in listed.stdout.splitlines())
+    as_json = subprocess.run([gpuscout, "jobs", "--json"], capture_output=True, text=True,
+                             env=env, timeout=60)
+    assert [j["id"] for j in json_.loads(as_json.stdout)] == [job.id]
+
+
+def JobSpec_of(name: str):  # type: ignore[no-untyped-def]
+    from gpuscout.domain import JobSpec, Resources
+
+    return JobSpec(name=name, command="true", resources=Resources(gpus=1))

@@ -13,7 +13,10 @@ code 1; never a traceback.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ app.add_typer(market_app, name="market")
 
 out = Console()
 err = Console(stderr=True)
+PIPED_WIDTH = 400
 
 
 # --- connection options -------------------------------------------------------
@@ -75,7 +79,10 @@ def main(
 ) -> None:
     global out, err
     # Made per invocation so that COLUMNS and the streams in effect now count.
-    out, err = Console(), Console(stderr=True)
+    # Piped (to grep, a file): rows are not wrapped at 80 columns, so one
+    # job stays on one line; COLUMNS, when set, still decides.
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    out, err = Console(width=PIPED_WIDTH if piped else None), Console(stderr=True)
     ctx.obj = Target(url=url, token=token)
 
 
@@ -285,8 +292,6 @@ def read_job_file(path: Path) -> dict[str, Any]:
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
     """``KEY=VALUE`` options (``KEY`` alone: the value from this shell's
     environment, as SkyPilot's ``--env``/``--secret`` do)."""
-    import os
-
     pairs: dict[str, str] = {}
     for item in values or []:
         key, sep, value = item.partition("=")
@@ -438,8 +443,6 @@ def logs(
     url: UrlOption = None, token: TokenOption = None,
 ) -> None:
     """The job's setup and command output, one log across its moves."""
-    import sys
-
     with friendly_errors(), _client(ctx, url, token) as api:
         if not follow:
             sys.stdout.write(api.logs(job, tail))
@@ -461,11 +464,16 @@ def logs(
 def jobs(
     ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help="only jobs in this status")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the API's JSON, for scripts")] = False,
     url: UrlOption = None, token: TokenOption = None,
 ) -> None:
     """List jobs: id, name, status, step/total, cost, savings, offer."""
     with friendly_errors(), _client(ctx, url, token) as api:
-        out.print(render.jobs_table(api.jobs(status)))
+        data = api.jobs(status)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    out.print(render.jobs_table(data))
 
 
 @app.command()
