@@ -240,3 +240,40 @@ def test_a_job_sees_skypilots_variables_unless_it_sets_them(
     assert request.env == {"SKYPILOT_NODE_RANK": "mine", "SKYPILOT_NUM_NODES": "1",
                            "SKYPILOT_NODE_IPS": "127.0.0.1", "SKYPILOT_NUM_GPUS_PER_NODE": "1",
                            "SKYPILOT_TASK_ID": job.id, "A": "1"}
+
+
+def test_of_two_cancels_at_once_one_wins_and_the_other_is_a_conflict(
+        tmp_path: Path, agents: FakeAgents) -> None:
+    """Two DELETE /jobs/{id} at the same moment (PostgreSQL-like races on
+    SQLite too): exactly one cancels, the other answers 409, one event."""
+    import threading
+
+    for attempt in range(20):
+        svc = make_service(tmp_path / str(attempt), FakeProvider(address_for=address_for),
+                           agents, ManualClock())
+        try:
+            job = svc.plane.submit(SPEC)
+            barrier = threading.Barrier(2)
+            outcomes: list[str] = []
+            threads = [threading.Thread(target=cancel_once, args=(svc, job.id, barrier, outcomes))
+                       for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(outcomes) == ["cancelled", "conflict"], outcomes
+            events = [e for e in svc.repo.list_events(job.id) if e.kind == "cancelled"]
+            assert len(events) == 1
+        finally:
+            svc.plane.stop()
+
+
+def cancel_once(svc: Service, job_id: str, barrier: object, outcomes: list[str]) -> None:
+    from gpuscout.controllers.context import Conflict
+
+    barrier.wait()  # type: ignore[attr-defined]
+    try:
+        svc.plane.cancel(job_id)
+        outcomes.append("cancelled")
+    except Conflict:
+        outcomes.append("conflict")

@@ -69,6 +69,8 @@ _REASON_OF_TRIGGER = {
     Trigger.DEADLINE: MigrationReason.DEADLINE,
     Trigger.CAPACITY: MigrationReason.PREEMPTION,
 }
+# A cancel that races the loops' own changes of the job tries this often.
+_CANCEL_TRIES = 5
 # Past moves whose measured phases replace the estimates (most recent).
 _MEASURED_MOVES = 20
 
@@ -338,7 +340,21 @@ class ControlPlane:
         job = self.ctx.repo.get_job(job_id)
         if job.status.is_terminal():
             raise Conflict(f"job {job_id} is already {job.status.value}")
-        job = self.ctx.repo.transition(job_id, S.CANCELLED, finished_at=self.ctx.clock.now())
+        # Only from a live status: of two cancels at once, one wins and the
+        # other is told the job is already cancelled. A job that moved on
+        # meanwhile (running -> migrating) is cancelled from where it is.
+        for _ in range(_CANCEL_TRIES):
+            try:
+                job = self.ctx.repo.transition(
+                    job_id, S.CANCELLED, finished_at=self.ctx.clock.now(),
+                    expect={s for s in S if s not in TERMINAL})
+                break
+            except ConcurrentChange:
+                current = self.ctx.repo.get_job(job_id)
+                if current.status.is_terminal():
+                    raise Conflict(f"job {job_id} is already {current.status.value}") from None
+        else:
+            raise Conflict(f"job {job_id} kept changing; try again")
         self.ctx.router.switch(job_id, None)
         for instance in self.ctx.repo.list_instances(job_id=job_id, live_only=True):
             self.ctx.terminate(instance.id)
