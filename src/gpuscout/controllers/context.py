@@ -98,12 +98,15 @@ class Context:
     # --- offers ----------------------------------------------------------------
 
     def offers(self) -> list[Offer]:
-        """The market now: offers that just failed to launch count as
-        unavailable, and each carries the capacity losses per day this
+        """The market now: offers that just failed to launch, or have no
+        price above zero, count as unavailable, and each carries the capacity losses per day this
         control plane has seen on it (``CapacityHistory``)."""
         now = self.clock.now()
         blocked = {k for k, until in self._unavailable_until.items() if until > now}
-        offers = [o.with_(available=False) if o.id in blocked else o
+        # A price of zero or less is no price (moto's spot history answers
+        # 0.0; a feed's gap): such an offer cannot be had, whatever it says.
+        offers = [o.with_(available=False)
+                  if o.id in blocked or (o.available and o.price_per_hour <= 0) else o
                   for o in self.repo.list_offers()]
         with self._history_lock:
             return self.capacity_history.observe(now.timestamp(), offers)

@@ -55,6 +55,8 @@ class Lifecycle:
         self._retry_at: dict[str, datetime] = {}
         # The checkpoint step each running job was last pruned after.
         self._retained: dict[str, int] = {}
+        # Instances whose spot interruption notice has been recorded.
+        self._noticed: set[str] = set()
 
     def reconcile(self, job: Job) -> None:
         try:
@@ -202,8 +204,10 @@ class Lifecycle:
         elif health.state == AgentState.FAILED:
             self._job_failed(job, instance.id, _command_error(health))
         elif health.interruption_notice or self._provider_notice(instance.id):
-            self.ctx.event(job.id, "interruption",
-                           f"{instance.id} got a spot interruption notice")
+            if instance.id not in self._noticed:  # one event per notice, not per pass
+                self._noticed.add(instance.id)
+                self.ctx.event(job.id, "interruption",
+                               f"{instance.id} got a spot interruption notice")
             self.urgent_move(job, MigrationReason.PREEMPTION)
 
     def _migrating(self, job: Job) -> None:
