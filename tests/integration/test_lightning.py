@@ -17,7 +17,6 @@ DataLoader, or no generator restore, ends with other weights (see the
 
 from __future__ import annotations
 
-import io
 import shlex
 import shutil
 import signal
@@ -46,6 +45,7 @@ from gpuscout.workload.runtime import (  # noqa: E402
 from tests.integration import test_agent, test_linreg  # noqa: E402
 from tests.integration.test_agent import JOB_ID, Agent  # noqa: E402
 from tests.integration.test_linreg import standalone_env  # noqa: E402
+from tests.torch_states import assert_identical, load_model, move_between_agents  # noqa: E402
 
 # the fixtures that start real agents and clean up processes
 start_agent = test_agent.start_agent
@@ -55,6 +55,7 @@ procs = test_linreg.procs
 DIGITS = [sys.executable, "-m", "gpuscout.examples.lightning_digits"]
 STEPS = 120  # two epochs of 57 batches and a bit, one LR decay (at 100)
 SEED = 4
+TENSORS = 6 + 6 * 3  # 6 parameters; Adam's exp_avg, exp_avg_sq and step of each
 
 
 class Digits:
@@ -75,36 +76,6 @@ class Digits:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         return code, self.log.read_text(errors="replace")
-
-
-def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(leaves(item, f"{prefix}{key}."))
-        return out
-    if isinstance(value, list | tuple):
-        return leaves(dict(enumerate(value)), prefix)
-    return {prefix.rstrip("."): value}
-
-
-def assert_identical(got: dict[str, Any], want: dict[str, Any]) -> None:
-    """Every tensor equal (torch.equal, same dtype), every other value equal."""
-    flat_got, flat_want = leaves(got), leaves(want)
-    assert flat_got.keys() == flat_want.keys()
-    tensors = 0
-    for key, expected in flat_want.items():
-        actual = flat_got[key]
-        if isinstance(expected, torch.Tensor):
-            assert actual.dtype == expected.dtype and torch.equal(actual, expected), key
-            tensors += 1
-        else:
-            assert actual == expected, key
-    assert tensors == 6 + 6 * 3  # 6 parameters; Adam's exp_avg, exp_avg_sq and step of each
-
-
-def load_model(data: bytes) -> dict[str, Any]:
-    return dict(torch.load(io.BytesIO(data), weights_only=True))
 
 
 class Reference:
@@ -197,8 +168,8 @@ def test_runs_stopped_and_run_on_in_their_folders_end_identical(
         assert code == 0, output
         assert f"resuming after step {first}" in output
         assert "not resumable" not in output  # Lightning's warning for a plain DataLoader
-        assert_identical(load_model((folders[name] / "model.pt").read_bytes()),
-                         reference.model())
+        assert assert_identical(load_model((folders[name] / "model.pt").read_bytes()),
+                                reference.model()) == TENSORS
         assert not (folders[name] / WORK_DIR).exists()  # no staging or restored folder left
     code, output = other.finish()
     assert code == 2 and "does not belong to --seed" in output, output
@@ -209,22 +180,8 @@ def test_moved_between_agents_mid_run_ends_identical(
 ) -> None:
     command = (f"{shlex.quote(sys.executable)} -m gpuscout.examples.lightning_digits "
                f"--steps {STEPS} --seed {SEED} --step-sleep 0.03 --checkpoint-every 0")
-    old = start_agent(command, instance_id="i-old")
-    new = start_agent(command, instance_id="i-new", standby=True)
-    old.wait(lambda h: h["state"] == "running" and h["step"] >= 30, "old instance training",
-             timeout=60)
-    assert new.health()["state"] == "standby"
-
-    answer = old.call("POST", "/agent/checkpoint", json={"pause": True, "timeout_s": 20})
-    assert answer.status_code == 200, answer.text
-    step = answer.json()["step"]
-    assert 30 <= step < STEPS
+    old, new, step = move_between_agents(start_agent, command, steps=STEPS)
     assert old.health()["state"] == "paused"  # GpuScoutCallback blocks in the Trainer
-    assert new.call("POST", "/agent/restore", json={"step": step}).status_code == 202
-    health = new.wait(lambda h: h["state"] == "running" and h["step"] > step,
-                      "replacement's first step", timeout=60)
-    assert health["first_step"] == step + 1
-    assert old.health()["step"] == step  # the old side never ran past the checkpoint
     assert old.call("POST", "/agent/stop").status_code == 202
     # stopped while paused in the callback: it dies by SIGTERM at once, not
     # SIGKILLed after the agent's grace period (Lightning alone would wait
@@ -235,6 +192,7 @@ def test_moved_between_agents_mid_run_ends_identical(
     health = new.wait(lambda h: h["state"] == "completed", "replacement completes", timeout=60)
     assert health["exit_code"] == 0 and health["step"] == STEPS
     model_key = f"{p.artifacts_prefix(JOB_ID)}/model.pt"
-    assert_identical(load_model(open_store(store_url).get(model_key)), reference.model())
+    assert assert_identical(load_model(open_store(store_url).get(model_key)),
+                            reference.model()) == TENSORS
     checkpoints = CheckpointStore(open_store(store_url), p.checkpoint_prefix(JOB_ID)).list()
     assert [c.step for c in checkpoints] == [step]  # only the one the move asked for

@@ -5,7 +5,6 @@ uninterrupted run, tensor for tensor."""
 
 from __future__ import annotations
 
-import io
 import shlex
 import signal
 import subprocess
@@ -31,6 +30,7 @@ from gpuscout.workload.runtime import (  # noqa: E402
 from tests.integration import test_agent, test_linreg  # noqa: E402
 from tests.integration.test_agent import JOB_ID, Agent  # noqa: E402
 from tests.integration.test_linreg import standalone_env  # noqa: E402
+from tests.torch_states import assert_identical, load_model, move_between_agents  # noqa: E402
 
 # the fixtures that start real agents and clean up processes
 start_agent = test_agent.start_agent
@@ -40,41 +40,12 @@ procs = test_linreg.procs
 DIGITS = [sys.executable, "-m", "gpuscout.examples.torch_digits"]
 STEPS = 120  # two epochs of 57 batches and a bit, one LR decay (at 100)
 SEED = 4
+TENSORS = 6 + 13  # at least: 6 parameters; their Adam moments and step counts
 
 
 def run_digits(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*DIGITS, *args], cwd=cwd, env=standalone_env(), capture_output=True,
                           text=True, timeout=timeout)
-
-
-def leaves(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(leaves(item, f"{prefix}{key}."))
-        return out
-    if isinstance(value, list | tuple):
-        return leaves(dict(enumerate(value)), prefix)
-    return {prefix.rstrip("."): value}
-
-
-def assert_identical(got: dict[str, Any], want: dict[str, Any]) -> None:
-    """Every tensor equal (torch.equal, same dtype), every other value equal."""
-    flat_got, flat_want = leaves(got), leaves(want)
-    assert flat_got.keys() == flat_want.keys()
-    tensors = 0
-    for key, expected in flat_want.items():
-        actual = flat_got[key]
-        if isinstance(expected, torch.Tensor):
-            assert actual.dtype == expected.dtype and torch.equal(actual, expected), key
-            tensors += 1
-        else:
-            assert actual == expected, key
-    assert tensors >= 6 + 13  # 6 parameters; their Adam moments and step counts
-
-
-def load_model(data: bytes) -> dict[str, Any]:
-    return dict(torch.load(io.BytesIO(data), weights_only=True))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +91,8 @@ def test_killed_standalone_run_resumes_and_ends_identical(
     resumed = [line for line in second.stderr.splitlines() if "resuming after step" in line]
     assert resumed, second.stderr
     assert latest.step <= int(resumed[0].rsplit(" ", 1)[1]) < STEPS
-    assert_identical(load_model((out / "model.pt").read_bytes()), reference)
+    assert assert_identical(load_model((out / "model.pt").read_bytes()),
+                            reference) >= TENSORS
     assert not (out / WORK_DIR).exists()  # no staging or restored folder left
 
 
@@ -133,7 +105,8 @@ def test_a_run_stopped_half_way_and_run_on_ends_identical(
     rest = run_digits("--steps", str(STEPS), *common, cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr
     assert "resuming after step 60" in rest.stderr
-    assert_identical(load_model((tmp_path / "model.pt").read_bytes()), reference)
+    assert assert_identical(load_model((tmp_path / "model.pt").read_bytes()),
+                            reference) >= TENSORS
 
     other = run_digits("--steps", str(STEPS), "--seed", str(SEED + 1), "--out", str(tmp_path),
                        cwd=tmp_path)
@@ -145,26 +118,13 @@ def test_moved_between_agents_mid_run_ends_identical(
 ) -> None:
     command = (f"{shlex.quote(sys.executable)} -m gpuscout.examples.torch_digits "
                f"--steps {STEPS} --seed {SEED} --step-sleep 0.03 --checkpoint-every 0")
-    old = start_agent(command, instance_id="i-old")
-    new = start_agent(command, instance_id="i-new", standby=True)
-    old.wait(lambda h: h["state"] == "running" and h["step"] >= 30, "old instance training",
-             timeout=60)
-    assert new.health()["state"] == "standby"
-
-    answer = old.call("POST", "/agent/checkpoint", json={"pause": True, "timeout_s": 20})
-    assert answer.status_code == 200, answer.text
-    step = answer.json()["step"]
-    assert 30 <= step < STEPS
-    assert new.call("POST", "/agent/restore", json={"step": step}).status_code == 202
-    health = new.wait(lambda h: h["state"] == "running" and h["step"] > step,
-                      "replacement's first step", timeout=60)
-    assert health["first_step"] == step + 1
-    assert old.health()["step"] == step  # the old side never ran past the checkpoint
+    old, new, step = move_between_agents(start_agent, command, steps=STEPS)
     assert old.call("POST", "/agent/stop").status_code == 202
 
     health = new.wait(lambda h: h["state"] == "completed", "replacement completes", timeout=60)
     assert health["exit_code"] == 0
     model_key = f"{p.artifacts_prefix(JOB_ID)}/model.pt"
-    assert_identical(load_model(open_store(store_url).get(model_key)), reference)
+    assert assert_identical(load_model(open_store(store_url).get(model_key)),
+                            reference) >= TENSORS
     checkpoints = CheckpointStore(open_store(store_url), p.checkpoint_prefix(JOB_ID)).list()
     assert [c.step for c in checkpoints] == [step]  # only the one the move asked for

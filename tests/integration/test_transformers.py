@@ -6,7 +6,6 @@ state and torch generator of an uninterrupted run, tensor for tensor."""
 
 from __future__ import annotations
 
-import io
 import shlex
 import subprocess
 import sys
@@ -30,7 +29,8 @@ from gpuscout.workload.runtime import WORK_DIR  # noqa: E402
 from tests.integration import test_agent  # noqa: E402
 from tests.integration.test_agent import JOB_ID, Agent  # noqa: E402
 from tests.integration.test_linreg import standalone_env  # noqa: E402
-from tests.integration.test_torch_digits import leaves  # noqa: E402
+from tests.torch_states import assert_identical as states_identical  # noqa: E402
+from tests.torch_states import load_model, move_between_agents  # noqa: E402
 
 # the fixtures that start real agents and clean up processes
 start_agent = test_agent.start_agent
@@ -61,24 +61,10 @@ def run_hf(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedP
                           text=True, timeout=timeout)
 
 
-def load_model(data: bytes) -> dict[str, Any]:
-    return dict(torch.load(io.BytesIO(data), weights_only=True))
-
-
 def assert_identical(got: dict[str, Any], want: dict[str, Any]) -> None:
     """Every tensor equal (torch.equal, same dtype), every other value equal:
     weights, AdamW moments and steps, the torch CPU generator."""
-    flat_got, flat_want = leaves(got), leaves(want)
-    assert flat_got.keys() == flat_want.keys()
-    tensors = 0
-    for key, expected in flat_want.items():
-        actual = flat_got[key]
-        if isinstance(expected, torch.Tensor):
-            assert actual.dtype == expected.dtype and torch.equal(actual, expected), key
-            tensors += 1
-        else:
-            assert actual == expected, key
-    assert tensors >= MIN_TENSORS
+    assert states_identical(got, want) >= MIN_TENSORS
     assert torch.equal(got["torch_rng"], want["torch_rng"])  # dropout drew the same numbers
 
 
@@ -118,21 +104,8 @@ def test_moved_between_agents_mid_epoch_ends_identical(
 ) -> None:
     command = (f"{shlex.quote(sys.executable)} -m gpuscout.examples.hf_digits "
                f"--steps {STEPS} --seed {SEED} --step-sleep 0.02 --checkpoint-every 0")
-    old = start_agent(command, instance_id="i-old")
-    new = start_agent(command, instance_id="i-new", standby=True)
-    old.wait(lambda h: h["state"] == "running" and h["step"] >= 30, "old instance training",
-             timeout=60)
-    assert new.health()["state"] == "standby"
-
-    answer = old.call("POST", "/agent/checkpoint", json={"pause": True, "timeout_s": 20})
-    assert answer.status_code == 200, answer.text
-    step = answer.json()["step"]
-    assert 30 <= step < STEPS and step % EPOCH != 0  # mid-epoch
-    assert new.call("POST", "/agent/restore", json={"step": step}).status_code == 202
-    health = new.wait(lambda h: h["state"] == "running" and h["step"] > step,
-                      "replacement's first step", timeout=60)
-    assert health["first_step"] == step + 1
-    assert old.health()["step"] == step  # the old side never ran past the checkpoint
+    old, new, step = move_between_agents(start_agent, command, steps=STEPS)
+    assert step % EPOCH != 0  # mid-epoch
     assert old.call("POST", "/agent/stop").status_code == 202
 
     health = new.wait(lambda h: h["state"] == "completed", "replacement completes", timeout=60)

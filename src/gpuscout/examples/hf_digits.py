@@ -62,8 +62,9 @@ log = logging.getLogger("gpuscout.examples.hf_digits")
 
 def build_parser() -> argparse.ArgumentParser:
     return digits_parser(
-        "hf_digits", "Train a tiny BERT on the 8x8 digits with the Hugging Face Trainer "
-                    "(GPU Scout example job).")
+        "hf_digits",
+        "Train a tiny BERT on the 8x8 digits with the Hugging Face Trainer (GPU Scout example "
+        "job).")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ import warnings
 from typing import Any
 
 from gpuscout import workload
-from gpuscout.examples.torch_digits import digits_parser
+from gpuscout.examples.torch_digits import digits_cnn, digits_images, digits_parser
 
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
@@ -53,8 +53,9 @@ log = logging.getLogger("gpuscout.examples.lightning_digits")
 
 def build_parser() -> argparse.ArgumentParser:
     return digits_parser(
-        "lightning_digits", "Train a small CNN on the 8x8 digits data set with PyTorch Lightning "
-                    "(GPU Scout example job).")
+        "lightning_digits",
+        "Train a small CNN on the 8x8 digits data set with PyTorch Lightning (GPU Scout example "
+        "job).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import lightning.pytorch as pl
+        import sklearn  # type: ignore[import-untyped]  # noqa: F401  (digits_images needs it)
         import torch
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
         from torch import nn
         from torch.utils.data import TensorDataset
 
@@ -82,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, workers=True, verbose=False)
 
-    digits = load_digits()
-    images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (N,1,8,8)
-    labels = torch.tensor(digits.target, dtype=torch.long)
+    images, labels = digits_images()
     dataset = TensorDataset(images, labels)
     sampler = gs_torch.ResumableSampler(len(dataset), batch_size=BATCH_SIZE, seed=args.seed)
     loader = ResumableDataLoader(dataset, sampler)
@@ -93,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     class DigitsCNN(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(
-                nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Dropout(0.25), nn.Linear(16 * 4 * 4, 10),
-            )
+            self.net = digits_cnn()
             self.loss_fn = nn.CrossEntropyLoss()
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:

@@ -54,6 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
         "torch_digits", "Train a small CNN on the 8x8 digits data set (GPU Scout example job).")
 
 
+def digits_images() -> tuple[Any, Any]:
+    """scikit-learn's bundled 8x8 digits as tensors: images (N, 1, 8, 8) in
+    [0, 1] (float32) and labels (N,) (int64). Needs torch and scikit-learn."""
+    import torch
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
+
+    digits = load_digits()
+    images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+def digits_cnn() -> Any:
+    """The small CNN the torch and Lightning examples train (10 classes)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.25), nn.Linear(16 * 4 * 4, 10),
+    )
+
+
 def digits_parser(example: str, description: str) -> argparse.ArgumentParser:
     """The options every digits example takes (torch_digits, lightning_digits,
     hf_digits): the same job shape under three frameworks."""
@@ -82,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        import sklearn  # type: ignore[import-untyped]  # noqa: F401  (digits_images needs it)
         import torch
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
         from torch import nn
         from torch.utils.data import TensorDataset
 
@@ -99,16 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    digits = load_digits()
-    images = torch.tensor(digits.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (N,1,8,8)
-    labels = torch.tensor(digits.target, dtype=torch.long)
+    images, labels = digits_images()
     dataset = TensorDataset(images, labels)
-
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(0.25), nn.Linear(16 * 4 * 4, 10),
-    )
+    model = digits_cnn()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=LR_STEP, gamma=LR_GAMMA)
     sampler = gs_torch.ResumableSampler(len(dataset), batch_size=BATCH_SIZE, seed=args.seed)
