@@ -41,6 +41,7 @@ class AgentConfig:
     workdir_ref: str | None = None  # the packed project folder to unpack first
     setup: str | None = None
     secret_names: tuple[str, ...] = ()
+    instance_dir: str | None = None  # where the job log's copy and the job's env go
 
     @property
     def preparing(self) -> bool:
@@ -86,6 +87,7 @@ class AgentConfig:
             setup=env.get(p.ENV_SETUP, "").strip() or None,
             secret_names=tuple(n for n in env.get(p.ENV_SECRET_NAMES, "").split(",")
                                if n.strip()),
+            instance_dir=env.get(p.ENV_INSTANCE_DIR, "").strip() or None,
         )
 
     def workload_env(

@@ -105,6 +105,7 @@ ENV_STANDBY = "GPUSCOUT_STANDBY"
 ENV_WORKDIR = "GPUSCOUT_WORKDIR"
 ENV_CONTROL_URL = "GPUSCOUT_CONTROL_URL"
 ENV_OFFER_ID = "GPUSCOUT_OFFER_ID"  # the offer the instance was launched on
+ENV_INSTANCE_DIR = "GPUSCOUT_INSTANCE_DIR"  # the instance's folder (logs, the job's env)
 ENV_WORKDIR_REF = "GPUSCOUT_WORKDIR_REF"  # "sha256:<hex>" of the packed workdir
 ENV_SETUP = "GPUSCOUT_SETUP"  # the job's setup command
 ENV_SECRET_NAMES = "GPUSCOUT_SECRET_NAMES"  # comma-separated; values come later

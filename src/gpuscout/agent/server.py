@@ -161,11 +161,10 @@ class Agent:
         setup, then STANDBY or STARTING. False when the job cannot start
         (the status says why) or the agent is closing."""
         config = self.config
-        instance_dir = os.environ.get("GPUSCOUT_INSTANCE_DIR")
-        if instance_dir:
+        if config.instance_dir:
             try:
                 bin_dir = await asyncio.to_thread(jobenv.make_job_env,
-                                                  Path(instance_dir) / JOB_ENV_DIR)
+                                                  Path(config.instance_dir) / JOB_ENV_DIR)
             except OSError as exc:  # the agent's own environment will do
                 log.warning("no environment of the job's own (%s): using the agent's", exc)
             else:
@@ -535,9 +534,9 @@ async def run_agent(config: AgentConfig) -> int:
         capture=True,
     )
     store = open_store(config.store_url)
-    instance_dir = os.environ.get("GPUSCOUT_INSTANCE_DIR")
     shipper = LogShipper(store, config.job_id, config.instance_id,
-                         local_path=Path(instance_dir) / JOB_LOG_FILE if instance_dir else None)
+                         local_path=(Path(config.instance_dir) / JOB_LOG_FILE
+                                     if config.instance_dir else None))
     agent = Agent(config, supervisor, workload_port, shipper, store)
     server = _Server(uvicorn.Config(
         create_app(agent), log_level="warning", access_log=False, lifespan="off",

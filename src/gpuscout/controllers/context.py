@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gpuscout.clock import Clock
-from gpuscout.controllers.agent_client import Agents
+from gpuscout.controllers.agent_client import AgentError, Agents
 from gpuscout.db import NotFound, Repository, new_id
 from gpuscout.domain import Instance, InstanceStatus, Job, Offer
 from gpuscout.market.history import CapacityHistory
@@ -167,11 +167,15 @@ class Context:
     def deliver_secrets(self, job_id: str, address: str) -> None:
         """Hand the job's secret values to the agent at ``address``, which
         waits for them before it prepares the job (they never travel in
-        user-data). Raises AgentError if the agent does not take them."""
-        sealed = self.repo.job_row_fields(job_id, "secrets_sealed")["secrets_sealed"]
-        if self.secretbox is None:
-            raise SecretBoxError("this control plane has no key to open job secrets")
-        self.agents.send_secrets(address, self.secretbox.open(sealed))
+        user-data). A failure is logged: the agent keeps waiting, and the
+        caller offers them again on its next look at the agent's health."""
+        try:
+            sealed = self.repo.job_row_fields(job_id, "secrets_sealed")["secrets_sealed"]
+            if self.secretbox is None:
+                raise SecretBoxError("this control plane has no key to open job secrets")
+            self.agents.send_secrets(address, self.secretbox.open(sealed))
+        except (AgentError, SecretBoxError) as err:
+            log.warning("job %s: secrets not delivered to %s yet: %s", job_id, address, err)
 
     def route(self, job_id: str, instance: Instance) -> None:
         """Point the job's endpoint at ``instance``: the proxy's route first,

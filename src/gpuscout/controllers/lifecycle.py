@@ -19,7 +19,6 @@ from gpuscout.domain import InstanceStatus, Job, JobStatus, MigrationReason
 from gpuscout.domain.states import IllegalTransition
 from gpuscout.policy import PlacementDecision, choose_offer
 from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
-from gpuscout.secretbox import SecretBoxError
 from gpuscout.workload.checkpoint import CheckpointStore
 
 S = JobStatus
@@ -120,16 +119,15 @@ class Lifecycle:
         failures = int(self.ctx.repo.job_row_fields(job.id, "launch_failures")
                        ["launch_failures"] or 0) + 1
         message = f"{type(err).__name__}: {err}" if not isinstance(err, ProviderError) else str(err)
+        self.ctx.repo.update_job(job.id, launch_failures=failures)
         if failures >= MAX_LAUNCH_FAILURES:
             self._retry_at.pop(job.id, None)
-            self.ctx.repo.update_job(job.id, launch_failures=failures)
             self._finish(job, None, S.FAILED,
                          f"could not launch after {failures} tries: {message}",
                          expect=job.status)
             return
         delay = launch_backoff_s(failures)
         self._retry_at[job.id] = self.ctx.clock.now() + timedelta(seconds=delay)
-        self.ctx.repo.update_job(job.id, launch_failures=failures)
         self.ctx.event(job.id, "launch_failed",
                        f"launch on {offer_id} failed (try {failures} of {MAX_LAUNCH_FAILURES}, "
                        f"next in {delay:.0f} s): {message}", offer_id=offer_id)
@@ -145,13 +143,12 @@ class Lifecycle:
         if health is not None:
             self._last_seen[instance_id] = now
             if health.awaiting_secrets and instance.address:
-                self._deliver_secrets(job, instance.address)
+                self.ctx.deliver_secrets(job.id, instance.address)
             if health.state == AgentState.SETUP:
                 return  # the agent is up and preparing the job (workdir, setup)
         if health is not None and health.state not in (AgentState.FAILED,):
             self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING, ready_at=now,
                                           setup_s=health.setup_s)
-            self._last_seen[instance_id] = now
             fields = {"started_at": job.started_at or now}
             self.ctx.repo.transition(job.id, S.RUNNING, expect={S.PROVISIONING}, **fields)
             self.ctx.route(job.id, instance)
@@ -288,12 +285,6 @@ class Lifecycle:
                        f"checkpoint after: {error}", instance_id=instance_id, restarts=restarts)
         self.ctx.router.switch(job.id, None)
         self.ctx.terminate(instance_id)
-
-    def _deliver_secrets(self, job: Job, address: str) -> None:
-        try:
-            self.ctx.deliver_secrets(job.id, address)
-        except (AgentError, SecretBoxError) as err:
-            log.warning("job %s: secrets not delivered to %s yet: %s", job.id, address, err)
 
     def _finish(self, job: Job, instance_id: str | None, status: JobStatus, error: str | None,
                 expect: JobStatus = S.RUNNING) -> None:

@@ -38,7 +38,6 @@ from gpuscout.domain import (
 )
 from gpuscout.domain.states import IllegalTransition
 from gpuscout.providers.base import CapacityError, ProviderError
-from gpuscout.secretbox import SecretBoxError
 from gpuscout.workload.checkpoint import CheckpointStore
 
 P = MigrationPhase
@@ -293,10 +292,7 @@ class MigrationExecutor:
                         f"replacement {instance_id} failed before standby: {health.error}",
                         offer_fault=health.failed_phase is None)
                 if health.awaiting_secrets:
-                    try:
-                        ctx.deliver_secrets(m.job_id, address)
-                    except (AgentError, SecretBoxError) as err:
-                        log.warning("secrets not delivered to %s yet: %s", instance_id, err)
+                    ctx.deliver_secrets(m.job_id, address)
             if not seen and now - started > ctx.timeouts.health_s:
                 raise MigrationFailed(f"replacement {instance_id} did not come up in standby "
                                       f"within {ctx.timeouts.health_s:.0f}s")

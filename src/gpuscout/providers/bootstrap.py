@@ -30,7 +30,6 @@ ENV_MARKER = "# @GPUSCOUT_ENV@"
 # Read by bootstrap.sh only; the agent does not need them.
 ENV_PYTHON = "GPUSCOUT_PYTHON"
 ENV_PACKAGE_SPEC = "GPUSCOUT_PACKAGE_SPEC"
-ENV_INSTANCE_DIR = "GPUSCOUT_INSTANCE_DIR"
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -74,7 +73,7 @@ def bootstrap_env(
         protocol.ENV_SECRET_NAMES: ",".join(request.secret_names) or None,
         ENV_PYTHON: python or None,
         ENV_PACKAGE_SPEC: package_spec or None,
-        ENV_INSTANCE_DIR: instance_dir or None,
+        protocol.ENV_INSTANCE_DIR: instance_dir or None,
     }
     clash = sorted(set(request.env) & set(ours))
     if clash:
