@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 
 from gpuscout import workload
 from gpuscout.agent.protocol import ProgressAction
-from gpuscout.store import FileDigest, ObjectStore, open_store
+from gpuscout.store import ObjectStore, open_store
 from gpuscout.workload.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -26,6 +26,7 @@ from gpuscout.workload.checkpoint import (
     NoCheckpoint,
 )
 from gpuscout.workload.runtime import STANDALONE_CHECKPOINT_DIR, WORK_DIR
+from tests.unit.test_workload_runtime import BrokenStore
 
 
 def standalone(folder: Path, every: int | None = 5) -> workload.Run:
@@ -222,38 +223,11 @@ def test_an_error_of_the_files_function_propagates_and_staging_is_cleaned(
     assert seen and not seen[0].exists()
 
 
-class _NoUploadStore:
-    """A store whose writes fail (a full disk, an S3 outage)."""
-
-    url = "broken://"
-
-    def put(self, key: str, data: bytes) -> None:
-        raise OSError("disk full")
-
-    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
-        raise OSError("disk full")
-
-    def get(self, key: str) -> bytes:
-        raise KeyError(key)
-
-    def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
-        raise KeyError(key)
-
-    def exists(self, key: str) -> bool:
-        return False
-
-    def list(self, prefix: str) -> Iterator[str]:
-        return iter(())
-
-    def delete(self, key: str) -> None:
-        pass
-
-
 def test_a_failing_upload_does_not_stop_training(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     staged: list[Path] = []
-    run = workload.Run(checkpoints=CheckpointStore(_NoUploadStore(), "ck"), checkpoint_every=1,
+    run = workload.Run(checkpoints=CheckpointStore(BrokenStore(), "ck"), checkpoint_every=1,
                        instance_id="i", default_dir=tmp_path)
     run.step_done(1, files=writer(files_of(1), staged))
     run.step_done(2, files=writer(files_of(2), staged))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from gpuscout import workload
 from gpuscout.agent import protocol as p
 from gpuscout.store import open_store
+from gpuscout.store.base import FileDigest
 from gpuscout.workload.checkpoint import CheckpointStore
 from gpuscout.workload.runtime import AgentClient, AgentUnavailable, WorkloadServer
 
@@ -162,7 +164,7 @@ def test_state_json_is_canonical() -> None:
     assert sys.float_repr_style == "short"  # what exact round-trips rely on
 
 
-class _BrokenStore:
+class BrokenStore:
     """A store whose writes fail (a full disk, an S3 outage)."""
 
     url = "broken://"
@@ -170,7 +172,13 @@ class _BrokenStore:
     def put(self, key: str, data: bytes) -> None:
         raise OSError("disk full")
 
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        raise OSError("disk full")
+
     def get(self, key: str) -> bytes:
+        raise KeyError(key)
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
         raise KeyError(key)
 
     def exists(self, key: str) -> bool:
@@ -186,7 +194,7 @@ class _BrokenStore:
 def test_a_failing_store_does_not_stop_training(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    run = workload.Run(checkpoints=CheckpointStore(_BrokenStore(), "ck"), checkpoint_every=1,
+    run = workload.Run(checkpoints=CheckpointStore(BrokenStore(), "ck"), checkpoint_every=1,
                        instance_id="i", default_dir=tmp_path)
     run.step_done(1, state={"w": 1.0})
     assert run.last_checkpoint is None
