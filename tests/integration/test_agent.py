@@ -127,11 +127,19 @@ def start_agent(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Agent]
     agents: list[Agent] = []
 
     def start(command: str, *, instance_id: str = "i-a", standby: bool = False,
-              token: str | None = None, wait_up: bool = True) -> Agent:
+              token: str | None = None, wait_up: bool = True,
+              mode: str | None = "library", env: dict[str, str] | None = None) -> Agent:
+        """``mode``: how an earlier instance found the job checkpoints
+        (agent/ckptdir.py); a replacement starts a library job's command at
+        once, in standby, and any other's only on the restored folder."""
+        if mode is not None:
+            open_store(store_url).put(p.checkpoint_mode_key(JOB_ID), mode.encode())
         port = free_port()
         workdir = tmp_path / instance_id
         workdir.mkdir(exist_ok=True)
+        extra = env or {}
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSCOUT_")}
+        env.update(extra)
         env.update({
             p.ENV_INSTANCE_ID: instance_id, p.ENV_JOB_ID: JOB_ID,
             p.ENV_AGENT_HOST: "127.0.0.1", p.ENV_AGENT_PORT: str(port),
@@ -296,6 +304,18 @@ def test_restore_of_a_missing_step_fails_the_replacement(
     # The job's stderr is in its error (and its log), not in the agent's log.
     assert "NoCheckpoint" in health["error"]
     assert "NoCheckpoint" not in new.log_text()
+
+
+def test_restore_of_a_missing_step_fails_a_folder_jobs_replacement(
+    start_agent: Callable[..., Agent],
+) -> None:
+    new = start_agent("sleep 30", instance_id="i-new", standby=True, mode="dir")
+    assert new.call("POST", "/agent/restore", json={"step": 30}).status_code == 202
+    health = new.wait(lambda h: h["state"] == "failed", "replacement fails")
+    assert health["error"] == (
+        "command could not start: could not restore the checkpoint of step 30 into "
+        "GPUSCOUT_CHECKPOINT_DIR: no checkpoint of step 30 under jobs/job-1/checkpoints/")
+    assert health["failed_phase"] == "command" and health["checkpoint_mode"] == "dir"
 
 
 def test_sigterm_to_a_standby_agent_ends_its_waiting_workload(

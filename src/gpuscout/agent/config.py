@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpuscout.agent import protocol as p
+from gpuscout.agent.core import PLAIN_MODE_AFTER_S
 
 # Seconds between SIGTERM and SIGKILL when the job's command is stopped.
 DEFAULT_STOP_GRACE_S = 10.0
@@ -17,6 +19,7 @@ DEFAULT_STOP_GRACE_S = 10.0
 _AGENT_ONLY_ENV = (
     p.ENV_AGENT_HOST, p.ENV_AGENT_PORT, p.ENV_AGENT_TOKEN, p.ENV_COMMAND, p.ENV_STANDBY,
     p.ENV_WORKDIR, p.ENV_CONTROL_URL, p.ENV_WORKDIR_REF, p.ENV_SETUP, p.ENV_SECRET_NAMES,
+    p.ENV_PLAIN_MODE_AFTER_S,
 )
 
 
@@ -42,6 +45,15 @@ class AgentConfig:
     setup: str | None = None
     secret_names: tuple[str, ...] = ()
     instance_dir: str | None = None  # where the job log's copy and the job's env go
+    plain_mode_after_s: float = PLAIN_MODE_AFTER_S
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """GPUSCOUT_CHECKPOINT_DIR: in the instance's folder, else beside the
+        working folder (a name the job's own files are unlikely to use)."""
+        base = self.instance_dir or os.path.join(
+            tempfile.gettempdir(), f"gpuscout-{self.instance_id}")
+        return os.path.join(base, "checkpoint")
 
     @property
     def preparing(self) -> bool:
@@ -68,6 +80,14 @@ class AgentConfig:
         standby_text = env.get(p.ENV_STANDBY, "").strip().lower()
         if standby_text not in ("", "0", "1", "true", "false", "yes", "no"):
             raise ConfigError(f"{p.ENV_STANDBY} must be 1/0/true/false, got {standby_text!r}")
+        plain_text = env.get(p.ENV_PLAIN_MODE_AFTER_S, "").strip()
+        try:
+            plain_after = float(plain_text) if plain_text else PLAIN_MODE_AFTER_S
+        except ValueError:
+            plain_after = -1.0
+        if not 0 < plain_after < 3600:
+            raise ConfigError(f"{p.ENV_PLAIN_MODE_AFTER_S} must be seconds in (0, 3600), "
+                              f"got {plain_text!r}")
         workdir = env.get(p.ENV_WORKDIR, "").strip() or os.getcwd()
         if not os.path.isdir(workdir):
             raise ConfigError(f"{p.ENV_WORKDIR} is not a directory: {workdir}")
@@ -88,6 +108,7 @@ class AgentConfig:
             secret_names=tuple(n for n in env.get(p.ENV_SECRET_NAMES, "").split(",")
                                if n.strip()),
             instance_dir=env.get(p.ENV_INSTANCE_DIR, "").strip() or None,
+            plain_mode_after_s=plain_after,
         )
 
     def workload_env(
@@ -115,5 +136,6 @@ class AgentConfig:
             p.ENV_INSTANCE_ID: self.instance_id,
             p.ENV_CHECKPOINT_PREFIX: p.checkpoint_prefix(self.job_id),
             p.ENV_ARTIFACTS_PREFIX: p.artifacts_prefix(self.job_id),
+            p.ENV_CHECKPOINT_DIR: self.checkpoint_dir,
         })
         return env

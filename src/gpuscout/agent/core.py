@@ -9,15 +9,19 @@ table-testable place.
 
 Checkpoint requests. A request made while ``checkpoints_reported == n`` is
 answered by the next checkpoint the workload reports (the n+1-th), whatever
-made the workload save it (the agent asking, or its own ``checkpoint_every``):
-that checkpoint holds every step completed when it was reported, which is all
-the caller needs. If any request answered by a checkpoint asked to pause, the
+made the workload save it (the agent asking, or its own ``checkpoint_every``
+when it saved synchronously): that checkpoint holds every step completed when
+it was reported, which is all the caller needs. A checkpoint reported with
+``periodic=True`` was uploaded in the background while training went on, so
+it may not: it updates ``last_checkpoint_step``/``key`` (never backwards) and
+answers no request. If any request answered by a checkpoint asked to pause, the
 workload is told to pause before it runs another step, so a paused workload's
 step equals its last checkpoint's step: no step is lost on a planned move.
 """
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +37,15 @@ LIVE_STATES = frozenset(
     {AgentState.SETUP, AgentState.STARTING, AgentState.STANDBY, AgentState.RESTORING,
      AgentState.RUNNING, AgentState.PAUSED}
 )
+# How the job checkpoints: through gpuscout.workload's calls to the agent,
+# or by the folder convention of gpuscout.agent.ckptdir (GPUSCOUT_CHECKPOINT_DIR
+# and SIGUSR1).
+LIBRARY = "library"
+DIR = "dir"
+# A command that has not called the agent this long after it started does
+# not use gpuscout.workload (whose init() calls it first thing): it is taken
+# to keep the folder convention, and SIGUSR1 asks it to save.
+PLAIN_MODE_AFTER_S = 20.0
 # States in which the workload will reach a step boundary without outside
 # help, so a checkpoint request can be queued. STANDBY waits for
 # /agent/restore and has no state of its own to save.
@@ -105,6 +118,13 @@ class AgentStatus:
     # the replacement ready, and pausing the old instance costs no more than
     # the restore itself.
     restore_waiting: bool = False
+    # LIBRARY, DIR, or None while unknown (see PLAIN_MODE_AFTER_S).
+    checkpoint_mode: str | None = None
+    # SIGUSR1 was sent to the command running now (DIR): it saves and exits.
+    signal_sent: bool = False
+    # A resume came for a folder job signalled to save and exit: its command
+    # starts again (on its last save) once it has exited.
+    resume_pending: bool = False
 
     @property
     def live(self) -> bool:
@@ -131,6 +151,7 @@ class AgentStatus:
             "setup_s": self.setup_s,
             "failed_phase": self.failed_phase,
             "restore_waiting": self.restore_waiting,
+            "checkpoint_mode": self.checkpoint_mode,
         }
 
 
@@ -246,7 +267,8 @@ def resume(status: AgentStatus) -> AgentStatus:
     """
     pending = tuple(replace(r, pause=False) for r in status.pending)
     state = AgentState.RUNNING if status.state is AgentState.PAUSED else status.state
-    return replace(status, state=state, pending=pending)
+    rerun = status.checkpoint_mode == DIR and status.signal_sent
+    return replace(status, state=state, pending=pending, resume_pending=rerun)
 
 
 def request_restore(status: AgentStatus, step: int | None) -> tuple[AgentStatus, Refusal | None]:
@@ -318,12 +340,22 @@ def on_progress(
 
 
 def on_checkpointed(
-    status: AgentStatus, *, step: int, key: str
+    status: AgentStatus, *, step: int, key: str, periodic: bool = False
 ) -> tuple[AgentStatus, ProgressAction]:
     """The workload saved a verified checkpoint of ``step`` under ``key``.
 
     It answers every pending request; the workload pauses if any of them asked.
+    ``periodic``: a checkpoint uploaded in the background while training went
+    on, so it may lack steps completed before it was reported: it becomes the
+    last checkpoint (never moving it back to an older step) but answers no
+    request and does not count in ``checkpoints_reported``.
     """
+    if periodic:
+        if status.last_checkpoint_step is None or step >= status.last_checkpoint_step:
+            status = replace(status, last_checkpoint_step=step, last_checkpoint_key=key)
+        if status.state is AgentState.PAUSED:
+            return status, ProgressAction.PAUSE
+        return status, ProgressAction.CONTINUE
     pause = any(r.pause for r in status.pending)
     new = replace(
         status,
@@ -362,8 +394,21 @@ def on_exit(status: AgentStatus, exit_code: int,
     """The job's command exited: 0 is COMPLETED, anything else FAILED, with
     the last lines of its stderr in ``error``.
 
-    A negative code is death by that signal (subprocess convention).
+    A negative code is death by that signal (subprocess convention). A
+    folder job's command that exits after SIGUSR1, as the convention asks
+    (0, or killed by the signal when it set no handler), is PAUSED on its
+    last save, which answers the requests still pending; one that never
+    saved has FAILED.
     """
+    if status.signal_sent and not status.stopping and exit_code in (0, -signal.SIGUSR1):
+        if status.last_checkpoint_key is None:
+            return replace(status, state=AgentState.FAILED, exit_code=exit_code,
+                           error=f"command exited (code {exit_code}) after SIGUSR1 without "
+                                 "saving a checkpoint in GPUSCOUT_CHECKPOINT_DIR",
+                           failed_phase="command", pending=())
+        reported = status.checkpoints_reported + (1 if status.pending else 0)
+        return replace(status, state=AgentState.PAUSED, pending=(),
+                       checkpoints_reported=reported)
     if exit_code == 0:
         return replace(status, state=AgentState.COMPLETED, exit_code=0, pending=())
     reason = exit_reason("command", exit_code, stderr_tail)
@@ -376,3 +421,77 @@ def on_exit(status: AgentStatus, exit_code: int,
 def on_start_failed(status: AgentStatus, error: str) -> AgentStatus:
     return replace(status, state=AgentState.FAILED, error=f"command could not start: {error}",
                    failed_phase="command")
+
+
+# --- folder jobs (gpuscout.agent.ckptdir) -------------------------------------
+
+
+def known_mode(status: AgentStatus, mode: str | None) -> AgentStatus:
+    """The mode recorded for the job by an earlier instance (None: unknown)."""
+    if mode is None or status.checkpoint_mode == mode:
+        return status
+    return replace(status, checkpoint_mode=mode)
+
+
+def on_workload_call(status: AgentStatus) -> AgentStatus:
+    """The command called /workload/*: it uses gpuscout.workload."""
+    if status.checkpoint_mode == LIBRARY:
+        return status
+    return replace(status, checkpoint_mode=LIBRARY)
+
+
+def plain_mode(status: AgentStatus) -> AgentStatus:
+    """No call from the command for PLAIN_MODE_AFTER_S, or it saved into the
+    folder: a folder job, RUNNING (the agent cannot see its steps)."""
+    if status.checkpoint_mode is not None:
+        return status
+    state = AgentState.RUNNING if status.state is AgentState.STARTING else status.state
+    return replace(status, checkpoint_mode=DIR, state=state)
+
+
+def wants_signal(status: AgentStatus) -> bool:
+    """Whether to send SIGUSR1 to a folder job's running command now: it was
+    not signalled yet, and a checkpoint is asked for, or it is PAUSED (a
+    save it made of its own accord answered a pause: it must stop too)."""
+    if status.checkpoint_mode != DIR or status.signal_sent:
+        return False
+    return status.state is AgentState.PAUSED or (
+        bool(status.pending)
+        and status.state in (AgentState.STARTING, AgentState.RESTORING, AgentState.RUNNING))
+
+
+def signalled(status: AgentStatus) -> AgentStatus:
+    return replace(status, signal_sent=True)
+
+
+def dir_started(status: AgentStatus, restored_step: int | None, at: float) -> AgentStatus:
+    """A folder job's command started at ``at`` on the files of the checkpoint
+    of ``restored_step`` (None: a fresh start). The agent cannot see its
+    steps: its step is the restored one, and ``first_step``/``first_step_at``
+    say that it resumed at the step after, when the command started."""
+    if not status.live or status.stopping:
+        return status
+    fields: dict[str, Any] = {"state": AgentState.RUNNING, "checkpoint_mode": DIR,
+                              "signal_sent": False, "resume_pending": False}
+    if restored_step is not None:
+        fields["step"] = restored_step
+        if status.first_step is None:
+            fields["first_step"], fields["first_step_at"] = restored_step + 1, at
+    return replace(status, **fields)
+
+
+def on_saved(status: AgentStatus, *, step: int, key: str,
+             at: float) -> tuple[AgentStatus, bool]:
+    """A folder job's save of ``step`` (its STEP written at ``at``) is
+    uploaded and verified under ``key``: a checkpoint like one a library job
+    reports (it answers the pending requests, and pauses if one asked).
+    Returns whether it counts: a save made after the workload paused on an
+    earlier one (fenced) does not, nor one after the command ended."""
+    if not status.live or status.state is AgentState.PAUSED:
+        return status, False
+    state = status.state
+    if state in (AgentState.STARTING, AgentState.RESTORING):
+        state = AgentState.RUNNING
+    status = replace(status, checkpoint_mode=DIR, state=state, step=step, last_step_at=at)
+    new, _ = on_checkpointed(status, step=step, key=key)
+    return new, True

@@ -18,7 +18,7 @@ GET  /agent/health
          "last_checkpoint_step", "last_checkpoint_key", "first_step",
          "first_step_at", "last_step_at", "exit_code", "error",
          "interruption_notice", "awaiting_secrets", "setup_s", "failed_phase",
-         "restore_waiting"}
+         "restore_waiting", "checkpoint_mode"}
      ``state`` is one of AgentState. ``first_step``/``first_step_at`` are the
      first step this instance completed and when; ``last_step_at`` when the
      latest step completed. ``awaiting_secrets``: the agent waits for
@@ -28,7 +28,12 @@ GET  /agent/health
      ``restore_waiting``: a replacement's workload has started and asks for
      its restore target (the replacement is ready: its start-up, imports
      and data loading are behind it, and a move pauses the old instance
-     only now).
+     only now); ``checkpoint_mode``: "library" (the command calls
+     /workload/*), "dir" (it keeps the GPUSCOUT_CHECKPOINT_DIR convention:
+     the agent cannot see its steps, so ``step`` is its last save's, and on
+     a replacement ``first_step`` is the restored step + 1 and
+     ``first_step_at`` the time the command started on it), or null while
+     unknown.
 POST /agent/secrets {"secrets": {NAME: VALUE}}
      -> 200; the job's secret variables, for its setup and command. They
      never travel in user-data (the boot script names them only, in
@@ -54,6 +59,10 @@ Agent -> workload: environment of the job's command:
     GPUSCOUT_JOB_ID, GPUSCOUT_INSTANCE_ID, GPUSCOUT_OFFER_ID
     GPUSCOUT_CHECKPOINT_PREFIX  jobs/<job id>/checkpoints
     GPUSCOUT_ARTIFACTS_PREFIX   jobs/<job id>/artifacts
+    GPUSCOUT_CHECKPOINT_DIR     a local folder: the files of the checkpoint to
+                                resume from; a script that does not import
+                                gpuscout saves there, then writes STEP, and
+                                saves and exits 0 on SIGUSR1 (agent/ckptdir.py)
 
 Workload -> agent (loopback, no token):
 GET  /workload/restore-target -> {"step": int | null}; blocks while the
@@ -61,7 +70,14 @@ GET  /workload/restore-target -> {"step": int | null}; blocks while the
 POST /workload/progress {"step", "loss", "total_steps", "time"}
      -> {"action": "continue" | "checkpoint"}; "checkpoint" asks the
      workload to save now, at this step boundary.
-POST /workload/checkpointed {"step", "key"} -> {"action": "continue" | "pause"}
+POST /workload/checkpointed {"step", "key", "periodic"}
+     -> {"action": "continue" | "pause"}; ``periodic`` (default false): a
+     checkpoint the workload uploaded in the background while it trained on
+     (its own ``checkpoint_every``); the agent records it as the last
+     checkpoint (never an older step over a newer one) but it answers no
+     /agent/checkpoint request, which needs every step completed when the
+     request was made. A checkpoint the agent asked for is saved and
+     reported before the workload runs another step (``periodic`` false).
 GET  /workload/wait-resume -> 200 when the agent resumes a paused workload
      (blocks; the workload polls it again on timeout).
 """
@@ -109,15 +125,26 @@ ENV_INSTANCE_DIR = "GPUSCOUT_INSTANCE_DIR"  # the instance's folder (logs, the j
 ENV_WORKDIR_REF = "GPUSCOUT_WORKDIR_REF"  # "sha256:<hex>" of the packed workdir
 ENV_SETUP = "GPUSCOUT_SETUP"  # the job's setup command
 ENV_SECRET_NAMES = "GPUSCOUT_SECRET_NAMES"  # comma-separated; values come later
+# Seconds without a call from the command before it is taken to keep the
+# GPUSCOUT_CHECKPOINT_DIR convention (agent/core.py's PLAIN_MODE_AFTER_S).
+ENV_PLAIN_MODE_AFTER_S = "GPUSCOUT_PLAIN_MODE_AFTER_S"
 # Environment the agent gives the workload.
 ENV_AGENT_URL = "GPUSCOUT_AGENT_URL"
 ENV_WORKLOAD_PORT = "GPUSCOUT_WORKLOAD_PORT"
 ENV_CHECKPOINT_PREFIX = "GPUSCOUT_CHECKPOINT_PREFIX"
 ENV_ARTIFACTS_PREFIX = "GPUSCOUT_ARTIFACTS_PREFIX"
+# A local folder holding the checkpoint to resume from, where a script that
+# does not import gpuscout saves (gpuscout.agent.ckptdir).
+ENV_CHECKPOINT_DIR = "GPUSCOUT_CHECKPOINT_DIR"
 
 
 def checkpoint_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints"
+
+
+def checkpoint_mode_key(job_id: str) -> str:
+    """Where the agent records how the job checkpoints (gpuscout.agent.ckptdir)."""
+    return f"jobs/{job_id}/checkpoint-mode"
 
 
 def artifacts_prefix(job_id: str) -> str:

@@ -16,9 +16,11 @@ import ipaddress
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,13 +33,20 @@ from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from gpuscout import workdir
-from gpuscout.agent import core, imds, jobenv
+from gpuscout.agent import ckptdir, core, imds, jobenv
 from gpuscout.agent.config import AgentConfig
-from gpuscout.agent.protocol import AGENT_PREFIX, WORKLOAD_PREFIX
+from gpuscout.agent.protocol import (
+    AGENT_PREFIX,
+    WORKLOAD_PREFIX,
+    AgentState,
+    checkpoint_mode_key,
+    checkpoint_prefix,
+)
 from gpuscout.agent.supervisor import Supervisor
 from gpuscout.joblog import LogShipper
 from gpuscout.store import open_store
 from gpuscout.store.base import ObjectStore
+from gpuscout.workload.checkpoint import CheckpointStore
 
 log = logging.getLogger("gpuscout.agent")
 
@@ -63,6 +72,8 @@ PIPE_DRAIN_S = 5.0
 JOB_LOG_FILE = "job.log"
 # The job's own Python environment (agent/jobenv.py), in the instance's folder.
 JOB_ENV_DIR = "jobenv"
+# How often a folder job's GPUSCOUT_CHECKPOINT_DIR is looked at for a new STEP.
+SAVE_POLL_S = 0.2
 
 
 def error(status_code: int, message: str, **extra: Any) -> JSONResponse:
@@ -87,6 +98,15 @@ class Agent:
         # The process running now: the setup, then the command.
         self.current: Supervisor | None = None
         self.secrets: dict[str, str] = {}
+        # A folder job's saves (gpuscout.agent.ckptdir): the folder, where
+        # its copies are staged, and the job's checkpoints.
+        self.ckpt_dir = Path(config.checkpoint_dir)
+        self.checkpoints = (CheckpointStore(store, checkpoint_prefix(config.job_id))
+                            if store is not None else None)
+        self.marker = (ckptdir.ModeMarker(store, checkpoint_mode_key(config.job_id))
+                       if store is not None else None)
+        self.saves: SaveWatcher | None = None
+        self.mode_recorded: str | None = None  # what the store says
         self._stderr_before = 0
         self.closing = False
         self._cond = asyncio.Condition()
@@ -209,11 +229,105 @@ class Agent:
                 await self.update(lambda s: core.on_setup_failed(s, reason, setup_s, code))
                 return False
             self.log_line(f"-- setup done in {setup_s:.1f} s --")
-        await self.update(lambda s: core.prepared(s, setup_s))
+        mode = self.mode_recorded = await self.read_mode()
+        await self.update(lambda s: core.prepared(core.known_mode(s, mode), setup_s))
         return not self.closing
 
-    async def watch_child(self) -> None:
-        """Run the job's command to its end."""
+    # --- how the job checkpoints: gpuscout.workload, or the folder ------------
+
+    async def read_mode(self) -> str | None:
+        """The checkpoint mode an earlier instance recorded for the job."""
+        if self.marker is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.marker.read)
+        except Exception as exc:  # the store failing: the safe default
+            log.warning("cannot read the job's checkpoint mode: %s", exc)
+            return None
+
+    async def set_mode(self, change: Callable[[core.AgentStatus], core.AgentStatus]) -> None:
+        """Apply a change that may settle the mode; record a new one."""
+        await self.update(change)
+        mode = self.status.checkpoint_mode
+        if mode is not None and mode != self.mode_recorded and self.marker is not None:
+            self.mode_recorded = mode
+            log.info("the job checkpoints through %s", "gpuscout.workload"
+                     if mode == core.LIBRARY else "GPUSCOUT_CHECKPOINT_DIR")
+            try:
+                await asyncio.to_thread(self.marker.write, mode)
+            except Exception as exc:
+                log.warning("cannot record the job's checkpoint mode: %s", exc)
+
+    async def run_command(self) -> None:
+        """Start the job's command once prepared, and run it to its end.
+
+        A library job starts at once (a replacement's workload then waits in
+        standby for its restore target). A job that is not known to be one
+        gets the checkpoint folder filled first: a replacement waits in
+        standby (ready: nothing more to load) for /agent/restore, then
+        restores that step; a fresh start restores the newest checkpoint,
+        if there is one.
+        """
+        restored: int | None = None
+        if self.status.checkpoint_mode != core.LIBRARY:
+            if self.status.standby:
+                await self.update(core.workload_waits)
+                async with self._cond:
+                    await self._cond.wait_for(
+                        lambda: self.closing or self.status.stopping
+                        or self.status.state is not AgentState.STANDBY)
+                if self.closing or self.status.stopping:
+                    return
+                mode = self.mode_recorded = await self.read_mode()  # the old one may know
+                await self.update(lambda s: core.known_mode(s, mode))
+            if self.status.checkpoint_mode != core.LIBRARY:
+                step = self.status.restore_step if self.status.standby else None
+                try:
+                    restored = await self.restore_dir(step)
+                except Exception as exc:
+                    which = "newest checkpoint" if step is None else f"checkpoint of step {step}"
+                    reason = f"could not restore the {which} into GPUSCOUT_CHECKPOINT_DIR: {exc}"
+                    log.error("%s", reason)
+                    await self.update(lambda s: core.on_start_failed(s, reason))
+                    return
+        while True:
+            await self.watch_child(restored)
+            # A folder job that exited on SIGUSR1 is PAUSED on its last save.
+            # A resume (a move rolled back) starts it again on the folder.
+            if not (self.status.state is AgentState.PAUSED
+                    and self.status.checkpoint_mode == core.DIR):
+                return
+            async with self._cond:
+                await self._cond.wait_for(
+                    lambda: self.closing or self.status.stopping or self.status.resume_pending)
+            if self.closing or self.status.stopping:
+                return
+            await self.update(core.resume)
+            old = self.supervisor
+            self.supervisor = Supervisor(old.command, workdir=old.workdir, env=old.env,
+                                         grace_s=old.grace_s, capture=True)
+            save = ckptdir.read_step(self.ckpt_dir)
+            restored = save.step if save is not None else None
+            self.log_line("-- resumed on this instance: the command starts again on "
+                          "its last save --")
+
+    async def restore_dir(self, step: int | None) -> int | None:
+        """Fill the checkpoint folder with ``step`` (None: the newest); the
+        step restored, or None (nothing to restore)."""
+        assert self.checkpoints is not None
+        started = time.monotonic()
+        info = await asyncio.to_thread(ckptdir.restore, self.checkpoints, step, self.ckpt_dir)
+        if info is None:
+            return None
+        self.log_line(f"-- restored the checkpoint of step {info.step} into "
+                      f"GPUSCOUT_CHECKPOINT_DIR in {time.monotonic() - started:.1f} s --")
+        return info.step
+
+    async def watch_child(self, restored: int | None = None) -> None:
+        """Run the job's command to its end, uploading what it saves into
+        the checkpoint folder (``restored``: the step the folder holds)."""
+        saves = self.saves = SaveWatcher(self, restored)
+        watcher = asyncio.ensure_future(saves.watch())
         try:
             code = await self.run_process(self.supervisor)
         except OSError as exc:
@@ -221,6 +335,11 @@ class Agent:
             log.error("the command could not start: %s", reason)
             await self.update(lambda s: core.on_start_failed(s, reason))
             return
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await saves.finish()  # its last save, before its exit is judged
         tail = self.stderr_tail()
         await self.update(lambda s: core.on_exit(s, code, tail))
 
@@ -228,6 +347,97 @@ class Agent:
         await self.update(core.begin_stop)  # also wakes a wait for secrets
         if self.current is not None:
             await self.current.stop()
+
+
+class SaveWatcher:
+    """A folder job's saves while its command runs (gpuscout.agent.ckptdir):
+    each new STEP is copied aside and uploaded in the background, one at a
+    time (a newer save waits for the upload before; one overtaken meanwhile
+    is skipped); SIGUSR1 goes to the command when a checkpoint is asked."""
+
+    def __init__(self, agent: Agent, restored: int | None) -> None:
+        self.agent = agent
+        self.started = time.monotonic()
+        self.seen = ckptdir.read_step(agent.ckpt_dir)  # what the folder held at start
+        self.upload: asyncio.Task[None] | None = None
+        self.restored = restored
+
+    async def watch(self) -> None:
+        agent = self.agent
+        while agent.supervisor.pid is None:
+            await asyncio.sleep(0.01)
+        if agent.status.checkpoint_mode == core.DIR:
+            await agent.update(lambda s: core.dir_started(s, self.restored, time.time()))
+        while not agent.closing:
+            await agent.wait_until(core.wants_signal, SAVE_POLL_S)
+            status = agent.status
+            if status.checkpoint_mode is None and (
+                    time.monotonic() - self.started >= agent.config.plain_mode_after_s):
+                await agent.set_mode(core.plain_mode)
+            if core.wants_signal(agent.status):
+                self.signal()
+                await agent.update(core.signalled)
+            self.poll()
+
+    def signal(self) -> None:
+        pid = self.agent.supervisor.pid
+        if pid is None:
+            return
+        target = ckptdir.main_process(pid)
+        self.agent.log_line(f"-- SIGUSR1 to process {target}: save into "
+                            "GPUSCOUT_CHECKPOINT_DIR at the next step boundary and exit --")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGUSR1)
+
+    def poll(self) -> None:
+        """Start uploading a new save, unless one is still uploading."""
+        if self.agent.status.checkpoint_mode == core.LIBRARY:
+            return
+        if self.upload is not None and not self.upload.done():
+            return
+        save = ckptdir.read_step(self.agent.ckpt_dir)
+        if save is None or save == self.seen:
+            return
+        self.seen = save
+        self.upload = asyncio.ensure_future(self.save(save))
+
+    async def finish(self) -> None:
+        """After the command exited: the upload under way, then its last save."""
+        if self.upload is not None:
+            await self.upload
+        self.poll()
+        if self.upload is not None:
+            await self.upload
+
+    async def save(self, save: ckptdir.Save) -> None:
+        agent = self.agent
+        if agent.checkpoints is None or agent.status.state is AgentState.PAUSED:
+            return  # fenced: the job paused on an earlier save
+        staging = Path(agent.config.checkpoint_dir + "-staging") / uuid.uuid4().hex[:12]
+        started = time.monotonic()
+        try:
+            staging.mkdir(parents=True)
+            files = await asyncio.to_thread(ckptdir.snapshot, agent.ckpt_dir, staging, save)
+            if files is None:
+                log.info("save of step %d changed while copied: taking the next", save.step)
+                self.seen = None
+                return
+            info = await asyncio.to_thread(agent.checkpoints.save_paths, save.step, files)
+        except Exception as exc:  # the store or the disk failing: the next save retries
+            log.warning("checkpoint of step %d from GPUSCOUT_CHECKPOINT_DIR failed: %s",
+                        save.step, exc)
+            return
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+        counted = await agent.apply(
+            lambda s: core.on_saved(s, step=save.step, key=info.key, at=save.at))
+        if not counted:
+            log.info("save of step %d came after the pause: discarded", save.step)
+            await asyncio.to_thread(agent.checkpoints.discard, info)
+            return
+        await agent.set_mode(lambda s: s)  # records the mode on_saved settled
+        log.info("checkpoint of step %d from GPUSCOUT_CHECKPOINT_DIR: %s (%.2f s)",
+                 save.step, info.key, time.monotonic() - started)
 
 
 # --- request bodies --------------------------------------------------------
@@ -252,6 +462,9 @@ class ProgressBody(BaseModel):
 class CheckpointedBody(BaseModel):
     step: int = Field(ge=0)
     key: str = Field(min_length=1)
+    # Uploaded in the background while training went on: recorded, but it
+    # answers no checkpoint request (core.on_checkpointed).
+    periodic: bool = False
 
 
 class SecretsBody(BaseModel):
@@ -289,8 +502,11 @@ def create_app(agent: Agent) -> FastAPI:
     async def _forbidden(_: Request, __: Exception) -> JSONResponse:
         return error(403, "workload endpoints answer loopback clients only")
 
+    async def workload_call() -> None:
+        await agent.set_mode(core.on_workload_call)
+
     authorized = [Depends(require_token)]
-    loopback = [Depends(require_loopback)]
+    loopback = [Depends(require_loopback), Depends(workload_call)]
 
     @app.get(f"{AGENT_PREFIX}/health")
     async def health() -> dict[str, Any]:
@@ -372,7 +588,8 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.post(f"{WORKLOAD_PREFIX}/checkpointed", dependencies=loopback)
     async def checkpointed(body: CheckpointedBody) -> dict[str, str]:
-        action = await agent.apply(lambda s: core.on_checkpointed(s, step=body.step, key=body.key))
+        action = await agent.apply(lambda s: core.on_checkpointed(
+            s, step=body.step, key=body.key, periodic=body.periodic))
         return {"action": action.value}
 
     @app.get(f"{WORKLOAD_PREFIX}/wait-resume", dependencies=loopback)
@@ -581,7 +798,7 @@ async def run_agent(config: AgentConfig) -> int:
             return
         if agent.closing or server.should_exit or agent.status.stopping:
             return
-        await agent.watch_child()
+        await agent.run_command()
 
     watcher: asyncio.Task[None] | None = None
     if agent.closing or server.should_exit:

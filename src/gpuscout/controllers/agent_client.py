@@ -31,6 +31,8 @@ class AgentHealth:
     setup_s: float | None = None
     failed_phase: str | None = None  # "setup" | "command": the job's own failure
     restore_waiting: bool = False  # a standby workload asks for its restore target
+    # "library", "dir" (GPUSCOUT_CHECKPOINT_DIR: steps are not seen), or None.
+    checkpoint_mode: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentHealth:
@@ -46,6 +48,7 @@ class AgentHealth:
             setup_s=data.get("setup_s"),
             failed_phase=data.get("failed_phase"),
             restore_waiting=bool(data.get("restore_waiting")),
+            checkpoint_mode=data.get("checkpoint_mode"),
         )
 
 

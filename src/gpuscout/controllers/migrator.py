@@ -317,7 +317,10 @@ class MigrationExecutor:
             if health is not None:
                 if health.state == AgentState.FAILED:
                     raise MigrationFailed(f"replacement failed to restore: {health.error}")
-                if health.first_step is not None and health.step > checkpoint_step:
+                if health.first_step is not None and (
+                        health.step > checkpoint_step or health.checkpoint_mode == "dir"):
+                    # A folder job's steps are not seen: its command started
+                    # on the restored folder (protocol.py).
                     return health
             time.sleep(min(self.ctx.poll_interval_s, 0.01))
         raise MigrationFailed(

@@ -335,6 +335,12 @@ class CheckpointStore:
         return self._delete([(key, names) for key, names in self._scan()
                              if _step_of(key) > step])
 
+    def discard(self, info: CheckpointInfo) -> None:
+        """Delete the checkpoint ``info`` (one that must not count after all:
+        a save a workload made after it paused on an earlier one)."""
+        names = set(info.files) | {MANIFEST}
+        self._delete([(info.key, names)])
+
     def _delete(self, doomed: builtins.list[tuple[str, set[str]]]) -> builtins.list[str]:
         deleted = []
         for key, names in doomed:
