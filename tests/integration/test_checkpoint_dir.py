@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -221,3 +222,71 @@ def test_a_fresh_instance_of_a_folder_job_starts_on_its_newest_checkpoint(
     health = second.wait(lambda h: h["state"] == "completed", "completion", timeout=60)
     assert health["first_step"] is not None and health["first_step"] >= saved.step + 1
     assert final_state(store_url) == {"step": 300, "digest": expected(300)}
+
+
+# --- the README's script ----------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+PLACEHOLDER = "...                                                # one training step"
+README_PRELUDE = """\
+import sys
+import torch
+torch.manual_seed(0)
+torch.use_deterministic_algorithms(True)
+torch.set_num_threads(1)
+model = torch.nn.Linear(8, 1)
+optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+total = int(sys.argv[1])
+
+def train_step(step):
+    import time
+    x = torch.linspace(-1, 1, 64).reshape(8, 8) * step  # the data of that step
+    optimizer.zero_grad()
+    loss = ((model(x) - 1.0) ** 2).mean()
+    loss.backward()
+    optimizer.step()
+    time.sleep(0.01)
+"""
+README_EPILOGUE = """
+torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, "final.pt")
+"""
+
+
+def readme_script() -> str:
+    text = README.read_text()
+    start = text.index("**Scripts that do not import GPU Scout**")
+    body = text.index("\n", text.index("```python", start)) + 1
+    block = text[body:text.index("```", body)]
+    assert PLACEHOLDER in block
+    return README_PRELUDE + block.replace(PLACEHOLDER, "train_step(step)") + README_EPILOGUE
+
+
+def test_the_readmes_plain_script_moves_and_ends_as_an_uninterrupted_run(
+    start_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")  # installed by `make test` (torch==2.13.0, CPU)
+    from tests.torch_states import assert_identical
+
+    script = tmp_path / "readme_train.py"
+    script.write_text(readme_script())
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSCOUT_")}
+    done = subprocess.run([sys.executable, str(script), "400"], cwd=reference, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} 400"
+    old = start_agent(command, instance_id="i-old", mode=None)
+    old.wait(lambda h: (h["last_checkpoint_step"] or 0) >= 100, "a first save", timeout=60)
+    new = start_agent(command, instance_id="i-new", standby=True, mode=None)
+    new.wait(lambda h: h["restore_waiting"], "replacement ready")
+    answer = old.call("POST", "/agent/checkpoint", json={"pause": True, "timeout_s": 20})
+    assert answer.status_code == 200, answer.text
+    step = answer.json()["step"]
+    assert step % 100 != 0  # saved on SIGUSR1, between two periodic saves
+    assert new.call("POST", "/agent/restore", json={"step": step}).status_code == 202
+    new.wait(lambda h: h["state"] == "completed", "replacement completes", timeout=60)
+    moved = torch.load(tmp_path / "i-new" / "final.pt")
+    want = torch.load(reference / "final.pt")
+    assert assert_identical(moved, want) == 2 + 2 * 3  # weight, bias; Adam's moments, steps
