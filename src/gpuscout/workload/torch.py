@@ -44,6 +44,7 @@ Importing this module imports torch; ``gpuscout.workload`` does not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -304,9 +305,30 @@ def save_state(
         "torch_version": torch.__version__,
     }
     meta_bytes = encode_state(meta)  # before any file: a bad extra writes nothing
-    torch.save(weights, target / WEIGHTS_FILE)
-    torch.save(trainer, target / TRAINER_FILE)
+    with _without_crc32():
+        torch.save(weights, target / WEIGHTS_FILE)
+        torch.save(trainer, target / TRAINER_FILE)
     (target / META_FILE).write_bytes(meta_bytes)
+
+
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """torch.save without the zip format's CRC-32 of each tensor: the
+    checkpoint's manifest holds each file's sha256, checked on restore, so
+    the CRC-32 is a second check of the same bytes, and it halves the speed
+    of a save (a 1 GiB state: 3.5 s against 1.8 s on this project's 2-core
+    machine). torch >= 2.6 has the switch; older ones keep their default."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
 
 
 def load_state(
