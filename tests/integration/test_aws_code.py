@@ -220,7 +220,7 @@ def test_a_machine_without_gpuscout_installs_the_shipped_wheel_and_runs_the_job(
                 break
             time.sleep(0.5)
         log = provider.agent_log("i-bare")
-        assert health is not None and health.state == AgentState.COMPLETED, log
+        assert health is not None and health.state == AgentState.COMPLETED, (health, log)
     instance_dir = tmp_path / "machines" / "i-bare" / ".gpuscout" / "instance"
     venv = instance_dir / "venv"
     assert "installing http://" in log and "X-Amz-Signature" not in log

@@ -287,9 +287,15 @@ class Agent:
                 except Exception as exc:
                     which = "newest checkpoint" if step is None else f"checkpoint of step {step}"
                     reason = f"could not restore the {which} into GPUSCOUT_CHECKPOINT_DIR: {exc}"
-                    log.error("%s", reason)
-                    await self.update(lambda s: core.on_start_failed(s, reason))
-                    return
+                    if step is not None or self.status.checkpoint_mode == core.DIR:
+                        log.error("%s", reason)
+                        await self.update(lambda s: core.on_start_failed(s, reason))
+                        return
+                    # Not known to be a folder job, and the store cannot be
+                    # read (a job that never uses it has no credentials for
+                    # it): start it as it is; it meets the store its own way.
+                    log.warning("%s; starting the command without it", reason)
+                    self.log_line(f"-- {reason}; the command starts on an empty folder --")
         while True:
             await self.watch_child(restored)
             # A folder job that exited on SIGUSR1 is PAUSED on its last save.
