@@ -81,6 +81,20 @@ def test_a_save_answers_the_pending_requests_and_pauses_if_one_asked() -> None:
     assert core.checkpoint_outcome(after, req(2, True)) is not None
 
 
+def test_a_save_made_before_the_signal_answers_nothing() -> None:
+    # STEP written at 10.0, SIGUSR1 sent at 10.5, the upload done after:
+    # the save the signal asks for comes next and answers the request
+    before = status(pending=(req(1, True),), signal_sent=True, signalled_at=10.5,
+                    checkpoint_mode=core.DIR, step=30)
+    after, counted = core.on_saved(before, step=40, key="k40", at=10.0)
+    assert counted and after.pending == before.pending and after.state is S.RUNNING
+    assert (after.last_checkpoint_step, after.step) == (40, 40)
+    assert core.checkpoint_outcome(after, req(1, True)) is None  # still waiting
+    final, _ = core.on_saved(after, step=43, key="k43", at=11.0)
+    assert final.state is S.PAUSED and final.last_checkpoint_step == 43
+    assert core.checkpoint_outcome(final, req(1, True)) is not None
+
+
 def test_a_periodic_save_records_the_step_and_settles_the_mode() -> None:
     after, counted = core.on_saved(status(S.STARTING), step=10, key="k10", at=1.0)
     assert counted and after.state is S.RUNNING and after.checkpoint_mode == core.DIR

@@ -120,8 +120,10 @@ class AgentStatus:
     restore_waiting: bool = False
     # LIBRARY, DIR, or None while unknown (see PLAIN_MODE_AFTER_S).
     checkpoint_mode: str | None = None
-    # SIGUSR1 was sent to the command running now (DIR): it saves and exits.
+    # SIGUSR1 was sent to the command running now (DIR), at ``signalled_at``
+    # (Unix seconds): it saves and exits.
     signal_sent: bool = False
+    signalled_at: float | None = None
     # A resume came for a folder job signalled to save and exit: its command
     # starts again (on its last save) once it has exited.
     resume_pending: bool = False
@@ -460,8 +462,8 @@ def wants_signal(status: AgentStatus) -> bool:
         and status.state in (AgentState.STARTING, AgentState.RESTORING, AgentState.RUNNING))
 
 
-def signalled(status: AgentStatus) -> AgentStatus:
-    return replace(status, signal_sent=True)
+def signalled(status: AgentStatus, at: float) -> AgentStatus:
+    return replace(status, signal_sent=True, signalled_at=at)
 
 
 def dir_started(status: AgentStatus, restored_step: int | None, at: float) -> AgentStatus:
@@ -472,7 +474,8 @@ def dir_started(status: AgentStatus, restored_step: int | None, at: float) -> Ag
     if not status.live or status.stopping:
         return status
     fields: dict[str, Any] = {"state": AgentState.RUNNING, "checkpoint_mode": DIR,
-                              "signal_sent": False, "resume_pending": False}
+                              "signal_sent": False, "signalled_at": None,
+                              "resume_pending": False}
     if restored_step is not None:
         fields["step"] = restored_step
         if status.first_step is None:
@@ -484,14 +487,20 @@ def on_saved(status: AgentStatus, *, step: int, key: str,
              at: float) -> tuple[AgentStatus, bool]:
     """A folder job's save of ``step`` (its STEP written at ``at``) is
     uploaded and verified under ``key``: a checkpoint like one a library job
-    reports (it answers the pending requests, and pauses if one asked).
-    Returns whether it counts: a save made after the workload paused on an
-    earlier one (fenced) does not, nor one after the command ended."""
+    reports (it answers the pending requests, and pauses if one asked),
+    except that a save made before SIGUSR1 was sent, uploaded after, is
+    periodic (it answers nothing: the save the signal asks for comes next,
+    so no step it holds is lost). Returns whether it counts: a save made
+    after the workload paused on an earlier one (fenced) does not, nor one
+    after the command ended."""
     if not status.live or status.state is AgentState.PAUSED:
         return status, False
     state = status.state
     if state in (AgentState.STARTING, AgentState.RESTORING):
         state = AgentState.RUNNING
-    status = replace(status, checkpoint_mode=DIR, state=state, step=step, last_step_at=at)
-    new, _ = on_checkpointed(status, step=step, key=key)
+    periodic = status.signalled_at is not None and at < status.signalled_at
+    if not periodic or step > (status.step or 0):
+        status = replace(status, step=step, last_step_at=at)
+    status = replace(status, checkpoint_mode=DIR, state=state)
+    new, _ = on_checkpointed(status, step=step, key=key, periodic=periodic)
     return new, True

@@ -382,7 +382,8 @@ class SaveWatcher:
                 await agent.set_mode(core.plain_mode)
             if core.wants_signal(agent.status):
                 self.signal()
-                await agent.update(core.signalled)
+                at = time.time()
+                await agent.update(lambda s, at=at: core.signalled(s, at))  # type: ignore[misc]
             self.poll()
 
     def signal(self) -> None:
