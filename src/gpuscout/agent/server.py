@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import ipaddress
 import logging
@@ -382,8 +383,7 @@ class SaveWatcher:
                 await agent.set_mode(core.plain_mode)
             if core.wants_signal(agent.status):
                 self.signal()
-                at = time.time()
-                await agent.update(lambda s, at=at: core.signalled(s, at))  # type: ignore[misc]
+                await agent.update(functools.partial(core.signalled, at=time.time()))
             self.poll()
 
     def signal(self) -> None:
