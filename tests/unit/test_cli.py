@@ -156,7 +156,7 @@ def test_flags_override_the_yaml_file(cli: CliRunner, service: Service,
 @pytest.mark.parametrize(("text", "message"), [
     ("name: x\ncommand: [unclosed\n", "not valid YAML at line"),
     ("- name: x\n- command: y\n", "must be a mapping"),
-    ("name: only-a-name\n", "invalid job: 422 Unprocessable"),
+    ("name: only-a-name\n", "invalid job: command: Field required"),  # (checked before sending)
     ("name: x\ncommand: y\nresources:\n  gpus: -1\n", "resources.gpus"),
     ("name: x\ncommand: y\nbudget_usd: -3\n", "budget_usd"),
     ("name: x\ncommand: y\nworkload_type: mining\n", "workload_type"),

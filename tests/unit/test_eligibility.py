@@ -307,6 +307,6 @@ def test_the_simulator_reads_the_new_constraints() -> None:
     assert sim_job.spec.resources == Resources(
         gpus=1, gpu_types=("V100", "T4"), capacity=Capacity.SPOT, instance_type="p3.2xlarge",
         region="us-east-1", zone="us-east-1a")
-    with pytest.raises(JobsFileError, match="resources: .*spott"):
+    with pytest.raises(JobsFileError, match=r"resources\.capacity: .*spott"):
         job_from_dict({"name": "j", "submit_at": "2023-01-01T00:00:00Z",
                        "expected_duration_hours": 1, "resources": {"capacity": "spott"}})

@@ -8,11 +8,10 @@ values with ``from_domain``; list endpoints answer ``{"data": [...], "count": N}
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from gpuscout.db import Event
 from gpuscout.domain import (
@@ -27,160 +26,16 @@ from gpuscout.domain import (
     MigrationReason,
     MigrationStatus,
     Offer,
-    Resources,
     WorkloadType,
 )
+
+# Jobs, input: JobCreate and ResourcesIn live in domain/jobinput.py, the one
+# validation of a job, shared with the CLI's job files (submit, plan) and the
+# simulator's jobs files.
+from gpuscout.domain.jobinput import InputModel as _Input
+from gpuscout.domain.jobinput import JobCreate as JobCreate
+from gpuscout.domain.jobinput import ResourcesIn as ResourcesIn
 from gpuscout.policy import MoveDecision
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-class _Input(BaseModel):
-    # Python's JSON parser accepts Infinity and NaN; no price, budget or
-    # duration may be either.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-# --- jobs: input ----------------------------------------------------------
-
-
-class ResourcesIn(_Input):
-    gpus: int = Field(default=0, ge=0, description="GPUs the job needs (0: CPU only)")
-    gpu_type: str | list[str] | None = Field(
-        default=None, description="e.g. V100, T4, or a list of types any of which will do; "
-                                  "any if omitted")
-    cpus: float = Field(default=1, gt=0)
-    memory_gb: float = Field(default=1, gt=0)
-    capacity: Capacity | None = Field(
-        default=None, description="spot or on-demand only; GPU Scout chooses if omitted")
-    instance_type: str | None = Field(default=None, description="e.g. g4dn.xlarge")
-    region: str | None = None
-    zone: str | None = None
-
-    @field_validator("gpu_type")
-    @classmethod
-    def _types(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list):
-            if not value or not all(t.strip() for t in value):
-                raise ValueError("a list of GPU types must name at least one, none blank")
-            return value[0] if len(value) == 1 else value
-        return value
-
-    def to_domain(self) -> Resources:
-        many = isinstance(self.gpu_type, list)
-        return Resources(
-            gpus=self.gpus, gpu_type=None if many else self.gpu_type,  # type: ignore[arg-type]
-            gpu_types=tuple(self.gpu_type) if many else (),  # type: ignore[arg-type]
-            cpus=self.cpus, memory_gb=self.memory_gb, capacity=self.capacity,
-            instance_type=self.instance_type, region=self.region, zone=self.zone)
-
-
-class JobCreate(_Input):
-    """The body of ``POST /api/v1/jobs`` (and the keys of a CLI job file)."""
-
-    name: str = Field(min_length=1, max_length=200)
-    command: str = Field(min_length=1, description="shell command run on the instance")
-    model: str = ""
-    dataset_size_gb: float = Field(default=0.0, ge=0)
-    workload_type: WorkloadType = WorkloadType.TRAINING
-    expected_duration_hours: float = Field(default=1.0, gt=0)
-    budget_usd: float | None = Field(default=None, gt=0)
-    deadline: datetime | None = Field(
-        default=None, description="ISO 8601, in the future; without an offset it is UTC")
-    resources: ResourcesIn = Field(default_factory=ResourcesIn)
-    workdir: str | None = Field(
-        default=None, pattern=r"^sha256:[0-9a-f]{64}$",
-        description="the packed project folder, as POST /api/v1/workdirs answered "
-                    "(\"sha256:<hex>\"); unpacked as the working folder on every instance")
-    setup: str | None = Field(
-        default=None, description="shell command run once per instance before the command, "
-                                  "in the working folder (e.g. pip install -r requirements.txt)")
-    envs: dict[str, str] = Field(default_factory=dict,
-                                 description="environment variables of setup and command")
-    secrets: dict[str, str] = Field(
-        default_factory=dict, description="environment variables whose values are never "
-        "shown back, logged or put in user-data")
-    max_restarts_on_errors: int = Field(
-        default=0, ge=0, le=100,
-        description="restarts from the last checkpoint after the command exits non-zero")
-    checkpoint_keep: int = Field(
-        default=3, ge=1, le=1000,
-        description="verified checkpoints kept while the job runs (older ones are deleted)")
-    checkpoint_keep_finished: int = Field(
-        default=1, ge=0, le=1000,
-        description="checkpoints kept once the job completed, failed or was cancelled")
-    savings_threshold: float | None = Field(default=None, ge=0, lt=1)
-    scout_interval_s: float | None = Field(default=None, gt=0)
-
-    @field_validator("name", "command")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
-        return value
-
-    @field_validator("setup")
-    @classmethod
-    def _blank_is_none(cls, value: str | None) -> str | None:
-        return value if value and value.strip() else None
-
-    @field_validator("envs", "secrets", mode="before")
-    @classmethod
-    def _numbers_as_text(cls, value: Any) -> Any:
-        # YAML reads `EPOCHS: 10` as a number; an environment holds text (as
-        # SkyPilot does: str() of the value). Anything else stays an error.
-        if isinstance(value, dict):
-            return {k: str(v) if isinstance(v, bool | int | float) else v
-                    for k, v in value.items()}
-        return value
-
-    @field_validator("envs", "secrets")
-    @classmethod
-    def _variable_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"{name!r} is not an environment variable name "
-                                 "(letters, digits and _, not starting with a digit)")
-            if name.startswith("GPUSCOUT_"):
-                raise ValueError(f"{name}: GPUSCOUT_* variables are set by GPU Scout")
-            if "\0" in text:
-                raise ValueError(f"{name}: the value contains a NUL byte")
-        return value
-
-    @model_validator(mode="after")
-    def _secrets_apart(self) -> JobCreate:
-        both = sorted(set(self.envs) & set(self.secrets))
-        if both:
-            raise ValueError(f"secrets: {', '.join(both)} also given in envs")
-        return self
-
-    @field_validator("deadline")
-    @classmethod
-    def _in_the_future(cls, value: datetime | None) -> datetime | None:
-        # The deadline is a wall-clock promise to a user, so it is checked
-        # against the wall clock, not the control plane's (possibly simulated) one.
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        if value <= datetime.now(UTC):
-            raise ValueError("must be in the future")
-        return value
-
-    def to_spec(self) -> JobSpec:
-        return JobSpec(
-            name=self.name, command=self.command, model=self.model,
-            dataset_size_gb=self.dataset_size_gb, workload_type=self.workload_type,
-            expected_duration_hours=self.expected_duration_hours, budget_usd=self.budget_usd,
-            deadline=self.deadline, resources=self.resources.to_domain(),
-            workdir=self.workdir, setup=self.setup, envs=dict(self.envs),
-            secret_names=tuple(sorted(self.secrets)),
-            max_restarts_on_errors=self.max_restarts_on_errors,
-            checkpoint_keep=self.checkpoint_keep,
-            checkpoint_keep_finished=self.checkpoint_keep_finished,
-            savings_threshold=self.savings_threshold, scout_interval_s=self.scout_interval_s,
-        )
-
 
 # --- jobs: output -----------------------------------------------------------
 
@@ -449,11 +304,23 @@ class OffersPublic(BaseModel):
     count: int
 
 
+MAX_PRICE_PER_HOUR = 1e4  # USD
+
+
 class OfferUpdate(_Input):
     """The body of ``PATCH /offers/{offer_id}``: at least one field."""
 
-    price_per_hour: float | None = Field(default=None, gt=0)
+    # Bounded so that a price per work hour (price / relative speed) stays
+    # finite: the dearest cloud machines cost a few hundred dollars an hour.
+    price_per_hour: float | None = Field(default=None, gt=0, le=MAX_PRICE_PER_HOUR)
     available: bool | None = None
+
+    @field_validator("price_per_hour", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # (true would be a price of $1)
+            raise ValueError("must be a number, not true/false")
+        return value
 
     @model_validator(mode="after")
     def _something_to_change(self) -> OfferUpdate:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -335,6 +336,19 @@ def load_job_file(file: Path, *, envs: dict[str, str] | None = None,
     return body, file.parent
 
 
+def validate_job(body: dict[str, Any]) -> JobSpec:
+    """``body`` as a job spec, validated by the API's own schema
+    (``JobCreate``); exits with one line naming each bad field."""
+    from pydantic import ValidationError
+
+    from gpuscout.domain.jobinput import JobCreate, describe
+
+    try:
+        return JobCreate.model_validate(body).to_spec()
+    except ValidationError as error:
+        fail(f"invalid job: {describe(error)}")
+
+
 def workdir_folder(body: dict[str, Any], base: Path, given: Path | None) -> Path | None:
     """The project folder to pack: ``--workdir``, else the job file's
     ``workdir`` (relative to the job file); None when there is none or it
@@ -420,6 +434,9 @@ def submit(
         body["resources"] = {**(current if isinstance(current, dict) else {}), **resources}
     if file is None and not body:
         fail("give a YAML job file or at least --name and --command")
+    # Checked here as the API will check it, so that a bad job is named
+    # before anything is packed or sent (and .nan never reaches the JSON encoder).
+    validate_job({k: v for k, v in body.items() if k != "workdir"} if folder else body)
     with _client(ctx, url, token) as api:
         try:
             if folder is not None:
@@ -558,6 +575,8 @@ def market_set(
     """Set an offer's price and/or availability (manual market only)."""
     if price is None and available is None:
         fail("give --price and/or --available/--unavailable")
+    if price is not None and not math.isfinite(price):  # JSON cannot carry it
+        fail("--price: must be a finite number")
     with friendly_errors(), _client(ctx, url, token) as api:
         o = api.update_offer(offer_id, price_per_hour=price, available=available)
     state = "available" if o["available"] else "unavailable"
@@ -649,9 +668,6 @@ def plan(
     """
     from datetime import UTC
 
-    from pydantic import ValidationError
-
-    from gpuscout.api.schemas import JobCreate
     from gpuscout.domain import Job, JobStatus
     from gpuscout.policy import fits_catalog, place_job, pricing
 
@@ -661,15 +677,7 @@ def plan(
     if workdir_folder(body, base, None) is not None:
         body.pop("workdir")  # packed and uploaded at submit; nothing to plan
     body.pop("secrets", None)  # (values may be left for --secret at submit)
-    try:
-        spec = JobCreate(**body).to_spec()
-    except ValueError as error:
-        if isinstance(error, ValidationError):
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'job'}: "
-                f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
-            fail(f"invalid job: {problems}")
-        fail(str(error))
+    spec = validate_job(body)
     offers = _plan_offers(provider)
     now = datetime.now(UTC)
     job = Job(id="plan", spec=spec, status=JobStatus.SCOUTING, created_at=now)

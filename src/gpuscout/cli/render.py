@@ -56,6 +56,14 @@ def offer_label(offer_id: str | None) -> str:
     return f"{parts[2]} {parts[3]} {parts[1]}" if len(parts) == 4 else offer_id
 
 
+def one_line(text: Any) -> Text:
+    """A user's text (a job name) as one line of plain text: control
+    characters (a newline) escaped, never read as Rich markup. The API
+    refuses them in a name; this keeps a row whole whatever a server holds."""
+    value = str(text)
+    return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in value))
+
+
 def progress(job: Json) -> str:
     p = job.get("progress") or {}
     total = p.get("total_steps")
@@ -72,8 +80,8 @@ def jobs_table(jobs: list[Json]) -> Table:
     table.add_column("SAVINGS", justify="right", no_wrap=True)
     table.add_column("OFFER", overflow="fold")
     for job in jobs:
-        table.add_row(job["id"], job["name"], status_text(job["status"]), progress(job),
-                      money(job.get("cost_usd")), money(job.get("savings_usd")),
+        table.add_row(job["id"], one_line(job["name"]), status_text(job["status"]),
+                      progress(job), money(job.get("cost_usd")), money(job.get("savings_usd")),
                       offer_label(job.get("offer_id")))
     return table
 
@@ -92,7 +100,7 @@ def job_details(job: Json) -> Table:
     limits = "; ".join(f"{k.replace('_', ' ')}: {res[k]}" for k in
                        ("capacity", "instance_type", "region", "zone") if res.get(k))
     rows: list[tuple[str, RenderableType]] = [
-        ("job", f"{job['id']}  ({job['name']})"),
+        ("job", one_line(f"{job['id']}  ({job['name']})")),
         ("status", status_text(job["status"])),
         ("progress", f"step {progress(job)}" + (
             f", loss {p['loss']:.6g}" if p.get("loss") is not None else "")),

@@ -2,6 +2,8 @@
 
 Registered in cli/main.py with ``app.command("simulate")(simulate)``.
 Contract as the rest of the CLI: an error is one red line on stderr, exit 1.
+Each job of the jobs file is validated as the API validates a submitted one
+(``domain.jobinput.JobCreate``, through ``sim.load_jobs``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 out = Console()
 err = Console(stderr=True)
@@ -59,7 +62,9 @@ def simulate(
     from gpuscout.sim import simulate as run
 
     def fail(message: str) -> None:
-        err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        # Not markup: a message may quote the user's text ([...] included).
+        err.print(f"error: {message}", style="bold red", markup=False, highlight=False,
+                  soft_wrap=True)
         raise typer.Exit(1)
 
     try:
@@ -83,7 +88,7 @@ def simulate(
     for col in ("job", "cost $", "migrations", "preemptions", "finished", "deadline", "budget"):
         table.add_column(col, justify="left" if col in ("job", "finished") else "right")
     for j in result.jobs:
-        table.add_row(j.name, f"{j.cost_usd:.2f}", str(j.migrations), str(j.preemptions),
+        table.add_row(Text(j.name), f"{j.cost_usd:.2f}", str(j.migrations), str(j.preemptions),
                       j.finished_at.strftime("%Y-%m-%d %H:%M") if j.finished_at else "-",
                       "missed" if j.deadline_missed else "ok",
                       "over" if j.budget_missed else "ok")

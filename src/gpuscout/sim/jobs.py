@@ -1,17 +1,20 @@
 """The simulator's jobs file: a YAML list of job specs (DESIGN.md), each with
 ``submit_at`` (ISO 8601 UTC). ``expected_duration_hours`` is the work on an
-instance of relative speed 1.0."""
+instance of relative speed 1.0. Each job is validated as the API validates
+a submitted one (``JobCreate``); its deadline must be after its submit_at."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]
+from pydantic import ValidationError
 
-from gpuscout.domain import JobSpec, Resources, WorkloadType
+from gpuscout.domain import JobSpec
+from gpuscout.domain.jobinput import JobCreate, describe
 from gpuscout.market.trace import parse_timestamp
 
 
@@ -29,50 +32,42 @@ class SimJob:
         return self.spec.name
 
 
-_SPEC_FIELDS = {"name", "command", "model", "dataset_size_gb", "workload_type",
-                "expected_duration_hours", "budget_usd", "deadline", "resources", "workdir",
-                "savings_threshold", "scout_interval_s"}
+# The job's fields are JobCreate's, validated by it (the one validation of a
+# job: the API's, the CLI's); submit_at is the jobs file's own.
+_FIELDS = set(JobCreate.model_fields) | {"submit_at"}
 
 
 def job_from_dict(data: dict[str, Any], where: str = "job") -> SimJob:
     if not isinstance(data, dict):
         raise JobsFileError(f"{where}: a job must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - _SPEC_FIELDS - {"submit_at"}
+    unknown = set(data) - _FIELDS
     if unknown:
-        raise JobsFileError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        raise JobsFileError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     for required in ("name", "submit_at", "expected_duration_hours"):
-        if data.get(required) in (None, ""):
+        if data.get(required) is None:
             raise JobsFileError(f"{where}: {required} is required")
     try:
         submit = parse_timestamp(str(data["submit_at"]))
     except ValueError as err:
         raise JobsFileError(f"{where}: submit_at: {err}") from None
-    fields = {k: v for k, v in data.items() if k in _SPEC_FIELDS}
+    fields = {k: v for k, v in data.items() if k != "submit_at"}
     fields.setdefault("command", "sim")
+    resources = fields.get("resources")
+    if isinstance(resources, dict) and "gpu_types" in resources:
+        # The simulator's older spelling of a list of GPU types.
+        resources = dict(resources)
+        if resources.get("gpu_type") is not None:
+            raise JobsFileError(f"{where}: resources: give gpu_type or gpu_types, not both")
+        resources["gpu_type"] = resources.pop("gpu_types")
+        fields["resources"] = resources
     try:
-        # Resources takes gpu_types as a list and capacity as "spot" | "on-demand".
-        fields["resources"] = Resources(**(fields.get("resources") or {}))
-    except (TypeError, ValueError) as err:  # an unknown field, a capacity misspelt
-        raise JobsFileError(f"{where}: resources: {err}") from None
-    try:
-        fields["workload_type"] = WorkloadType(fields.get("workload_type") or "training")
-    except ValueError as err:
-        raise JobsFileError(f"{where}: workload_type: {err}") from None
-    if fields.get("deadline") is not None:
-        try:
-            fields["deadline"] = parse_timestamp(str(fields["deadline"]))
-        except ValueError as err:
-            raise JobsFileError(f"{where}: deadline: {err}") from None
-    for key in ("expected_duration_hours", "budget_usd", "dataset_size_gb"):
-        if fields.get(key) is not None:
-            try:
-                fields[key] = float(fields[key])
-            except (TypeError, ValueError):
-                raise JobsFileError(f"{where}: {key} must be a number") from None
-    if fields["expected_duration_hours"] <= 0:
-        raise JobsFileError(f"{where}: expected_duration_hours must be positive")
-    fields["name"] = str(fields["name"])
-    return SimJob(JobSpec(**fields), submit)
+        spec = JobCreate.model_validate(
+            fields, context={"now": submit, "now_name": "submit_at"}).to_spec()
+    except ValidationError as err:
+        raise JobsFileError(f"{where}: {describe(err)}") from None
+    if spec.deadline is not None:
+        spec = replace(spec, deadline=spec.deadline.astimezone(UTC))
+    return SimJob(spec, submit)
 
 
 def load_jobs(path: str | Path) -> list[SimJob]:
