@@ -70,6 +70,17 @@ class E2E:
         response.raise_for_status()
         return response.json()["data"]
 
+    def manual_move(self, job_id: str) -> httpx.Response:
+        """POST /jobs/{id}/migrate to the cheapest other available GPU offer,
+        cheaper or dearer than the job's own (confirm_dearer): a move that
+        must happen whatever the market does at that moment."""
+        current = self.job(job_id)["offer_id"]
+        offers = self.api.get("/api/v1/offers", params={"available": "true"}).json()["data"]
+        target = min((o for o in offers if o["id"] != current and o["gpus"] >= 1),
+                     key=lambda o: (o["cost_per_work_hour"], o["id"]))
+        return self.api.post(f"/api/v1/jobs/{job_id}/migrate",
+                             json={"offer_id": target["id"], "confirm_dearer": True})
+
     def patch_offer(self, offer_id: str, **body: Any) -> None:
         response = self.api.patch(f"/api/v1/offers/{offer_id}", json=body)
         assert response.status_code == 200, response.text

@@ -163,7 +163,7 @@ def test_a_framework_job_moved_three_ways_ends_with_the_uninterrupted_state(
     instance = e2e.job(job_id)["instance_id"]
     assert e2e.api.post(f"/api/v1/instances/{instance}/interrupt").status_code == 202
     moved(2, "preemption")
-    manual = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate")
+    manual = e2e.manual_move(job_id)
     assert manual.status_code == 202, manual.text
     moved(3, "manual")
 

@@ -130,7 +130,8 @@ def test_two_moves_in_a_row_and_a_manual_move(e2e: E2E, tmp_path: Path) -> None:
     # reclaim, which the scout answers with a move of its own.)
     e2e.patch_offer(G4_SPOT_B, available=False)
     e2e.patch_offer(P3_SPOT_F, price_per_hour=0.918)
-    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": P3_SPOT_B})
+    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": P3_SPOT_B,
+                                                                     "confirm_dearer": True})
     assert response.status_code == 202, response.text
     third = e2e.wait_migration(job_id, 3)
     assert_clean_move(e2e, third, reason="manual")
@@ -149,7 +150,8 @@ def test_replacement_that_never_boots_leaves_the_job_where_it_was(
     e2e.wait_step(job_id, 20)
     e2e.provider.never_boots.add(G4_SPOT_B)
 
-    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": G4_SPOT_B})
+    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate",
+                            json={"offer_id": G4_SPOT_B, "confirm_dearer": True})
     assert response.status_code == 202, response.text
     m = e2e.wait_migration(job_id, 1, timeout_s=60)
     assert m["status"] == "failed"
@@ -169,7 +171,8 @@ def test_replacement_that_cannot_restore_hands_the_job_back(e2e: E2E, tmp_path: 
     e2e.wait_step(job_id, 20)
     e2e.provider.blind_store.add(G4_SPOT_B)  # the replacement cannot read the checkpoint
 
-    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": G4_SPOT_B})
+    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate",
+                            json={"offer_id": G4_SPOT_B, "confirm_dearer": True})
     assert response.status_code == 202, response.text
     m = e2e.wait_migration(job_id, 1)
     assert m["status"] == "failed"

@@ -105,7 +105,8 @@ def test_killed_mid_move_the_control_plane_rolls_back_on_restart(
     target = G4_SPOT_B
     if api.get(f"/api/v1/jobs/{job_id}").json()["offer_id"] == target:
         target = "local:us-east-1f:g4dn.xlarge:spot"
-    assert api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": target}).status_code == 202
+    assert api.post(f"/api/v1/jobs/{job_id}/migrate",
+                    json={"offer_id": target, "confirm_dearer": True}).status_code == 202
     m = wait(lambda: next((m for m in api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]
                            if m["phase"] == "booting"), None), 10, "the booting phase")
     plane.kill()  # the replacement is booting; nobody is watching it now

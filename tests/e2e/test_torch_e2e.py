@@ -68,7 +68,7 @@ def test_a_torch_job_moved_three_ways_ends_with_the_uninterrupted_model(
     assert_clean_move(e2e, move, reason="preemption")
     e2e.wait_step(job_id, move["resume_step"] + 20, timeout_s=60)
 
-    manual = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate")
+    manual = e2e.manual_move(job_id)
     assert manual.status_code == 202, manual.text
     assert_clean_move(e2e, e2e.wait_migration(job_id, 3, timeout_s=90), reason="manual")
 

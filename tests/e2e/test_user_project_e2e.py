@@ -186,7 +186,12 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
          120, "the scout's move")
     moved_at = job()["progress"]["step"]
     wait(lambda: step_at_least(moved_at + 10), 60, "training after the move")
-    _cli(plane, "migrate", job_id, cwd=elsewhere)
+    # A user's move to a named offer, whatever it costs (the scout's target
+    # is now the cheapest): --yes confirms without a terminal.
+    here = job()["offer_id"]
+    other = next(o["id"] for o in api.get("/api/v1/offers").json()["data"]
+                 if o["id"] != here and o["gpus"] >= 1 and o["available"])
+    _cli(plane, "migrate", job_id, "--to", other, "--yes", cwd=elsewhere)
     wait(lambda: sum(m["status"] == "completed" for m in
                      api.get(f"/api/v1/jobs/{job_id}/migrations").json()["data"]) >= 2,
          120, "the manual move")

@@ -167,7 +167,8 @@ def test_a_job_migrates_from_one_ec2_instance_to_another(aws_e2e: E2E, tmp_path:
     current = next(o for o in offers if o["id"] == job["offer_id"])
     target = next(o for o in offers if o["instance_type"] != current["instance_type"]
                   and o["zone"] != current["zone"] and o["capacity"] == Capacity.SPOT)
-    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": target["id"]})
+    response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate",
+                            json={"offer_id": target["id"], "confirm_dearer": True})
     assert response.status_code == 202, response.text
     m = e2e.wait_migration(job_id, 1, timeout_s=40)
     assert m["status"] == "completed", m
@@ -294,7 +295,11 @@ def test_a_users_project_travels_through_s3_and_moves_between_ec2_instances(
         job_id = response.json()["id"]
         job = e2e.wait_status(job_id, "running", timeout_s=60)
         e2e.wait_step(job_id, 40, timeout_s=30)
-        response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate")
+        offers = e2e.api.get("/api/v1/offers", params={"available": "true"}).json()["data"]
+        target = min((o for o in offers if o["id"] != job["offer_id"] and o["gpus"] >= 1),
+                     key=lambda o: o["cost_per_work_hour"])
+        response = e2e.api.post(f"/api/v1/jobs/{job_id}/migrate",
+                                json={"offer_id": target["id"], "confirm_dearer": True})
         assert response.status_code == 202, response.text
         m = e2e.wait_migration(job_id, 1, timeout_s=60)
         assert m["status"] == "completed", m

@@ -83,7 +83,8 @@ def test_the_dashboard_lists_a_job_and_follows_its_migration(server: ServerThrea
         expect(page.locator("#migrations-empty")).to_be_visible()
 
         api.patch(f"/api/v1/offers/{G4_SPOT_B}", json={"available": True})
-        moved = api.post(f"/api/v1/jobs/{job['id']}/migrate", json={"offer_id": G4_SPOT_B})
+        moved = api.post(f"/api/v1/jobs/{job['id']}/migrate", json={"offer_id": G4_SPOT_B,
+                                                                   "confirm_dearer": True})
         assert moved.status_code == 202, moved.text
         migration = page.locator("#migrations tbody tr").first
         expect(migration).to_contain_text("completed", timeout=10_000)

@@ -334,10 +334,68 @@ def test_manual_migration_is_202_then_runs_make_before_break(
 def test_migrate_without_a_body_picks_the_best_other_offer(
         client: TestClient, service: Service) -> None:
     job_id = running_job(client, service)
+    service.plane.update_offer(G4_SPOT_B, available=True)  # cheaper per work hour
     response = client.post(f"/api/v1/jobs/{job_id}/migrate", headers=AUTH)
     assert response.status_code == 202, response.text
-    assert response.json()["to_offer_id"] != P3_SPOT_A
+    assert response.json()["to_offer_id"] == G4_SPOT_B
+    assert response.json()["expected_savings"] > 0
     service.plane.wait_for_migrations()
+
+
+def test_on_budget_travels_from_the_body_to_the_stored_spec(
+        client: TestClient, service: Service) -> None:
+    assert submit(client)["spec"]["on_budget"] == "warn"
+    job = submit(client, on_budget="stop")
+    assert job["spec"]["on_budget"] == "stop"
+    assert service.repo.get_job(job["id"]).spec.on_budget == "stop"
+    assert fields_named(client.post("/api/v1/jobs", json={**JOB, "on_budget": "halt"},
+                                    headers=AUTH)) == ["on_budget"]
+
+
+def test_migrate_without_a_target_is_409_when_no_offer_saves(
+        client: TestClient, service: Service) -> None:
+    job_id = running_job(client, service)  # on the cheapest available offer
+    response = client.post(f"/api/v1/jobs/{job_id}/migrate", headers=AUTH)
+    assert response.status_code == 409, response.text
+    detail = response.json()["detail"]
+    assert "no other offer saves" in detail and "confirm_dearer" in detail
+    assert service.repo.get_job(job_id).status == JobStatus.RUNNING
+    assert service.repo.list_migrations(job_id=job_id) == []
+
+
+def test_a_dearer_target_moves_only_with_confirm_dearer(
+        client: TestClient, service: Service) -> None:
+    job_id = running_job(client, service)
+    dearer = "local:us-east-1a:p3.2xlarge:on-demand"
+    assert service.repo.get_offer(dearer).price_per_hour > 0.918
+    refused = client.post(f"/api/v1/jobs/{job_id}/migrate", json={"offer_id": dearer},
+                          headers=AUTH)
+    assert refused.status_code == 409, refused.text
+    detail = refused.json()["detail"]
+    assert "confirm_dearer" in detail and "dearer than" in detail and "-" not in detail[:5]
+    assert service.repo.list_migrations(job_id=job_id) == []
+
+    response = client.post(f"/api/v1/jobs/{job_id}/migrate",
+                           json={"offer_id": dearer, "confirm_dearer": True}, headers=AUTH)
+    assert response.status_code == 202, response.text
+    assert response.json()["to_offer_id"] == dearer
+    assert response.json()["expected_savings"] < 0
+    started = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events").json()["data"]
+               if e["kind"] == "migration_started"]
+    assert len(started) == 1 and "dearer)" in started[0] and "-" not in started[0].split("(")[1]
+    service.plane.wait_for_migrations()
+
+
+def test_a_dearer_target_that_would_cross_the_budget_is_409(
+        client: TestClient, service: Service) -> None:
+    make_g4_spot_unavailable(service)
+    job_id = submit(client, budget_usd=1.5)["id"]  # 2 work hours: $1.84 here, $6.12 there
+    run_until(service, job_id, JobStatus.RUNNING)
+    response = client.post(f"/api/v1/jobs/{job_id}/migrate",
+                           json={"offer_id": "local:us-east-1a:p3.2xlarge:on-demand",
+                                 "confirm_dearer": True}, headers=AUTH)
+    assert response.status_code == 409, response.text
+    assert "over the budget" in response.json()["detail"]
 
 
 @pytest.mark.parametrize(("offer_id", "message"), [

@@ -207,9 +207,10 @@ def test_migrate_and_instances(cli: CliRunner, service: Service) -> None:
     run_until(service, job.id, JobStatus.RUNNING)
     service.plane.update_offer(G4_SPOT_B, available=True)
 
-    assert "already runs on this offer" in invoke(cli, "migrate", job.id, "--offer", P3_SPOT_A,
-                                                  code=1)
-    output = invoke(cli, "migrate", job.id, "--offer", G4_SPOT_B)
+    assert "already runs on this offer" in invoke(cli, "migrate", job.id, "--to", P3_SPOT_A,
+                                                  "--yes", code=1)
+    output = invoke(cli, "migrate", job.id, "--offer", G4_SPOT_B, "--yes")
+    assert "saves $" in output and "cheaper" in output
     assert f"{P3_SPOT_A} -> {G4_SPOT_B}" in output
     service.plane.wait_for_migrations()
     shown = invoke(cli, "show", job.id)
@@ -220,6 +221,62 @@ def test_migrate_and_instances(cli: CliRunner, service: Service) -> None:
     assert "Instances (2)" in instances
     assert "terminated" in instances and "running" in instances
     assert "job job-nope not found" in invoke(cli, "migrate", "job-nope", code=1)
+
+
+P3_ON_DEMAND_A = "local:us-east-1a:p3.2xlarge:on-demand"
+
+
+def running_mover(service: Service) -> str:
+    make_g4_spot_unavailable(service)
+    job = service.plane.submit(JobSpec(name="mover", command="train",
+                                       resources=Resources(gpus=1)))
+    run_until(service, job.id, JobStatus.RUNNING)
+    return job.id
+
+
+def test_migrate_to_a_dearer_offer_shows_the_figures_and_asks(
+        cli: CliRunner, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = running_mover(service)
+    monkeypatch.setattr("gpuscout.cli.main._interactive", lambda: True)
+    declined = cli.invoke(app, ["migrate", job_id, "--to", P3_ON_DEMAND_A], input="n\n")
+    assert declined.exit_code == 1, declined.output
+    # $0.918/h -> $3.06/h: $2.142 more per work hour, 233% dearer.
+    assert "$3.06/h" in declined.output and "costs $2.14 more per remaining work hour" in (
+        declined.output)
+    assert "233% dearer" in declined.output and "-233%" not in declined.output
+    assert "Move to this dearer offer?" in declined.output
+    assert "not moved" in declined.stderr
+    assert service.repo.list_migrations(job_id=job_id) == []
+
+    accepted = cli.invoke(app, ["migrate", job_id, "--to", P3_ON_DEMAND_A], input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert f"{P3_SPOT_A} -> {P3_ON_DEMAND_A}" in accepted.output
+    service.plane.wait_for_migrations()
+    shown = invoke(cli, "show", job_id)
+    assert "233% dearer expected" in shown and "cheaper expected" not in shown
+
+
+def test_migrate_to_a_named_offer_without_a_terminal_needs_yes(
+        cli: CliRunner, service: Service) -> None:
+    job_id = running_mover(service)
+    result = cli.invoke(app, ["migrate", job_id, "--to", P3_ON_DEMAND_A])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: not moving") and "--yes" in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+    assert service.repo.list_migrations(job_id=job_id) == []
+
+    output = invoke(cli, "migrate", job_id, "--to", P3_ON_DEMAND_A, "--yes")
+    assert "233% dearer" in output and f"-> {P3_ON_DEMAND_A}" in output
+    service.plane.wait_for_migrations()
+
+
+def test_migrate_without_a_target_refuses_when_nothing_saves(
+        cli: CliRunner, service: Service) -> None:
+    job_id = running_mover(service)
+    assert "no other offer saves" in invoke(cli, "migrate", job_id, code=1)
+    service.plane.update_offer(G4_SPOT_B, available=True)
+    assert f"{P3_SPOT_A} -> {G4_SPOT_B}" in invoke(cli, "migrate", job_id)
+    service.plane.wait_for_migrations()
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from gpuscout.domain import (
     MigrationPhase,
     MigrationReason,
     MigrationStatus,
+    OnBudget,
     Resources,
 )
 from gpuscout.market.feeds import TraceFeed
@@ -255,6 +256,79 @@ def test_rollback_deletes_checkpoints_written_by_the_replacement(
     service.plane.wait_for_migrations()
     keys = list(store.list(prefix + "/"))
     assert keys == [f"{prefix}/{1:012d}-old/MANIFEST.json"]
+
+
+# --- budget ------------------------------------------------------------------------------
+
+
+def budget_job(service: Service, **changes: object) -> str:
+    # P3 spot at $0.918 per work hour, about one work hour left: ~$0.92 of $2.
+    for offer in service.repo.list_offers():
+        if offer.instance_type == "g4dn.xlarge" and offer.capacity.value == "spot":
+            service.plane.update_offer(offer.id, available=False)
+    job = service.plane.submit(replace(SPEC, budget_usd=2.0, **changes))  # type: ignore[arg-type]
+    run_until(service, job.id, JobStatus.RUNNING)
+    assert service.repo.get_job(job.id).offer_id == P3_SPOT_A
+    return job.id
+
+
+def budget_events(service: Service, job_id: str) -> list[str]:
+    return [e.message for e in service.repo.list_events(job_id) if e.kind == "budget"]
+
+
+def test_budget_events_at_80_and_100_percent_once_each_even_after_a_restart(
+        service: Service) -> None:
+    job_id = budget_job(service)
+    for _ in range(3):
+        service.plane.reconcile_once()
+    assert budget_events(service, job_id) == []
+
+    service.plane.update_offer(P3_SPOT_A, price_per_hour=1.7)  # projected ~$1.70: 85%
+    for _ in range(3):
+        service.plane.reconcile_once()
+    (warning,) = budget_events(service, job_id)
+    assert "reached 80% of the $2.0000 budget" in warning
+    assert "so far +" in warning and "remaining work hours at $1.7000 per work hour" in warning
+
+    service.plane.update_offer(P3_SPOT_A, price_per_hour=2.5)  # over the budget
+    for _ in range(3):
+        service.plane.reconcile_once()
+    events = [e for e in service.repo.list_events(job_id) if e.kind == "budget"]
+    assert [e.data["threshold"] for e in events if e.data] == [0.8, 1.0]
+    assert "reached 100%" in events[1].message and "stop" not in events[1].message
+    assert service.repo.get_job(job_id).status == JobStatus.RUNNING  # on_budget: warn
+
+    # A restarted control plane reads what was sent from the job's events.
+    service.plane.lifecycle._budget_sent.clear()
+    for _ in range(3):
+        service.plane.reconcile_once()
+    assert len(budget_events(service, job_id)) == 2
+
+
+def test_on_budget_stop_checkpoints_and_cancels_keeping_the_checkpoints(
+        service: Service, agents: FakeAgents, provider: FakeProvider) -> None:
+    job_id = budget_job(service, on_budget=OnBudget.STOP, checkpoint_keep_finished=0)
+    store = service.ctx.store
+    key = f"{checkpoint_prefix(job_id)}/{1:012d}-v/MANIFEST.json"
+    store.put(key, b"{}")
+    instance = service.repo.get_job(job_id).instance_id
+    service.plane.update_offer(P3_SPOT_A, price_per_hour=1.7)  # 80%: a warning only
+    service.plane.reconcile_once()
+    assert service.repo.get_job(job_id).status == JobStatus.RUNNING
+
+    service.plane.update_offer(P3_SPOT_A, price_per_hour=2.5)
+    service.plane.reconcile_once()
+    job = service.repo.get_job(job_id)
+    assert job.status == JobStatus.CANCELLED
+    assert job.error is not None and "budget of $2.0000 (on_budget: stop)" in job.error
+    assert ("checkpoint", f"run-{instance}") in agents.calls
+    assert provider.running_ids() == []
+    assert list(store.list(checkpoint_prefix(job_id) + "/")) == [key]
+    kinds = [e.kind for e in service.repo.list_events(job_id)]
+    assert "checkpoints_deleted" not in kinds and kinds.count("budget") == 2
+    assert "checkpointing and cancelling" in budget_events(service, job_id)[1]
+    (cancelled,) = [e for e in service.repo.list_events(job_id) if e.kind == "cancelled"]
+    assert "checkpoints kept" in cancelled.message and "checkpointed step" in cancelled.message
 
 
 def test_capacity_error_on_the_target_keeps_the_job_and_marks_the_offer(

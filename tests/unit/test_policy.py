@@ -12,13 +12,17 @@ from gpuscout.policy import (
     MovePolicy,
     PlacementDecision,
     Trigger,
+    budget_allows,
+    budget_thresholds_reached,
     choose_offer,
     decide_move,
     move_cost_usd,
     place_job,
     plan_moves,
+    projected_cost_usd,
     remaining_work_hours,
     uniform_progress_line,
+    weigh_move,
     zone_key,
 )
 
@@ -226,6 +230,56 @@ CUR = offer_at("cur", 1.0)
 
 
 @pytest.mark.parametrize(
+    ("case", "left", "stay", "move", "allowed"),
+    [
+        ("no budget", None, 1.0, 5.0, True),
+        ("cheaper, within budget", 10.0, 5.0, 3.0, True),
+        ("cheaper, already over budget", -0.05, 1.0, 0.3, True),
+        ("cheaper, staying overruns and so does the move", 0.5, 2.0, 1.0, True),
+        ("same total, over budget", -1.0, 1.0, 1.0, True),
+        ("dearer, still within budget", 10.0, 3.0, 9.0, True),
+        ("dearer, would cross the budget", 5.0, 3.0, 9.0, False),
+        ("dearer, already over budget", -1.0, 1.0, 1.5, False),
+        ("dearer, lands exactly on the budget", 9.0, 3.0, 9.0, True),
+    ],
+)
+def test_the_budget_rule_refuses_only_moves_that_raise_the_total_over_budget(
+        case: str, left: float | None, stay: float, move: float, allowed: bool) -> None:
+    assert budget_allows(left, stay, move) is allowed, case
+
+
+@pytest.mark.parametrize(
+    ("spent", "work_h", "budget", "projected", "reached"),
+    [
+        (0.0, 1.0, 10.0, 1.0, []),
+        (7.0, 1.0, 10.0, 8.0, [0.8]),
+        (7.0, 3.0, 10.0, 10.0, [0.8, 1.0]),
+        (0.07, 0.0, 0.02, 0.07, [0.8, 1.0]),  # past its estimate: the cost so far
+        (5.0, 1.0, None, 6.0, []),
+    ],
+)
+def test_projected_cost_and_budget_thresholds(spent: float, work_h: float, budget: float | None,
+                                              projected: float, reached: list[float]) -> None:
+    j = job_with(spent=spent, budget=budget)
+    total = projected_cost_usd(j, work_h, 1.0)
+    assert total == pytest.approx(projected)
+    assert budget_thresholds_reached(total, budget) == reached
+
+
+def test_weigh_move_refuses_a_dearer_move_that_crosses_the_budget() -> None:
+    # 5 work hours left at $1/h; $8 of budget left.
+    j = job_with(budget=10.0, spent=2.0, step=500)
+    cheaper = weigh_move(j, CUR, offer_at("x", 0.3), NOW, costs=COSTS)
+    assert cheaper.budget_ok and cheaper.expected_usd < cheaper.stay_usd
+    dearer = weigh_move(j, CUR, offer_at("y", 2.0), NOW, costs=COSTS)
+    assert dearer.expected_usd > 8.0 and not dearer.budget_ok
+    affordable = weigh_move(j, CUR, offer_at("z", 1.2), NOW, costs=COSTS)
+    assert affordable.expected_usd < 8.0 and affordable.budget_ok
+    over = job_with(budget=1.0, spent=2.0, step=500)
+    assert weigh_move(over, CUR, offer_at("x", 0.3), NOW, costs=COSTS).budget_ok
+
+
+@pytest.mark.parametrize(
     ("case", "job_", "others", "view", "move", "target", "reason_part"),
     [
         ("pays: 50% off over 10 work hours", job_with(), [offer_at("x", 0.5)], JobView(),
@@ -243,15 +297,20 @@ CUR = offer_at("cur", 1.0)
          job_with(hours=2, dataset_gb=500),
          [offer_at("far", 0.4, region="far"), offer_at("near", 0.5)], JobView(), True, "near",
          "cheaper"),
-        ("budget nearly spent", job_with(budget=10.0, spent=9.0, step=900),
-         [offer_at("x", 0.5)], JobView(), False, "x", "break the budget"),
+        ("budget nearly spent: a move that lowers the total is allowed",
+         job_with(budget=10.0, spent=9.0, step=900), [offer_at("x", 0.5)], JobView(), True,
+         "x", "cheaper"),
         ("budget fine", job_with(budget=100.0, spent=9.0), [offer_at("x", 0.5)], JobView(),
          True, "x", "cheaper"),
         ("staying overruns the budget, the move brings it back", job_with(
             budget=10.0, spent=9.0, step=850), [offer_at("x", 0.5)], JobView(), True, "x",
          "cheaper"),
-        ("overruns either way: no bet on top", job_with(budget=10.0, spent=9.5, step=850),
-         [offer_at("x", 0.5)], JobView(), False, "x", "break the budget"),
+        ("overruns either way: the move overruns less", job_with(
+            budget=10.0, spent=9.5, step=850), [offer_at("x", 0.5)], JobView(), True, "x",
+         "cheaper"),
+        ("already over budget: a 70% cheaper offer is taken", job_with(
+            budget=0.02, spent=0.07, total_steps=None), [offer_at("x", 0.3)],
+         JobView(running_s=3600.0 * 9), True, "x", "cheaper"),
         ("slow spot target would miss the deadline", job_with(deadline_in_h=14),
          [offer_at("slow", 0.2, speed=0.5)], JobView(), False, "slow", "break the deadline"),
         ("at the cap", job_with(), [offer_at("x", 0.5)], JobView(price_moves=10), False, None,

@@ -26,6 +26,7 @@ from gpuscout.domain import (
     MigrationReason,
     MigrationStatus,
     Offer,
+    OnBudget,
     WorkloadType,
 )
 
@@ -61,6 +62,7 @@ class JobSpecPublic(BaseModel):
     workload_type: WorkloadType
     expected_duration_hours: float
     budget_usd: float | None
+    on_budget: OnBudget
     deadline: datetime | None
     resources: ResourcesPublic
     workdir: str | None
@@ -80,7 +82,7 @@ class JobSpecPublic(BaseModel):
             name=spec.name, command=spec.command, model=spec.model,
             dataset_size_gb=spec.dataset_size_gb, workload_type=spec.workload_type,
             expected_duration_hours=spec.expected_duration_hours, budget_usd=spec.budget_usd,
-            deadline=spec.deadline,
+            on_budget=spec.on_budget, deadline=spec.deadline,
             resources=ResourcesPublic(
                 gpus=r.gpus, gpu_type=list(r.gpu_types) if r.gpu_types else r.gpu_type,
                 cpus=r.cpus, memory_gb=r.memory_gb, capacity=r.capacity,
@@ -153,7 +155,13 @@ class MigrateRequest(_Input):
     """The optional body of ``POST /jobs/{id}/migrate``."""
 
     offer_id: str | None = Field(
-        default=None, description="target offer; the best other offer if omitted")
+        default=None,
+        description="target offer; if omitted, the offer that saves most per work hour "
+                    "(409 when none saves)")
+    confirm_dearer: bool = Field(
+        default=False,
+        description="move to offer_id even though it costs more per work hour "
+                    "(409 without it)")
 
 
 class MigrationPublic(BaseModel):

@@ -147,8 +147,11 @@ class ApiClient:
     def decisions(self, job_id: str) -> list[dict[str, Any]]:
         return self.request("GET", f"{API_PREFIX}/jobs/{job_id}/decisions")["data"]
 
-    def migrate(self, job_id: str, offer_id: str | None = None) -> dict[str, Any]:
-        body = {"offer_id": offer_id} if offer_id else None
+    def migrate(self, job_id: str, offer_id: str | None = None, *,
+                confirm_dearer: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] | None = None
+        if offer_id:
+            body = {"offer_id": offer_id, "confirm_dearer": confirm_dearer}
         return self.request("POST", f"{API_PREFIX}/jobs/{job_id}/migrate", json=body)
 
     # --- market and instances ------------------------------------------------------

@@ -519,17 +519,70 @@ def cancel(
     out.print(f"job {data['id']} is {data['status']}", markup=False, highlight=False)
 
 
+def _interactive() -> bool:
+    """Whether a person can answer a prompt (tests replace this)."""
+    return sys.stdin.isatty()
+
+
+def _move_figures(api: ApiClient, job_id: str, target_id: str) -> tuple[str, bool] | None:
+    """What a move to ``target_id`` costs or saves per remaining work hour,
+    in one line, and whether it is dearer; None when the offers are not
+    known here (the API then answers with the reason)."""
+    job = api.job(job_id)
+    offers = {o["id"]: o for o in api.offers()}
+    current, target = offers.get(job.get("offer_id") or ""), offers.get(target_id)
+    if current is None or target is None:
+        return None
+    resources = (job.get("spec") or {}).get("resources") or {}
+    by_hour = not resources.get("gpus") and not resources.get("gpu_type")
+
+    def per_work_hour(o: dict[str, Any]) -> float:
+        # A job that asks for no GPU is priced by the hour (the policy's view).
+        return float(o["price_per_hour"] if by_hour else o["cost_per_work_hour"])
+
+    cur, tgt = per_work_hour(current), per_work_hour(target)
+    diff = cur - tgt
+    change = render.saving_phrase(diff / cur if cur > 0 else 0.0)
+    verdict = (f"saves {render.money(diff)}" if diff >= 0
+               else f"costs {render.money(-diff)} more")
+    line = (f"{current['id']} {render.money(current['price_per_hour'])}/h -> {target['id']} "
+            f"{render.money(target['price_per_hour'])}/h: {verdict} per remaining work hour "
+            f"({change}")
+    decisions = api.decisions(job_id)
+    work = decisions[0].get("remaining_work_hours") if decisions else None
+    if work:
+        line += f"; about {render.money(abs(diff) * work)} over {work:.2f} work hours left"
+    return line + ")", diff < 0
+
+
 @app.command()
 def migrate(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(help="job id")],
-    offer: Annotated[str | None, typer.Option(
-        "--offer", help="target offer id; the best other offer if omitted")] = None,
+    to: Annotated[str | None, typer.Option(
+        "--to", "--offer", help="target offer id (shows what it saves or costs per work "
+        "hour, and asks); without it, the offer that saves most, if one does")] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", "-y", help="move to --to without asking, even if it is dearer")] = False,
     url: UrlOption = None, token: TokenOption = None,
 ) -> None:
     """Move a running job now, live (make-before-break)."""
     with friendly_errors(), _client(ctx, url, token) as api:
-        m = api.migrate(job, offer)
+        confirmed = False
+        if to is not None:
+            if not yes and not _interactive():
+                fail(f"not moving {job} to {to} without confirmation: no terminal to ask on "
+                     "(pass --yes to confirm)")
+            figures = _move_figures(api, job, to)
+            if figures is not None:
+                out.print(figures[0], markup=False, highlight=False, soft_wrap=True)
+            if not yes:
+                dearer = figures is not None and figures[1]
+                if not typer.confirm("Move to this dearer offer?" if dearer else "Move?",
+                                     default=False):
+                    fail("not moved")
+            confirmed = True
+        m = api.migrate(job, to, confirm_dearer=confirmed)
     out.print(f"migration {m['id']} started: {m['from_offer_id']} -> {m['to_offer_id']} "
               f"(follow it with `gpuscout show {job}`)", markup=False, highlight=False)
 

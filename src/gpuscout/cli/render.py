@@ -37,6 +37,13 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.0f}%"
 
 
+def saving_phrase(savings: float | None) -> str:
+    """"25% cheaper" or "191% dearer" (never a negative saving)."""
+    if savings is None:
+        return "-"
+    return f"{percent(savings)} cheaper" if savings >= 0 else f"{percent(-savings)} dearer"
+
+
 def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
@@ -175,7 +182,7 @@ def migrations_table(migrations: list[Json]) -> Table:
         table.add_row(
             clock_time(m.get("started_at")), m["reason"], status,
             f"{offer_label(m['from_offer_id'])}\n-> {offer_label(m['to_offer_id'])}\n"
-            f"({percent(m.get('expected_savings'))} cheaper expected)",
+            f"({saving_phrase(m.get('expected_savings'))} expected)",
             f"ckpt {_or_dash(m.get('checkpoint_step'))}\n"
             f"resume {_or_dash(m.get('resume_step'))}",
             f"{downtime:.2f}s" if downtime is not None else "-", phases or "-",

@@ -15,9 +15,16 @@ from gpuscout.clock import utc
 from gpuscout.controllers.agent_client import AgentError, AgentHealth
 from gpuscout.controllers.context import Context, log
 from gpuscout.db import ConcurrentChange, NotFound
-from gpuscout.domain import InstanceStatus, Job, JobStatus, MigrationReason
+from gpuscout.domain import InstanceStatus, Job, JobStatus, MigrationReason, OnBudget
 from gpuscout.domain.states import IllegalTransition
-from gpuscout.policy import PlacementDecision, choose_offer
+from gpuscout.policy import (
+    PlacementDecision,
+    budget_thresholds_reached,
+    choose_offer,
+    offer_for,
+    projected_cost_usd,
+    remaining_work_hours,
+)
 from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
 from gpuscout.workload.checkpoint import CheckpointStore
 
@@ -56,6 +63,9 @@ class Lifecycle:
         self._retained: dict[str, int] = {}
         # Instances whose spot interruption notice has been recorded.
         self._noticed: set[str] = set()
+        # Budget thresholds already reported, per job (read back from the
+        # job's "budget" events after a restart, so each is reported once).
+        self._budget_sent: dict[str, set[float]] = {}
 
     def reconcile(self, job: Job) -> None:
         try:
@@ -70,6 +80,8 @@ class Lifecycle:
             if handler is not None:
                 handler(job)
             self.bill(job)
+            if job.spec.budget_usd is not None:
+                self._watch_budget(job.id)
         except (ConcurrentChange, IllegalTransition) as err:
             # Someone else (a cancel, the executor) moved the job first.
             log.debug("job %s changed under reconcile: %s", job.id, err)
@@ -298,6 +310,77 @@ class Lifecycle:
         self.ctx.router.switch(job.id, None)
         self.bill(self.ctx.repo.get_job(job.id))
         self.retain_finished(job)
+
+    # --- budget ------------------------------------------------------------------
+
+    def _watch_budget(self, job_id: str) -> None:
+        """A "budget" event when the job's projected cost (cost so far + the
+        remaining work at the current $/work-hour) reaches 80% and 100% of
+        its budget, once per threshold per job; with ``on_budget: stop`` a
+        running job is checkpointed and cancelled at 100%."""
+        job = self.ctx.repo.get_job(job_id)
+        budget = job.spec.budget_usd
+        if budget is None or job.status not in (S.RUNNING, S.MIGRATING) or not job.offer_id:
+            return
+        try:
+            offer = offer_for(job.spec.resources, self.ctx.repo.get_offer(job.offer_id))
+        except NotFound:
+            return
+        now = self.ctx.clock.now()
+        work = remaining_work_hours(job, now, None, offer.relative_speed)
+        rate = offer.cost_per_work_hour
+        projected = projected_cost_usd(job, work, rate)
+        reached = budget_thresholds_reached(projected, budget)
+        if not reached:
+            return
+        sent = self._budget_sent.get(job.id)
+        if sent is None:
+            sent = {float((e.data or {}).get("threshold", 0.0))
+                    for e in self.ctx.repo.list_events(job.id, kind="budget")}
+            self._budget_sent[job.id] = sent
+        figures = (f"projected ${projected:.4f} = ${job.cost_usd:.4f} so far + {work:.2f} "
+                   f"remaining work hours at ${rate:.4f} per work hour on {offer.id}")
+        stop = job.spec.on_budget == OnBudget.STOP
+        for threshold in reached:
+            if threshold in sent:
+                continue
+            sent.add(threshold)
+            then = ("; on_budget is stop: checkpointing and cancelling the job"
+                    if stop and threshold >= 1.0 else "")
+            self.ctx.event(job.id, "budget",
+                           f"projected cost reached {threshold:.0%} of the ${budget:.4f} "
+                           f"budget: {figures}{then}",
+                           threshold=threshold, cost_usd=job.cost_usd,
+                           projected_usd=projected, budget_usd=budget,
+                           remaining_work_hours=work, cost_per_work_hour=rate)
+        if stop and reached[-1] >= 1.0 and job.status == S.RUNNING:
+            self._stop_for_budget(job, f"stopped at its budget of ${budget:.4f} "
+                                       f"(on_budget: stop): {figures}")
+
+    def _stop_for_budget(self, job: Job, reason: str) -> None:
+        """Checkpoint the job, then cancel it (``reason`` names the budget);
+        its checkpoints are all kept, whatever ``checkpoint_keep_finished``."""
+        step: int | None = None
+        note = ""
+        address = (self.ctx.repo.get_instance(job.instance_id).address
+                   if job.instance_id else None)
+        if address:
+            try:
+                step = self.ctx.agents.checkpoint(
+                    address, pause=False, timeout_s=self.ctx.timeouts.checkpoint_s).step
+            except Exception as err:  # noqa: BLE001 - the last verified checkpoint stands
+                note = f"; checkpoint failed ({err}), the last verified one stands"
+        self.bill(job)
+        self.ctx.repo.transition(job.id, S.CANCELLED, expect={S.RUNNING},
+                                 finished_at=self.ctx.clock.now(), error=reason)
+        self.ctx.router.switch(job.id, None)
+        for instance in self.ctx.repo.list_instances(job_id=job.id, live_only=True):
+            self.ctx.terminate(instance.id)
+        self.bill(self.ctx.repo.get_job(job.id))
+        self._retained.pop(job.id, None)
+        saved = f"checkpointed step {step}" if step is not None else "not checkpointed now"
+        self.ctx.event(job.id, "cancelled", f"{reason}; {saved}{note}; checkpoints kept",
+                       step=step)
 
     # --- checkpoint retention ---------------------------------------------------
 

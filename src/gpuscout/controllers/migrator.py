@@ -75,9 +75,10 @@ class MigrationExecutor:
         )
         self.ctx.repo.transition(job.id, S.MIGRATING, expect={S.RUNNING})
         self.ctx.repo.add_migration(migration)
+        change = (f"{expected_savings:.1%} cheaper" if expected_savings >= 0
+                  else f"{-expected_savings:.1%} dearer")
         self.ctx.event(job.id, "migration_started",
-                       f"{reason.value}: {job.offer_id} -> {target.id} "
-                       f"(expected savings {expected_savings:.1%})",
+                       f"{reason.value}: {job.offer_id} -> {target.id} (expected {change})",
                        migration_id=migration.id)
         return migration
 

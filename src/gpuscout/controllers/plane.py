@@ -55,6 +55,7 @@ from gpuscout.policy import (
     fits_catalog,
     offers_for,
     place_job,
+    weigh_move,
     zone_key,
 )
 from gpuscout.providers.base import InstanceNotFound
@@ -80,6 +81,19 @@ def with_setup(costs: MoveCosts, setup_s: float | None) -> MoveCosts:
     it runs after the boot, before the replacement is ready, so it counts as
     boot time (billed on the replacement while the job trains on the old)."""
     return replace(costs, boot_s=costs.boot_s + setup_s) if setup_s else costs
+
+
+def _savings(current: Offer | None, target: Offer) -> float:
+    """The fraction of the current cost per work hour a move saves
+    (negative: the target is dearer)."""
+    if current is None or current.cost_per_work_hour <= 0:
+        return 0.0
+    return 1 - target.cost_per_work_hour / current.cost_per_work_hour
+
+
+def _saving_phrase(savings: float) -> str:
+    """"25.0% cheaper" or "191.0% dearer", never a negative saving."""
+    return f"{savings:.1%} cheaper" if savings >= 0 else f"{-savings:.1%} dearer"
 
 
 def _gist(reason: str) -> str:
@@ -363,14 +377,20 @@ class ControlPlane:
         self.lifecycle.retain_finished(job)
         return self.ctx.repo.get_job(job_id)
 
-    def migrate(self, job_id: str, target_offer_id: str | None = None) -> Migration:
-        """A manual move, to ``target_offer_id`` or to the best other offer."""
+    def migrate(self, job_id: str, target_offer_id: str | None = None, *,
+                confirm_dearer: bool = False) -> Migration:
+        """A manual move. Without a target: to the offer that saves most per
+        work hour, and Conflict when no other offer saves. To a named target
+        that costs more per work hour only with ``confirm_dearer`` (Conflict
+        naming it otherwise), and only if the projected total stays within
+        the job's budget (the budget rule, ``budget_allows``)."""
         job = self.ctx.repo.get_job(job_id)
         if job.status != S.RUNNING:
             raise Conflict(f"job {job_id} is {job.status.value}; only a running job can move")
         # As the job sees them (the policy's one place for it): a CPU-only
         # job's offers are priced by the hour.
         offers = offers_for(job.spec.resources, self.ctx.offers())
+        current = next((o for o in offers if o.id == job.offer_id), None)
         if target_offer_id is not None:
             try:
                 target = next(o for o in offers if o.id == target_offer_id)
@@ -388,10 +408,34 @@ class ControlPlane:
                          .excluding({job.offer_id or ""}).cheapest())
             if candidate is None:
                 raise Conflict(f"no other available offer fits job {job_id}")
+            if current is not None and (candidate.cost_per_work_hour
+                                        >= current.cost_per_work_hour - 1e-9):
+                raise Conflict(
+                    f"no other offer saves: the cheapest, {candidate.id} at "
+                    f"${candidate.cost_per_work_hour:.4f} per work hour, is no cheaper "
+                    f"than {current.id} at "
+                    f"${current.cost_per_work_hour:.4f}; to move anyway, name the target "
+                    "(offer_id) with confirm_dearer")
             target = candidate
-        current = next((o for o in offers if o.id == job.offer_id), None)
-        savings = (1 - target.cost_per_work_hour / current.cost_per_work_hour
-                   if current and current.cost_per_work_hour > 0 else 0.0)
+        savings = _savings(current, target)
+        if current is not None and savings < -1e-9:
+            if not confirm_dearer:
+                raise Conflict(
+                    f"{target.id} at ${target.cost_per_work_hour:.4f} per work hour is "
+                    f"{_saving_phrase(savings)} than {current.id} at "
+                    f"${current.cost_per_work_hour:.4f}; send \"confirm_dearer\": true "
+                    "to move anyway")
+            if job.spec.budget_usd is not None:
+                now = self.ctx.clock.now()
+                w = weigh_move(job, current, target, now,
+                               view=self._view(job, now, frozenset(), 0),
+                               costs=self._job_costs(job), policy=self.policy)
+                if not w.budget_ok:
+                    raise Conflict(
+                        f"moving to {target.id} would raise the projected total to "
+                        f"${job.cost_usd + w.expected_usd:.4f} (from "
+                        f"${job.cost_usd + w.stay_usd:.4f} staying), over the budget of "
+                        f"${job.spec.budget_usd:.4f}")
         migration = self._start_migration(job, target, MigrationReason.MANUAL, savings)
         if migration is None:
             raise Conflict(f"job {job_id} is already migrating")

@@ -363,10 +363,13 @@ class Repository:
         with self.session() as s:
             s.add(EventRow(job_id=job_id, time=now, kind=kind, message=message, data=data))
 
-    def list_events(self, job_id: str | None = None, limit: int = 500) -> list[Event]:
+    def list_events(self, job_id: str | None = None, limit: int = 500,
+                    kind: str | None = None) -> list[Event]:
         query = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
         if job_id is not None:
             query = query.where(EventRow.job_id == job_id)
+        if kind is not None:
+            query = query.where(EventRow.kind == kind)
         with self.session() as s:
             rows = list(s.scalars(query))
         return [

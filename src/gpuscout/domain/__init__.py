@@ -10,6 +10,7 @@ from gpuscout.domain.models import (
     MigrationReason,
     MigrationStatus,
     Offer,
+    OnBudget,
     Progress,
     Resources,
     WorkloadType,
@@ -19,6 +20,6 @@ from gpuscout.domain.states import IllegalTransition, JobStatus, can_transition,
 __all__ = [
     "Capacity", "Checkpoint", "IllegalTransition", "Instance", "InstanceStatus", "Job",
     "JobSpec", "JobStatus", "Migration", "MigrationPhase", "MigrationReason",
-    "MigrationStatus", "Offer", "Progress", "Resources", "WorkloadType",
+    "MigrationStatus", "Offer", "OnBudget", "Progress", "Resources", "WorkloadType",
     "can_transition", "check_transition",
 ]

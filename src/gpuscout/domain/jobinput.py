@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from gpuscout.domain.models import Capacity, JobSpec, Resources, WorkloadType
+from gpuscout.domain.models import Capacity, JobSpec, OnBudget, Resources, WorkloadType
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -174,6 +174,11 @@ class JobCreate(InputModel):
     workload_type: WorkloadType = WorkloadType.TRAINING
     expected_duration_hours: float = Field(default=1.0, gt=0, le=MAX_HOURS)
     budget_usd: float | None = Field(default=None, gt=0, le=MAX_BUDGET_USD)
+    on_budget: OnBudget = Field(
+        default=OnBudget.WARN,
+        description="at the budget (projected cost: cost so far + the remaining work at the "
+                    "current $/work-hour): warn (events at 80% and 100%) or stop (also "
+                    "checkpoint and cancel the job at 100%, keeping its checkpoints)")
     deadline: datetime | None = Field(
         default=None, description="ISO 8601, in the future; without an offset it is UTC")
     resources: ResourcesIn = Field(default_factory=ResourcesIn)
@@ -308,6 +313,7 @@ class JobCreate(InputModel):
             name=self.name, command=self.command, model=self.model,
             dataset_size_gb=self.dataset_size_gb, workload_type=self.workload_type,
             expected_duration_hours=self.expected_duration_hours, budget_usd=self.budget_usd,
+            on_budget=self.on_budget,
             deadline=self.deadline, resources=self.resources.to_domain(),
             workdir=self.workdir, setup=self.setup, envs=dict(self.envs),
             secret_names=tuple(sorted(self.secrets)),

@@ -19,6 +19,13 @@ class Capacity(enum.StrEnum):
     ON_DEMAND = "on-demand"
 
 
+class OnBudget(enum.StrEnum):
+    """What happens when a job's projected cost reaches its budget."""
+
+    WARN = "warn"  # an event at 80% and at 100%, and the job runs on
+    STOP = "stop"  # at 100% it is checkpointed and cancelled, its checkpoints kept
+
+
 class WorkloadType(enum.StrEnum):
     TRAINING = "training"
     FINE_TUNING = "fine-tuning"
@@ -187,6 +194,7 @@ class JobSpec:
     workload_type: WorkloadType = WorkloadType.TRAINING
     expected_duration_hours: float = 1.0
     budget_usd: float | None = None
+    on_budget: OnBudget = OnBudget.WARN
     deadline: datetime | None = None
     resources: Resources = field(default_factory=Resources)
     # The user's project folder, packed and stored content-addressed

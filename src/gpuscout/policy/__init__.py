@@ -3,6 +3,7 @@
 from gpuscout.policy.eligibility import fits_catalog
 from gpuscout.policy.job_placement import PlacementDecision, place_job
 from gpuscout.policy.migration import (
+    BUDGET_THRESHOLDS,
     ZONE_BACKOFF_S,
     JobView,
     MoveCosts,
@@ -10,15 +11,19 @@ from gpuscout.policy.migration import (
     MovePolicy,
     Trigger,
     behind_uniform_progress,
+    budget_allows,
     budget_left,
+    budget_thresholds_reached,
     deadline_slack_s,
     decide_move,
     dwell_s,
     move_cost_usd,
     plan_moves,
+    projected_cost_usd,
     remaining_work_hours,
     spot_reserve_s,
     uniform_progress_line,
+    weigh_move,
     zone_key,
 )
 from gpuscout.policy.placement import (
@@ -31,10 +36,12 @@ from gpuscout.policy.placement import (
 )
 
 __all__ = [
-    "JobView", "MoveCosts", "MoveDecision", "MovePolicy", "Offers", "Placement",
-    "PlacementDecision", "Trigger", "behind_uniform_progress", "budget_left", "choose_offer",
+    "BUDGET_THRESHOLDS", "JobView", "MoveCosts", "MoveDecision", "MovePolicy", "Offers",
+    "Placement",
+    "PlacementDecision", "Trigger", "behind_uniform_progress", "budget_allows", "budget_left",
+    "budget_thresholds_reached", "choose_offer",
     "deadline_slack_s", "decide_move", "dwell_s", "fits_catalog", "move_cost_usd", "offer_for",
-    "offers_for", "place_job", "plan_moves", "pricing",
-    "remaining_work_hours", "spot_reserve_s", "uniform_progress_line", "zone_key",
+    "offers_for", "place_job", "plan_moves", "pricing", "projected_cost_usd",
+    "remaining_work_hours", "spot_reserve_s", "uniform_progress_line", "weigh_move", "zone_key",
     "ZONE_BACKOFF_S",
 ]

@@ -22,12 +22,14 @@ The rule, for a job running on ``current``:
    - the expected saving over the job's remaining work exceeds the cost of
      moving (``MoveCosts``: boot, checkpoint and restore time billed on the
      instances that are not training, and egress between regions);
-   - the move breaks neither the budget nor the deadline. Budget: spent +
-     move cost + the remaining work at the *current* price must fit (the
-     move's cost is certain, its saving is not), unless staying overruns
-     and the move's expected cost fits. Deadline: boot, downtime and the
-     rest at the target's speed must fit, with room for one preemption
-     when the target is spot.
+   - the move breaks neither the budget nor the deadline. Budget
+     (``budget_allows``): a move that does not raise the projected total
+     spend (cost so far + move cost + the remaining work at the target's
+     $/work-hour, against staying: the remaining work at the current one)
+     is always allowed, even when the job is already over its budget; one
+     that raises it is refused only when the total would exceed the
+     budget. Deadline: boot, downtime and the rest at the target's speed
+     must fit, with room for one preemption when the target is spot.
 
 Remaining work, in hours at relative speed 1.0, comes from
 ``expected_duration_hours`` and progress (step / total_steps) or, without a
@@ -293,6 +295,36 @@ def budget_left(job: Job) -> float | None:
     return job.spec.budget_usd - job.cost_usd
 
 
+# Fractions of its budget at which a job's projected cost is reported (an
+# event each, once per job); at the last, ``on_budget: stop`` stops it.
+BUDGET_THRESHOLDS = (0.8, 1.0)
+
+
+def projected_cost_usd(job: Job, work_hours: float, cost_per_work_hour: float) -> float:
+    """The job's projected total: cost so far + the remaining work (hours at
+    relative speed 1.0) at ``cost_per_work_hour`` (the current offer's)."""
+    return job.cost_usd + max(0.0, work_hours) * cost_per_work_hour
+
+
+def budget_thresholds_reached(projected_usd: float, budget_usd: float | None) -> list[float]:
+    """The fractions of ``BUDGET_THRESHOLDS`` the projection has reached."""
+    if budget_usd is None or budget_usd <= 0:
+        return []
+    return [t for t in BUDGET_THRESHOLDS if projected_usd >= t * budget_usd - _EPS]
+
+
+def budget_allows(left_usd: float | None, stay_usd: float, move_usd: float) -> bool:
+    """The budget rule for a move. ``left_usd``: budget less cost so far
+    (None: no budget); ``stay_usd``: the rest of the job where it is;
+    ``move_usd``: the rest with the move (its cost included). A move that
+    does not raise the projected total is always allowed, over budget or
+    not; one that raises it is refused only if the total would exceed the
+    budget."""
+    if left_usd is None or move_usd <= stay_usd + _EPS:
+        return True
+    return move_usd <= left_usd + _EPS
+
+
 def deadline_slack_s(job: Job, now: datetime, work_hours: float, speed: float,
                      overhead_s: float = 0.0) -> float | None:
     """Seconds to spare if the remaining work runs at ``speed`` after
@@ -321,6 +353,8 @@ class _Weighed:
     budget_ok: bool
     deadline_ok: bool
     slack_s: float | None
+    stay_usd: float = 0.0  # the rest of the job where it is
+    expected_usd: float = 0.0  # the rest with the move, its cost included
 
     @property
     def net(self) -> float:
@@ -336,15 +370,12 @@ def _weigh(job: Job, current: Offer, target: Offer, work: float, costs: MoveCost
     after_boot = max(0.0, work - costs.boot_s / 3600.0 * current.relative_speed)
     saving_usd = (cur - target.cost_per_work_hour) * after_boot
     cost = move_cost_usd(current, target, costs, job.spec.dataset_size_gb + view.checkpoint_gb)
-    # Budget: the move's cost is certain, its saving is not (prices move,
-    # spot is reclaimed). A move may not take the job over its budget even
-    # if the saving never comes; only a move whose expected cost brings back
-    # within budget a job that would overrun where it is is let through.
-    left = budget_left(job)
+    # Budget: a move that lowers the projected total is always allowed (a
+    # job over its budget overruns less by moving); one that raises it must
+    # keep the total within the budget.
     stay = work * cur
-    worst = cost + stay
     expected = cost + after_boot * target.cost_per_work_hour + (work - after_boot) * cur
-    budget_ok = left is None or worst <= left + _EPS or (stay > left and expected <= left)
+    budget_ok = budget_allows(budget_left(job), stay, expected)
     # Deadline: boot (still training), down for checkpoint + restore, then
     # the rest on the target; a spot target must leave room for one more
     # restart, or a preemption there would miss the deadline.
@@ -352,7 +383,21 @@ def _weigh(job: Job, current: Offer, target: Offer, work: float, costs: MoveCost
                              costs.boot_s + costs.downtime_s)
     need = spot_reserve_s(policy, costs) if target.capacity == Capacity.SPOT else 0.0
     deadline_ok = slack is None or slack >= need
-    return _Weighed(target, savings, saving_usd, cost, budget_ok, deadline_ok, slack)
+    return _Weighed(target, savings, saving_usd, cost, budget_ok, deadline_ok, slack,
+                    stay, expected)
+
+
+def weigh_move(job: Job, current: Offer, target: Offer, now: datetime, *,
+               view: JobView | None = None, costs: MoveCosts | None = None,
+               policy: MovePolicy | None = None) -> _Weighed:
+    """One move's numbers (saving, cost, budget and deadline verdicts), as
+    ``decide_move`` weighs it; for a move the user names."""
+    view = view or JobView()
+    current = offer_for(job.spec.resources, current)
+    target = offer_for(job.spec.resources, target)
+    work = remaining_work_hours(job, now, view, current.relative_speed)
+    return _weigh(job, current, target, work, costs or MoveCosts(), view,
+                  policy or MovePolicy(), now)
 
 
 def _candidates(offers: Offers, job: Job, current: Offer, view: JobView) -> list[Offer]:

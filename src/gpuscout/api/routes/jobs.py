@@ -87,7 +87,8 @@ def migrate_job(
 ) -> MigrationPublic:
     # 202: the move has begun (persisted) and runs in the background; poll
     # GET /jobs/{id}/migrations for its phases.
-    migration = plane.migrate(job_id, body.offer_id if body else None)
+    migration = plane.migrate(job_id, body.offer_id if body else None,
+                              confirm_dearer=body.confirm_dearer if body else False)
     return MigrationPublic.from_domain(migration)
 
 
