@@ -216,11 +216,14 @@ def test_a_fresh_instance_of_a_folder_job_starts_on_its_newest_checkpoint(
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)
     first.proc.wait(timeout=10)
-    saved = checkpoints(store_url).latest()
-    assert saved is not None
+    newest, previous = checkpoints(store_url).list()[-1], checkpoints(store_url).list()[-2]
+    # the newest is damaged: the restore takes the one before and says so
+    open_store(store_url).put(f"{newest.key}/state.json", b"{}")
     second = start_agent(command(300, every=10), instance_id="i-second", mode=None)
     health = second.wait(lambda h: h["state"] == "completed", "completion", timeout=60)
-    assert health["first_step"] is not None and health["first_step"] >= saved.step + 1
+    assert health["first_step"] == previous.step + 1
+    assert [c["key"] for c in health["skipped_checkpoints"]] == [newest.key]
+    assert "state.json" in health["skipped_checkpoints"][0]["reason"]
     assert final_state(store_url) == {"step": 300, "digest": expected(300)}
 
 

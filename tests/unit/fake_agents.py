@@ -25,6 +25,7 @@ class FakeAgent:
     error: str | None = None
     reachable: bool = True
     notice: bool = False
+    skipped: tuple[tuple[str, str], ...] = ()  # checkpoints its restore skipped
 
 
 class FakeAgents:
@@ -77,7 +78,7 @@ class FakeAgents:
                 last_step_at=a.last_step_at,
                 last_checkpoint_step=max(self.checkpoints, default=None),
                 exit_code=a.exit_code, error=a.error, interruption_notice=a.notice,
-                restore_waiting=a.state == AgentState.STANDBY)
+                restore_waiting=a.state == AgentState.STANDBY, skipped_checkpoints=a.skipped)
 
     def checkpoint(self, address: str, *, pause: bool, timeout_s: float) -> CheckpointResult:
         with self._lock:

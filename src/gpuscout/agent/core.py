@@ -32,6 +32,9 @@ from gpuscout.agent.protocol import AgentState, ProgressAction
 # many characters of them (the error travels in health, events and the API).
 ERROR_TAIL_LINES = 10
 MAX_ERROR_TAIL_CHARS = 2000
+# Skipped checkpoints an agent remembers (a store of hundreds of damaged
+# ones is not reported one by one).
+MAX_SKIPPED = 20
 
 LIVE_STATES = frozenset(
     {AgentState.SETUP, AgentState.STARTING, AgentState.STANDBY, AgentState.RESTORING,
@@ -124,6 +127,9 @@ class AgentStatus:
     # (Unix seconds): it saves and exits.
     signal_sent: bool = False
     signalled_at: float | None = None
+    # Checkpoints a restore on this instance skipped as corrupt or partial:
+    # (key, reason), oldest report first.
+    skipped_checkpoints: tuple[tuple[str, str], ...] = ()
     # A resume came for a folder job signalled to save and exit: its command
     # starts again (on its last save) once it has exited.
     resume_pending: bool = False
@@ -154,6 +160,8 @@ class AgentStatus:
             "failed_phase": self.failed_phase,
             "restore_waiting": self.restore_waiting,
             "checkpoint_mode": self.checkpoint_mode,
+            "skipped_checkpoints": [{"key": key, "reason": reason}
+                                    for key, reason in self.skipped_checkpoints],
         }
 
 
@@ -292,6 +300,17 @@ def workload_waits(status: AgentStatus) -> AgentStatus:
     if status.state is AgentState.STANDBY and not status.restore_waiting:
         return replace(status, restore_waiting=True)
     return status
+
+
+def on_skipped(status: AgentStatus, items: Sequence[tuple[str, str]]) -> AgentStatus:
+    """A restore skipped these checkpoints ((key, reason)) as corrupt or
+    partial; each is recorded once (health reports them, the control plane
+    names them in the job's events). At most MAX_SKIPPED are kept."""
+    known = {key for key, _ in status.skipped_checkpoints}
+    new = tuple(dict.fromkeys((k, r) for k, r in items if k not in known))
+    if not new:
+        return status
+    return replace(status, skipped_checkpoints=(status.skipped_checkpoints + new)[-MAX_SKIPPED:])
 
 
 def restore_released(status: AgentStatus) -> bool:

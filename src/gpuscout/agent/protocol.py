@@ -18,7 +18,7 @@ GET  /agent/health
          "last_checkpoint_step", "last_checkpoint_key", "first_step",
          "first_step_at", "last_step_at", "exit_code", "error",
          "interruption_notice", "awaiting_secrets", "setup_s", "failed_phase",
-         "restore_waiting", "checkpoint_mode"}
+         "restore_waiting", "checkpoint_mode", "skipped_checkpoints"}
      ``state`` is one of AgentState. ``first_step``/``first_step_at`` are the
      first step this instance completed and when; ``last_step_at`` when the
      latest step completed. ``awaiting_secrets``: the agent waits for
@@ -78,6 +78,9 @@ POST /workload/checkpointed {"step", "key", "periodic"}
      /agent/checkpoint request, which needs every step completed when the
      request was made. A checkpoint the agent asked for is saved and
      reported before the workload runs another step (``periodic`` false).
+POST /workload/skipped {"checkpoints": [{"key", "reason"}]} -> 200; a restore
+     skipped these checkpoints as corrupt or partial (health's
+     ``skipped_checkpoints``; the control plane names each in the job's events).
 GET  /workload/wait-resume -> 200 when the agent resumes a paused workload
      (blocks; the workload polls it again on timeout).
 """

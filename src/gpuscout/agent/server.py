@@ -323,7 +323,12 @@ class Agent:
         step restored, or None (nothing to restore)."""
         assert self.checkpoints is not None
         started = time.monotonic()
-        info = await asyncio.to_thread(ckptdir.restore, self.checkpoints, step, self.ckpt_dir)
+        checkpoints = self.checkpoints
+        try:
+            info = await asyncio.to_thread(ckptdir.restore, checkpoints, step, self.ckpt_dir)
+        finally:
+            skipped = [(exc.key, exc.reason) for exc in checkpoints.skipped]
+            await self.update(lambda s: core.on_skipped(s, skipped))
         if info is None:
             return None
         self.log_line(f"-- restored the checkpoint of step {info.step} into "
@@ -478,6 +483,15 @@ class SecretsBody(BaseModel):
     secrets: dict[str, str]
 
 
+class SkippedCheckpoint(BaseModel):
+    key: str = Field(min_length=1, max_length=1024)
+    reason: str = Field(max_length=2000)
+
+
+class SkippedBody(BaseModel):
+    checkpoints: list[SkippedCheckpoint] = Field(max_length=100)
+
+
 # --- the app ---------------------------------------------------------------
 
 
@@ -598,6 +612,12 @@ def create_app(agent: Agent) -> FastAPI:
         action = await agent.apply(lambda s: core.on_checkpointed(
             s, step=body.step, key=body.key, periodic=body.periodic))
         return {"action": action.value}
+
+    @app.post(f"{WORKLOAD_PREFIX}/skipped", dependencies=loopback)
+    async def skipped(body: SkippedBody) -> dict[str, int]:
+        items = [(c.key, c.reason) for c in body.checkpoints]
+        await agent.update(lambda s: core.on_skipped(s, items))
+        return {"recorded": len(agent.status.skipped_checkpoints)}
 
     @app.get(f"{WORKLOAD_PREFIX}/wait-resume", dependencies=loopback)
     async def wait_resume(

@@ -33,6 +33,8 @@ class AgentHealth:
     restore_waiting: bool = False  # a standby workload asks for its restore target
     # "library", "dir" (GPUSCOUT_CHECKPOINT_DIR: steps are not seen), or None.
     checkpoint_mode: str | None = None
+    # Checkpoints a restore skipped as corrupt or partial: (key, reason).
+    skipped_checkpoints: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AgentHealth:
@@ -49,6 +51,9 @@ class AgentHealth:
             failed_phase=data.get("failed_phase"),
             restore_waiting=bool(data.get("restore_waiting")),
             checkpoint_mode=data.get("checkpoint_mode"),
+            skipped_checkpoints=tuple((str(c.get("key")), str(c.get("reason")))
+                                      for c in data.get("skipped_checkpoints") or ()
+                                      if isinstance(c, dict)),
         )
 
 

@@ -63,6 +63,7 @@ class Lifecycle:
         self._retained: dict[str, int] = {}
         # Instances whose spot interruption notice has been recorded.
         self._noticed: set[str] = set()
+        self._skipped_named: set[tuple[str, str]] = set()  # (job, checkpoint key)
         # Budget thresholds already reported, per job (read back from the
         # job's "budget" events after a restart, so each is reported once).
         self._budget_sent: dict[str, set[float]] = {}
@@ -279,6 +280,25 @@ class Lifecycle:
         ):
             self.ctx.repo.update_job(job.id, step=health.step, loss=health.loss,
                                      total_steps=health.total_steps)
+        if health.skipped_checkpoints:
+            self._name_skipped(job, health.skipped_checkpoints)
+
+    def _name_skipped(self, job: Job, skipped: tuple[tuple[str, str], ...]) -> None:
+        """One ``checkpoint_skipped`` event per checkpoint a restore skipped
+        as corrupt or partial (restarts included: the events say which were
+        named already)."""
+        fresh = [(key, reason) for key, reason in skipped
+                 if (job.id, key) not in self._skipped_named]
+        if not fresh:
+            return
+        named = {(e.data or {}).get("key") for e in self.ctx.repo.list_events(
+            job.id, kind="checkpoint_skipped", limit=1000)}
+        for key, reason in fresh:
+            self._skipped_named.add((job.id, key))
+            if key not in named:
+                self.ctx.event(job.id, "checkpoint_skipped",
+                               f"restore skipped checkpoint {key}: {reason}; it took the "
+                               "previous verified one", key=key)
 
     def _job_failed(self, job: Job, instance_id: str, error: str,
                     expect: JobStatus = S.RUNNING) -> None:

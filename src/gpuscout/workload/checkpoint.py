@@ -160,6 +160,10 @@ class CheckpointStore:
         check_prefix(prefix)
         self.store = store
         self.prefix = prefix
+        # Checkpoints a load or restore skipped because they did not verify
+        # (CorruptCheckpoint: a file missing, truncated or altered, no or a
+        # bad manifest), newest first, so the caller can say which.
+        self.skipped: builtins.list[CorruptCheckpoint] = []
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.store!r}, {self.prefix!r})"
@@ -288,6 +292,7 @@ class CheckpointStore:
                 return use(self._read_manifest(key, names))
             except CorruptCheckpoint as exc:
                 first_error = first_error or exc
+                self.skipped.append(exc)
         if step is None:
             raise NoCheckpoint(f"no verified checkpoint under {self.prefix}/"
                                + (f" (newest bad one: {first_error})" if first_error else ""))
