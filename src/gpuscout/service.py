@@ -83,6 +83,7 @@ def build_service(
         zone_backoff_s=settings.zone_backoff_s,
         secretbox=SecretBox.from_home(Path(settings.home), settings.secrets_key),
     )
+    ctx.load_memory()  # what a previous run learnt: zones to avoid, notices answered
     if feed is None and settings.market == "aws":
         from gpuscout.market.aws_prices import AwsPriceFeed
 

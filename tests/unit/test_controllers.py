@@ -29,6 +29,7 @@ from gpuscout.domain import (
     Resources,
 )
 from gpuscout.market.feeds import TraceFeed
+from gpuscout.policy import ZONE_BACKOFF_S
 from gpuscout.providers.base import CapacityError, LaunchRequest, ProviderError
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
@@ -479,6 +480,69 @@ def test_interruption_with_nowhere_to_go_checkpoints_then_recovers_outside_the_z
     service.plane.update_offer(P3_SPOT_B, available=True)
     run_until(service, job_id, JobStatus.RUNNING)
     assert service.repo.get_job(job_id).offer_id == P3_SPOT_B
+
+
+def restarted(service: Service, provider: FakeProvider, agents: FakeAgents,
+              clock: object = None) -> Service:
+    """A new control plane over the same home and database (the old one's
+    loops stopped), as `gpuscout up` started again."""
+    service.plane.stop()
+    svc = build_service(service.settings, provider=provider, agents=agents,
+                        clock=clock)  # type: ignore[arg-type]
+    svc.ctx.timeouts = service.ctx.timeouts
+    svc.ctx.poll_interval_s = service.ctx.poll_interval_s
+    svc.plane.feed.start(svc.repo, svc.ctx.clock.now())
+    return svc
+
+
+def test_a_notice_and_the_zone_it_avoids_outlive_a_restart_of_the_control_plane(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    job_id = running_job(service)
+    old = service.repo.get_job(job_id).instance_id or ""
+    for o in service.repo.list_offers():
+        if o.gpus >= 1 and o.id != P3_SPOT_A and o.available:
+            service.plane.update_offer(o.id, available=False)  # nowhere to go
+    provider.notify_interruption(old)
+    service.plane.reconcile_once()
+    wait_for_event(service, job_id, "emergency_checkpoint")
+    assert service.ctx.avoided_zones() == {"local:us-east-1a"}
+    service.ctx.mark_unavailable(P3_SPOT_B)  # an offer that just failed to launch
+
+    # A restart 10 s after the notice; the instance still has its notice.
+    clock = ManualClock()
+    clock.at = service.ctx.clock.now() + timedelta(seconds=10)
+    svc = restarted(service, provider, agents, clock)
+    try:
+        assert svc.ctx.avoided_zones() == {"local:us-east-1a"}
+        assert not next(o for o in svc.ctx.offers() if o.id == P3_SPOT_B).available
+        for _ in range(3):
+            svc.plane.reconcile_once()
+        time.sleep(0.05)  # an emergency checkpoint would be a thread
+        # The notice was recorded and answered before: not again.
+        kinds = [e.kind for e in svc.repo.list_events(job_id)]
+        assert (kinds.count("interruption"), kinds.count("interruption_wait"),
+                kinds.count("emergency_checkpoint")) == (1, 1, 1)
+        assert agents.calls.count(("checkpoint", f"run-{old}")) == 1
+        # A new job is not placed on spot in the zone just reclaimed, though
+        # it is the cheapest there is.
+        g4_spot_a = "local:us-east-1a:g4dn.xlarge:spot"
+        svc.plane.update_offer(g4_spot_a, available=True)
+        svc.plane.update_offer(P3_SPOT_B, available=True)
+        svc.plane.cancel(job_id)  # (so that it takes none of them)
+        clock.sleep(300)  # the offer's launch backoff is over
+        new = svc.plane.submit(replace(SPEC, name="after-restart")).id
+        run_until(svc, new, JobStatus.PROVISIONING)
+        assert svc.repo.get_job(new).offer_id == P3_SPOT_B
+        # Once the window is over, a restart forgets the zone.
+        clock.sleep(ZONE_BACKOFF_S)
+        again = restarted(svc, provider, agents, clock)
+        try:
+            assert again.ctx.avoided_zones() == frozenset()
+            assert again.repo.recall(clock.now(), "avoid_zone") == []
+        finally:
+            again.plane.stop()
+    finally:
+        svc.plane.stop()
 
 
 @pytest.mark.parametrize(("submitted_h_ago", "moves_to"), [

@@ -137,7 +137,7 @@ def up(
         help="simulated boot time of a local instance, seconds (default: 5)",
         show_default=False)] = None,
     demo: Annotated[bool, typer.Option(
-        "--demo", help="replay the demo market and submit the demo job once up")] = False,
+        "--demo", help="add the demo's own market and submit its job (once per home)")] = False,
     log_level: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
     """Run the control plane, API, user proxy and dashboard in the foreground."""
@@ -146,7 +146,7 @@ def up(
     from gpuscout.config import Settings
 
     # Only flags actually given become settings, so the environment still
-    # applies to the rest and demo_settings can tell explicit choices apart.
+    # applies to the rest.
     given: dict[str, Any] = {
         k: v for k, v in {
             "host": host, "port": port, "home": home, "scout_interval_s": scout_interval,
@@ -163,10 +163,6 @@ def up(
             where = f"{_FLAGS.get(name, name)} / GPUSCOUT_{name.upper()}"
             problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
         fail("; ".join(problems))
-    if demo:
-        from gpuscout.demo import demo_settings
-
-        settings = demo_settings(settings)
     _serve(settings, demo=demo, log_level=log_level)
 
 
@@ -189,6 +185,10 @@ def _serve(settings: Settings, *, demo: bool, log_level: str) -> None:
         service = build_service(settings, control_url=f"http://{host}:{port}")
     except (ValueError, OSError, SQLAlchemyError, ProviderError) as error:
         fail(f"cannot start: {error}")
+    if demo:
+        from gpuscout.demo import enable_demo
+
+        enable_demo(service)
 
     def started(url: str) -> None:
         out.print(f"[bold green]GPU Scout is up[/] at {url}  (market: {service.plane.feed.name})")
@@ -224,32 +224,31 @@ def _leave_instances(service: Service, *, demo: bool) -> None:
     """Instances outlive the control plane, as cloud machines do, so a
     restart resumes their jobs. The demo's job is the exception: it is
     cancelled, so `make run` followed by Ctrl-C leaves no process behind."""
-    from gpuscout.demo import demo_job_spec
+    from gpuscout.demo import cancel_demo
     from gpuscout.domain.states import TERMINAL, JobStatus
 
-    live = service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
     if demo:
-        for job in [j for j in live if j.spec.name == demo_job_spec().name]:
-            service.plane.cancel(job.id)
+        for job in cancel_demo(service):
             out.print(f"  demo job   {job.id} cancelled; its instances are terminated")
-        live = service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
+    live = service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
     if live:
         out.print(f"  {len(live)} job(s) keep running on their instances; `gpuscout up` with "
                   "the same home picks them up again (or cancel them to stop them)")
 
 
 def _submit_demo(service: Service, url: str) -> None:
-    """Submit the demo job, unless one is still live from a previous run."""
-    from gpuscout.demo import demo_job_spec
-    from gpuscout.domain.states import TERMINAL, JobStatus
+    """Submit the demo job, once per home: a later start finds it."""
+    from gpuscout.demo import submit_demo
 
-    spec = demo_job_spec()
-    live = [j for j in service.repo.list_jobs([s for s in JobStatus if s not in TERMINAL])
-            if j.spec.name == spec.name]
-    job = live[0] if live else service.plane.submit(spec)
-    verb = "resumed" if live else "submitted"
-    out.print(f"  demo job   {job.id} {verb}: watch it move at {url}/ "
-              f"(or `gpuscout show {job.id}`)")
+    job, submitted = submit_demo(service)
+    if submitted or not job.status.is_terminal():
+        verb = "submitted" if submitted else "resumed"
+        out.print(f"  demo job   {job.id} {verb}: watch it move at {url}/ "
+                  f"(or `gpuscout show {job.id}`)")
+        return
+    out.print(f"  demo job   {job.id} ran in this home already ({job.status.value}); the demo "
+              "submits its job once per home: to watch it again, start with a new home "
+              "(GPUSCOUT_HOME=$(mktemp -d) make run)", markup=False, highlight=False)
 
 
 # --- jobs -------------------------------------------------------------------------

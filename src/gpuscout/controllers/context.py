@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,6 +27,17 @@ from gpuscout.secretbox import SecretBox, SecretBoxError
 from gpuscout.store.base import ObjectStore
 
 log = logging.getLogger("gpuscout.controllers")
+
+# What the control plane learns is kept in the database (``plane_memory``)
+# and read back at start (``Context.load_memory``), by these kinds:
+_AVOID_ZONE = "avoid_zone"  # a zone whose spot capacity was just reclaimed, until
+_OFFER_BACKOFF = "offer_backoff"  # an offer that just failed to launch, until
+_NOTICE = "notice_"  # + what was done once for an instance's interruption notice
+_OFFER_SCOPE = "offer_scope"  # a job confined to one provider's offers (value)
+_RESERVED = "reserved_provider"  # offers only the jobs confined to them may use
+# An answered notice is remembered this long: its instance is reclaimed
+# within minutes (two on AWS), and instance ids are never reused.
+NOTICE_MEMORY_S = 86400.0
 
 
 class Conflict(RuntimeError):
@@ -85,8 +97,13 @@ class Context:
     capacity_history: CapacityHistory = field(default_factory=CapacityHistory)
     secretbox: SecretBox | None = None  # opens the jobs' sealed secrets
     _history_lock: threading.Lock = field(default_factory=threading.Lock)
+    # What the control plane learnt (kept in the database too: load_memory).
+    _memory_lock: threading.Lock = field(default_factory=threading.Lock)
     _unavailable_until: dict[str, datetime] = field(default_factory=dict)
     _zone_avoided_until: dict[str, datetime] = field(default_factory=dict)
+    _notices: set[tuple[str, str]] = field(default_factory=set)
+    _scopes: dict[str, str] = field(default_factory=dict)  # job id -> provider
+    _reserved: set[str] = field(default_factory=set)
     billing_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- events --------------------------------------------------------------
@@ -102,7 +119,8 @@ class Context:
         price above zero, count as unavailable, and each carries the capacity losses per day this
         control plane has seen on it (``CapacityHistory``)."""
         now = self.clock.now()
-        blocked = {k for k, until in self._unavailable_until.items() if until > now}
+        with self._memory_lock:
+            blocked = {k for k, until in self._unavailable_until.items() if until > now}
         # A price of zero or less is no price (moto's spot history answers
         # 0.0; a feed's gap): such an offer cannot be had, whatever it says.
         offers = [o.with_(available=False)
@@ -117,18 +135,100 @@ class Context:
             self.capacity_history.record_loss(offer_id, self.clock.now().timestamp())
 
     def mark_unavailable(self, offer_id: str) -> None:
-        self._unavailable_until[offer_id] = self.clock.now() + timedelta(
-            seconds=self.offer_backoff_s)
+        now = self.clock.now()
+        until = now + timedelta(seconds=self.offer_backoff_s)
+        with self._memory_lock:
+            self._unavailable_until[offer_id] = until
+        self.repo.remember(_OFFER_BACKOFF, offer_id, now, until=until)
 
     def avoid_zone(self, zone_key: str) -> None:
         """Leave spot offers in ``zone_key`` ("provider:zone") out of
-        placements and moves for ``zone_backoff_s``."""
-        self._zone_avoided_until[zone_key] = self.clock.now() + timedelta(
-            seconds=self.zone_backoff_s)
+        placements and moves for ``zone_backoff_s`` (a restart included)."""
+        now = self.clock.now()
+        until = now + timedelta(seconds=self.zone_backoff_s)
+        with self._memory_lock:
+            self._zone_avoided_until[zone_key] = until
+        self.repo.remember(_AVOID_ZONE, zone_key, now, until=until)
 
     def avoided_zones(self) -> frozenset[str]:
         now = self.clock.now()
-        return frozenset(k for k, until in self._zone_avoided_until.items() if until > now)
+        with self._memory_lock:
+            return frozenset(k for k, until in self._zone_avoided_until.items() if until > now)
+
+    def first_notice(self, instance_id: str, what: str) -> bool:
+        """True once per ``what`` ("recorded", "answered") per interruption
+        notice on ``instance_id``, across restarts of the control plane: a
+        notice is recorded and answered once, however many passes see it."""
+        kind = _NOTICE + what
+        with self._memory_lock:
+            if (kind, instance_id) in self._notices:
+                return False
+        now = self.clock.now()
+        # Written first: if the write fails, the next pass tries again.
+        self.repo.remember(kind, instance_id, now,
+                           until=now + timedelta(seconds=NOTICE_MEMORY_S))
+        with self._memory_lock:
+            if (kind, instance_id) in self._notices:
+                return False
+            self._notices.add((kind, instance_id))
+            return True
+
+    def load_memory(self) -> None:
+        """Read back what this control plane learnt before a restart and
+        still holds: the zones and offers avoided until a time, the notices
+        already recorded and answered, the offers jobs are confined to.
+        What has expired is deleted."""
+        now = self.clock.now()
+        self.repo.forget_expired(now)
+        with self._memory_lock:
+            for m in self.repo.recall(now):
+                if m.kind == _AVOID_ZONE and m.until is not None:
+                    self._zone_avoided_until[m.name] = m.until
+                elif m.kind == _OFFER_BACKOFF and m.until is not None:
+                    self._unavailable_until[m.name] = m.until
+                elif m.kind.startswith(_NOTICE):
+                    self._notices.add((m.kind, m.name))
+                elif m.kind == _OFFER_SCOPE and m.value:
+                    self._scopes[m.name] = m.value
+                elif m.kind == _RESERVED:
+                    self._reserved.add(m.name)
+
+    # --- offer scopes ------------------------------------------------------------
+
+    def reserve(self, provider: str) -> None:
+        """Keep ``provider``'s offers from every job not confined to them
+        (``confine``), from now on and after restarts."""
+        self.repo.remember(_RESERVED, provider, self.clock.now())
+        with self._memory_lock:
+            self._reserved.add(provider)
+
+    def confine(self, job_id: str, provider: str) -> None:
+        """Let ``job_id`` use ``provider``'s offers only, and reserve them
+        for the jobs confined to them (the demo's job and its scripted
+        market: the script moves no other job, the job no other market)."""
+        self.reserve(provider)
+        self.repo.remember(_OFFER_SCOPE, job_id, self.clock.now(), value=provider)
+        with self._memory_lock:
+            self._scopes[job_id] = provider
+
+    def confined_jobs(self, provider: str) -> list[str]:
+        """The jobs confined to ``provider``'s offers."""
+        with self._memory_lock:
+            return sorted(j for j, p in self._scopes.items() if p == provider)
+
+    def is_reserved(self, offer: Offer) -> bool:
+        with self._memory_lock:
+            return offer.provider in self._reserved
+
+    def scope_offers(self, job_id: str, offers: Iterable[Offer]) -> list[Offer]:
+        """The offers ``job_id`` may use, in the order given: a confined
+        job's provider's alone; for any other job all but the reserved."""
+        with self._memory_lock:
+            own = self._scopes.get(job_id)
+            reserved = frozenset(self._reserved)
+        if own is not None:
+            return [o for o in offers if o.provider == own]
+        return [o for o in offers if o.provider not in reserved]
 
     # --- instances -------------------------------------------------------------
 

@@ -61,8 +61,6 @@ class Lifecycle:
         self._retry_at: dict[str, datetime] = {}
         # The checkpoint step each running job was last pruned after.
         self._retained: dict[str, int] = {}
-        # Instances whose spot interruption notice has been recorded.
-        self._noticed: set[str] = set()
         self._skipped_named: set[tuple[str, str]] = set()  # (job, checkpoint key)
         # Budget thresholds already reported, per job (read back from the
         # job's "budget" events after a restart, so each is reported once).
@@ -214,8 +212,8 @@ class Lifecycle:
         elif health.state == AgentState.FAILED:
             self._job_failed(job, instance.id, _command_error(health))
         elif health.interruption_notice or self._provider_notice(instance.id):
-            if instance.id not in self._noticed:  # one event per notice, not per pass
-                self._noticed.add(instance.id)
+            # One event per notice, not per pass, nor per restart.
+            if self.ctx.first_notice(instance.id, "recorded"):
                 self.ctx.event(job.id, "interruption",
                                f"{instance.id} got a spot interruption notice")
             self.urgent_move(job, MigrationReason.PREEMPTION)
@@ -235,7 +233,8 @@ class Lifecycle:
     # --- helpers -----------------------------------------------------------
 
     def _cheapest(self, job: Job) -> PlacementDecision:
-        placement = choose_offer(job.spec.resources, self.ctx.offers(),
+        placement = choose_offer(job.spec.resources,
+                                 self.ctx.scope_offers(job.id, self.ctx.offers()),
                                  avoid_zones=self.ctx.avoided_zones())
         if placement is None:
             return PlacementDecision(None, "no available offer fits the job's resources")

@@ -28,7 +28,7 @@ from gpuscout.controllers.context import Conflict, Context, InvalidRequest, log
 from gpuscout.controllers.lifecycle import Lifecycle
 from gpuscout.controllers.migrator import MigrationExecutor
 from gpuscout.controllers.reaper import Reaper
-from gpuscout.db import ConcurrentChange, NotFound
+from gpuscout.db import ConcurrentChange, NotFound, new_id
 from gpuscout.domain import (
     Capacity,
     Instance,
@@ -125,7 +125,6 @@ class ControlPlane:
         # The latest decision per job (its time is decided_at), moving or
         # not, placements included; decisions that act are also events.
         self.decisions: dict[str, MoveDecision] = {}
-        self._notices: set[str] = set()  # instances whose notice was handled
         self._last_scouted: dict[str, datetime] = {}
         self._migrations: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -195,6 +194,7 @@ class ControlPlane:
         ):
             self._last_reap = now
             self.reaper.reap()
+            self.ctx.repo.forget_expired(now)  # what the control plane learnt, once expired
         self.refresh_gauges()
 
     def scout_once(self, *, force: bool = False) -> list[MoveDecision]:
@@ -223,7 +223,9 @@ class ControlPlane:
             self._last_scouted[job.id] = now
             with self._isolated(job.id, "scout"):
                 view = self._view(job, now, avoid, price_moves.get(job.id, 0))
-                decision = decide_move(job, by_id.get(job.offer_id or ""), offers, self.policy,
+                # The offers this job may use (the demo's job: the demo's).
+                scoped = Offers(self.ctx.scope_offers(job.id, offers)).ranked()
+                decision = decide_move(job, by_id.get(job.offer_id or ""), scoped, self.policy,
                                        now, view=view,
                                        costs=with_setup(costs, setups.get(job.instance_id or "")))
                 self.decisions[job.id] = decision
@@ -241,7 +243,8 @@ class ControlPlane:
     def placement(self, job: Job) -> PlacementDecision:
         """Where a job without an instance goes now (lifecycle asks)."""
         now = self.ctx.clock.now()
-        decision = place_job(job, self.ctx.offers(), now, policy=self.policy,
+        decision = place_job(job, self.ctx.scope_offers(job.id, self.ctx.offers()), now,
+                             policy=self.policy,
                              view=self._view(job, now, self.ctx.avoided_zones(), 0),
                              costs=self._job_costs(job))
         previous = self.decisions.get(job.id)
@@ -315,11 +318,14 @@ class ControlPlane:
 
     # --- commands -------------------------------------------------------------
 
-    def submit(self, spec: JobSpec, secrets: dict[str, str] | None = None) -> Job:
+    def submit(self, spec: JobSpec, secrets: dict[str, str] | None = None, *,
+               confine_to: str | None = None) -> Job:
         """Record a job, refusing what can never run (InvalidRequest naming
         the field): resources no offer in the catalog has, values that cannot
         fit in an instance's boot script, a workdir that was never uploaded.
-        ``secrets`` are sealed (``ctx.secretbox``); the spec keeps their names."""
+        ``secrets`` are sealed (``ctx.secretbox``); the spec keeps their names.
+        ``confine_to``: the provider whose offers alone the job may use, and
+        no other job (``Context.confine``; the demo's)."""
         secrets = dict(secrets or {})
         spec = replace(spec, secret_names=tuple(sorted(secrets)))
         self.validate(spec)
@@ -328,7 +334,11 @@ class ControlPlane:
             if self.ctx.secretbox is None:
                 raise InvalidRequest("secrets", "this control plane has no key to seal secrets")
             sealed = self.ctx.secretbox.seal(secrets)
-        job = self.ctx.repo.create_job(spec, self.ctx.clock.now(), secrets_sealed=sealed)
+        job_id = new_id("job")
+        if confine_to is not None:  # before the job exists: no pass places it elsewhere
+            self.ctx.confine(job_id, confine_to)
+        job = self.ctx.repo.create_job(spec, self.ctx.clock.now(), secrets_sealed=sealed,
+                                       job_id=job_id)
         self.ctx.metrics.jobs_submitted.inc()
         return job
 
@@ -389,12 +399,17 @@ class ControlPlane:
             raise Conflict(f"job {job_id} is {job.status.value}; only a running job can move")
         # As the job sees them (the policy's one place for it): a CPU-only
         # job's offers are priced by the hour.
-        offers = offers_for(job.spec.resources, self.ctx.offers())
+        every = self.ctx.offers()
+        offers = offers_for(job.spec.resources, self.ctx.scope_offers(job.id, every))
         current = next((o for o in offers if o.id == job.offer_id), None)
         if target_offer_id is not None:
             try:
                 target = next(o for o in offers if o.id == target_offer_id)
             except StopIteration:
+                if any(o.id == target_offer_id for o in every):
+                    raise InvalidRequest(
+                        "offer_id", f"offer {target_offer_id} is not open to job {job_id} "
+                        "(the demo's offers are for the demo's job alone)") from None
                 raise InvalidRequest("offer_id", f"no offer {target_offer_id!r}") from None
             if target.id == job.offer_id:
                 raise InvalidRequest("offer_id", "the job already runs on this offer")
@@ -468,7 +483,9 @@ class ControlPlane:
         if not self.feed.manual:
             raise ManualMarketOnly(
                 f"the market is {self.feed.name}; offers change only when it is manual")
-        self.ctx.repo.get_offer(offer_id)
+        if self.ctx.is_reserved(self.ctx.repo.get_offer(offer_id)):
+            raise ManualMarketOnly(f"{offer_id} is one of the demo's scripted offers; "
+                                   "only its script changes it")
         offer = self.ctx.repo.update_offer(offer_id, self.ctx.clock.now(),
                                            price_per_hour=price_per_hour, available=available)
         self.ctx.event(None, "offer_updated",
@@ -543,9 +560,8 @@ class ControlPlane:
         is ahead of its deadline line), the checkpoint alone is taken: the
         job recovers from it when the instance is gone."""
         current = self.ctx.repo.get_offer(job.offer_id) if job.offer_id else None
-        first = job.instance_id not in self._notices
-        if job.instance_id:
-            self._notices.add(job.instance_id)
+        # Answered once per notice, a restart of the control plane included.
+        first = job.instance_id is None or self.ctx.first_notice(job.instance_id, "answered")
         if current is not None and current.capacity == Capacity.SPOT and first:
             # Capacity in the zone just reclaimed is unlikely to last, and
             # the offer counts as less steady from now on.
@@ -559,7 +575,8 @@ class ControlPlane:
                                f"{job.instance_id} got a spot interruption notice during a move")
                 self._emergency_checkpoint(job)
             return
-        offers = [o for o in self.ctx.offers() if o.id != job.offer_id]
+        offers = [o for o in self.ctx.scope_offers(job.id, self.ctx.offers())
+                  if o.id != job.offer_id]
         now = self.ctx.clock.now()
         decision = place_job(job, offers, now, policy=self.policy,
                              view=self._view(job, now, self.ctx.avoided_zones(), 0),

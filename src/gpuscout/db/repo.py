@@ -15,11 +15,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpuscout.clock import utc
-from gpuscout.db.tables import EventRow, InstanceRow, JobRow, MigrationRow, OfferRow
+from gpuscout.db.tables import (
+    EventRow,
+    InstanceRow,
+    JobRow,
+    MemoryRow,
+    MigrationRow,
+    OfferRow,
+)
 from gpuscout.domain import (
     Capacity,
     Instance,
@@ -57,6 +65,17 @@ class Event:
     kind: str
     message: str
     data: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One thing the control plane learnt (``Repository.remember``)."""
+
+    kind: str
+    name: str
+    value: str | None
+    until: datetime | None  # forgotten from then on; None: kept
+    created_at: datetime
 
 
 def new_id(prefix: str) -> str:
@@ -166,9 +185,9 @@ class Repository:
     # --- jobs --------------------------------------------------------------
 
     def create_job(self, spec: JobSpec, now: datetime, *,
-                   secrets_sealed: str | None = None) -> Job:
+                   secrets_sealed: str | None = None, job_id: str | None = None) -> Job:
         """Record a submitted job (and its sealed secrets, in the same write)."""
-        job_id = new_id("job")
+        job_id = job_id or new_id("job")
         with self.session() as s:
             s.add(JobRow(id=job_id, name=spec.name, spec=spec_to_dict(spec),
                          status=JobStatus.PENDING.value, created_at=now,
@@ -377,6 +396,49 @@ class Repository:
                   kind=r.kind, message=r.message, data=r.data)
             for r in reversed(rows)
         ]
+
+    # --- what the control plane learnt --------------------------------------------
+
+    def remember(self, kind: str, name: str, now: datetime, *, until: datetime | None = None,
+                 value: str | None = None) -> None:
+        """Record (or replace) what the control plane learnt about ``name``;
+        ``until``: when it is forgotten (None: kept)."""
+        for attempt in range(2):
+            try:
+                with self.session() as s:
+                    row = s.get(MemoryRow, (kind, name))
+                    if row is None:
+                        s.add(MemoryRow(kind=kind, name=name, value=value, until=until,
+                                        created_at=now))
+                    else:
+                        row.value, row.until = value, until
+                return
+            except IntegrityError:  # inserted meanwhile by another thread: update it
+                if attempt:
+                    raise
+
+    def recall(self, now: datetime, kind: str | None = None) -> list[Memory]:
+        """What is still remembered at ``now`` (of ``kind``, or all)."""
+        query = select(MemoryRow).order_by(MemoryRow.kind, MemoryRow.name)
+        if kind is not None:
+            query = query.where(MemoryRow.kind == kind)
+        with self.session() as s:
+            rows = [Memory(kind=r.kind, name=r.name, value=r.value, until=utc(r.until),
+                           created_at=utc(r.created_at))  # type: ignore[arg-type]
+                    for r in s.scalars(query)]
+        return [m for m in rows if m.until is None or m.until > now]
+
+    def forget_expired(self, now: datetime) -> int:
+        """Delete what expired by ``now``; how many were deleted. (Compared
+        here, not in SQL: SQLite keeps these times without their zone.)"""
+        with self.session() as s:
+            expired = [(r.kind, r.name) for r in s.scalars(
+                select(MemoryRow).where(MemoryRow.until.is_not(None)))
+                if (utc(r.until) or now) <= now]
+            for kind, name in expired:
+                s.execute(delete(MemoryRow).where(MemoryRow.kind == kind,
+                                                  MemoryRow.name == name))
+        return len(expired)
 
 
 def _offer_fields(offer: Offer) -> dict[str, Any]:

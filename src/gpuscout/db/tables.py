@@ -118,3 +118,20 @@ class EventRow(Base):
     kind: Mapped[str] = mapped_column(String(40))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None]
+
+
+class MemoryRow(Base):
+    """What the control plane learnt that must outlive its process (read
+    back at start, ``Context.load_memory``): a zone or offer to avoid until a
+    time, an interruption notice already answered, the offers a job is
+    confined to. ``kind`` says which; ``name`` is what it is about (a zone
+    key, an offer, an instance, a job); ``until`` is when it is forgotten
+    (None: kept)."""
+
+    __tablename__ = "plane_memory"
+
+    kind: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[str | None] = mapped_column(Text)
+    until: Mapped[datetime | None]
+    created_at: Mapped[datetime]

@@ -61,10 +61,12 @@ function progressBar(job) {
 }
 
 function offerLabel(id) {
-  // provider:zone:type:capacity -> "type capacity (zone)"
+  // provider:zone:type:capacity -> "type capacity (zone)"; the demo's own
+  // offers (provider "demo") -> "type capacity (zone, demo)"
   if (!id) return "-";
   const parts = id.split(":");
-  return parts.length === 4 ? `${parts[2]} ${parts[3]} (${parts[1]})` : id;
+  const where = parts[0] === "demo" ? `${parts[1]}, demo` : parts[1];
+  return parts.length === 4 ? `${parts[2]} ${parts[3]} (${where})` : id;
 }
 
 function fillBody(table, rows) {
@@ -153,7 +155,7 @@ function renderOffers(offers, jobs) {
   fillBody($("#offers"), sorted.map((o) => el("tr", { class: o.available ? "" : "unavailable" },
     el("td", { title: o.id }, o.instance_type, inUse.has(o.id) ? el("span", { class: "in-use" }, "in use") : null),
     el("td", {}, o.capacity),
-    el("td", {}, o.zone),
+    el("td", {}, o.provider === "demo" ? `${o.zone} (demo)` : o.zone),
     el("td", {}, o.gpus ? `${o.gpus} × ${o.gpu_type}` : "0"),
     el("td", { class: "num" }, o.price_per_hour.toFixed(4)),
     el("td", { class: "num" }, o.cost_per_work_hour.toFixed(4)),
