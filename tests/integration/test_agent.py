@@ -407,3 +407,25 @@ def test_logs_are_not_one_line_per_step(start_agent: Callable[..., Agent],
     job_log, _ = read_instance(open_store(store_url), JOB_ID, "i-a")
     assert any(line.endswith("trained 30 steps") or "trained 30 steps" in line
                for line in job_log), job_log
+
+
+def test_a_restore_that_skips_a_damaged_checkpoint_says_which(
+    start_agent: Callable[..., Agent], store_url: str
+) -> None:
+    from gpuscout.workload.checkpoint import CheckpointStore
+
+    first = start_agent(linreg_command(200, every=10), instance_id="i-first")
+    first.wait(lambda h: (h["last_checkpoint_step"] or 0) >= 30, "checkpoints")
+    assert first.call("POST", "/agent/stop").status_code == 202
+    first.wait(lambda h: h["state"] == "failed", "stopped")
+    store = open_store(store_url)
+    newest, previous = CheckpointStore(store, p.checkpoint_prefix(JOB_ID)).list()[-2:][::-1]
+    store.put(f"{newest.key}/state.json", b"{}")  # altered after its manifest
+
+    second = start_agent(linreg_command(200, every=10), instance_id="i-second")
+    health = second.wait(lambda h: h["state"] == "running", "running")
+    assert health["first_step"] == previous.step + 1
+    assert [c["key"] for c in health["skipped_checkpoints"]] == [newest.key]
+    assert "state.json" in health["skipped_checkpoints"][0]["reason"]
+    assert second.wait(lambda h: h["state"] == "completed", "completion")["exit_code"] == 0
+    assert model(store_url) == reference(5, 200)

@@ -251,5 +251,52 @@ def test_health_has_every_protocol_field() -> None:
         "instance_id", "job_id", "state", "step", "total_steps", "loss",
         "last_checkpoint_step", "last_checkpoint_key", "first_step", "first_step_at",
         "last_step_at", "exit_code", "error", "interruption_notice", "awaiting_secrets",
-        "setup_s", "failed_phase", "restore_waiting",
+        "setup_s", "failed_phase", "restore_waiting", "checkpoint_mode",
+        "skipped_checkpoints",
     }
+
+
+def test_a_periodic_report_does_not_answer_a_pending_pause_request() -> None:
+    """A checkpoint uploaded in the background may lack steps completed
+    before it was reported: it becomes the last checkpoint, but the request
+    waits for the next synchronous one, and nothing pauses."""
+    s, _ = progress(status(S.RUNNING, checkpoints_reported=1), 20)
+    s, request = core.request_checkpoint(s, pause=True)
+    assert isinstance(request, CheckpointRequest)
+    new, action = core.on_checkpointed(s, step=20, key="ck/20", periodic=True)
+    assert action is A.CONTINUE and new.state is S.RUNNING
+    assert (new.last_checkpoint_step, new.last_checkpoint_key) == (20, "ck/20")
+    assert new.pending == s.pending and new.checkpoints_reported == 1
+    assert core.checkpoint_outcome(new, request) is None
+    # the next boundary saves synchronously; that report answers and pauses
+    new, action = progress(new, 21, at=101.0)
+    assert action is A.CHECKPOINT
+    new, action = core.on_checkpointed(new, step=21, key="ck/21")
+    assert action is A.PAUSE and new.state is S.PAUSED
+    assert core.checkpoint_outcome(new, request) == CheckpointAnswer(21, "ck/21", 101.0)
+
+
+@pytest.mark.parametrize(
+    ("before", "last", "step", "action", "recorded"),
+    [
+        # nothing saved yet, or a newer (or the same) step: recorded
+        (S.RUNNING, None, 10, A.CONTINUE, 10),
+        (S.RUNNING, 10, 20, A.CONTINUE, 20),
+        (S.RUNNING, 20, 20, A.CONTINUE, 20),
+        # an older step than the last checkpoint: never moves it back
+        (S.RUNNING, 30, 20, A.CONTINUE, 30),
+        # a paused workload is told to stay paused, as by any report
+        (S.PAUSED, 30, 20, A.PAUSE, 30),
+        (S.STARTING, None, 5, A.CONTINUE, 5),
+    ],
+)
+def test_periodic_report_answers(before: AgentState, last: int | None, step: int,
+                                 action: A, recorded: int) -> None:
+    pending = (req(1, True, after=2),)
+    s = status(before, step=step, pending=pending, checkpoints_reported=2,
+               last_checkpoint_step=last,
+               last_checkpoint_key=None if last is None else f"ck/{last}")
+    new, got = core.on_checkpointed(s, step=step, key=f"ck/{step}", periodic=True)
+    assert (got, new.state) == (action, before)
+    assert (new.last_checkpoint_step, new.last_checkpoint_key) == (recorded, f"ck/{recorded}")
+    assert new.pending == pending and new.checkpoints_reported == 2

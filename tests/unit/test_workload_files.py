@@ -16,7 +16,7 @@ import pytest
 
 from gpuscout import workload
 from gpuscout.agent.protocol import ProgressAction
-from gpuscout.store import ObjectStore, open_store
+from gpuscout.store import FileStore, ObjectStore, open_store
 from gpuscout.workload.checkpoint import (
     MANIFEST,
     CheckpointError,
@@ -25,8 +25,8 @@ from gpuscout.workload.checkpoint import (
     CorruptCheckpoint,
     NoCheckpoint,
 )
-from gpuscout.workload.runtime import STANDALONE_CHECKPOINT_DIR, WORK_DIR
-from tests.unit.test_workload_runtime import BrokenStore
+from gpuscout.workload.runtime import STANDALONE_CHECKPOINT_DIR, WORK_DIR, AgentUnavailable
+from tests.unit.test_workload_runtime import BrokenStore, SlowStore, timed
 
 
 def standalone(folder: Path, every: int | None = 5) -> workload.Run:
@@ -73,6 +73,7 @@ def test_files_are_saved_when_due_and_restored_into_a_fresh_folder(tmp_path: Pat
             run.step_done(step, loss=0.5, total_steps=12,
                           files=writer(saved[step], staged))
         assert len(staged) == 2  # steps 5 and 10 only
+        run.flush()  # step 10's upload runs in the background
         assert run.last_checkpoint is not None and run.last_checkpoint.step == 10
         assert not any(path.exists() for path in staged)  # staging deleted after upload
         assert not (tmp_path / WORK_DIR).exists()
@@ -231,6 +232,7 @@ def test_a_failing_upload_does_not_stop_training(
                        instance_id="i", default_dir=tmp_path)
     run.step_done(1, files=writer(files_of(1), staged))
     run.step_done(2, files=writer(files_of(2), staged))
+    run.flush()
     assert run.last_checkpoint is None and len(staged) == 2
     assert "checkpoint of step 1 failed" in caplog.text
     assert not any(path.exists() for path in staged)
@@ -278,9 +280,9 @@ class ScriptedAgent:
             return ProgressAction.CHECKPOINT
         return ProgressAction.CONTINUE
 
-    def checkpointed(self, step: int, key: str) -> ProgressAction:
-        self.calls.append(("checkpointed", step, key))
-        return ProgressAction.PAUSE
+    def checkpointed(self, step: int, key: str, *, periodic: bool = False) -> ProgressAction:
+        self.calls.append(("checkpointed", step, key, *(("periodic",) if periodic else ())))
+        return ProgressAction.CONTINUE if periodic else ProgressAction.PAUSE
 
     def wait_resume(self) -> None:
         self.calls.append(("wait_resume",))
@@ -329,3 +331,72 @@ def test_under_an_agent_a_named_step_that_is_damaged_raises(tmp_path: Path) -> N
     _altered(open_store((tmp_path / "store").as_uri()), bad)
     with managed(tmp_path, ScriptedAgent(-1, target=2)) as again, pytest.raises(CorruptCheckpoint):
         again.restore_dir()
+
+
+# --- periodic checkpoints upload in the background ------------------------------------
+
+
+def test_a_periodic_files_checkpoint_is_staged_then_uploaded_in_the_background(
+    tmp_path: Path,
+) -> None:
+    store = SlowStore(tmp_path / "store", delay_s=0.3)  # four writes: >= 1.2 s
+    staged: list[Path] = []
+    contents = {step: files_of(step) for step in (1, 2, 3)}
+    run = workload.Run(checkpoints=CheckpointStore(store, "ck"), checkpoint_every=2,
+                       instance_id="i", default_dir=tmp_path / "work")
+    run.step_done(1, files=writer(contents[1], staged))
+    assert timed(lambda: run.step_done(2, files=writer(contents[2], staged))) < 0.25
+    assert len(staged) == 1 and staged[0].is_dir()  # written here, uploading from it
+    run.step_done(3, files=writer(contents[3], staged))
+    run.close()  # waits for the upload
+    assert not staged[0].exists() and not (tmp_path / "work" / WORK_DIR).exists()
+    assert run.last_checkpoint is not None and run.last_checkpoint.step == 2
+    info, files = CheckpointStore(store, "ck").load(None)
+    assert info.step == 2 and files == contents[2]  # every byte as staged
+
+
+def test_an_agent_request_waits_for_the_upload_in_flight_then_saves_synchronously(
+    tmp_path: Path,
+) -> None:
+    store = SlowStore(tmp_path / "store", delay_s=0.3)
+    agent = ScriptedAgent(checkpoint_at=3)
+    run = workload.Run(checkpoints=CheckpointStore(store, "ck"), checkpoint_every=2,
+                       instance_id="i", default_dir=tmp_path / "work",
+                       agent=agent, workload_port=0)  # type: ignore[arg-type]
+    with run:
+        run.step_done(1, files=writer(files_of(1)))
+        assert timed(lambda: run.step_done(2, files=writer(files_of(2)))) < 0.25
+        # step 3: the agent asks (a move): step 2's upload finishes first, then
+        # step 3 is saved and reported before step_done returns
+        assert timed(lambda: run.step_done(3, files=writer(files_of(3)))) > 1.0
+        ckpts = CheckpointStore(store, "ck").list()
+        assert [c.step for c in ckpts] == [2, 3]
+        assert run.last_checkpoint == ckpts[-1]
+        # step 3 was reported while step 2 was uploading; step 2's report
+        # (periodic: it answers no request) comes before step 3's
+        assert agent.calls == [
+            ("progress", 1), ("progress", 2), ("progress", 3),
+            ("checkpointed", 2, ckpts[0].key, "periodic"), ("checkpointed", 3, ckpts[1].key),
+            ("wait_resume",)]
+        run.step_done(4, files=writer(files_of(4)))
+    assert store.most_active == 1
+    assert [c.step for c in CheckpointStore(store, "ck").list()] == [2, 3, 4]
+    assert agent.calls[-2:] == [("checkpointed", 4, run.last_checkpoint.key, "periodic"),
+                                ("close",)]
+
+
+class AgentGoneForPeriodic(ScriptedAgent):
+    def checkpointed(self, step: int, key: str, *, periodic: bool = False) -> ProgressAction:
+        raise AgentUnavailable("agent gone")
+
+
+def test_an_agent_gone_while_reporting_in_the_background_raises_in_training(
+    tmp_path: Path,
+) -> None:
+    run = workload.Run(checkpoints=CheckpointStore(FileStore(tmp_path / "store"), "ck"),
+                       checkpoint_every=1, instance_id="i", default_dir=tmp_path / "work",
+                       agent=AgentGoneForPeriodic(-1), workload_port=0)  # type: ignore[arg-type]
+    run.step_done(1, files=writer(files_of(1)))
+    with pytest.raises(AgentUnavailable):
+        run.step_done(2, files=writer(files_of(2)))
+    run.close()

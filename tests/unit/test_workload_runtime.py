@@ -3,12 +3,15 @@ restore of the latest verified checkpoint, artifacts, its small HTTP server."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import pytest
 
 from gpuscout import workload
 from gpuscout.agent import protocol as p
-from gpuscout.store import open_store
+from gpuscout.store import FileStore, open_store
 from gpuscout.store.base import FileDigest
 from gpuscout.workload.checkpoint import CheckpointStore
 from gpuscout.workload.runtime import AgentClient, AgentUnavailable, WorkloadServer
@@ -197,6 +200,7 @@ def test_a_failing_store_does_not_stop_training(
     run = workload.Run(checkpoints=CheckpointStore(BrokenStore(), "ck"), checkpoint_every=1,
                        instance_id="i", default_dir=tmp_path)
     run.step_done(1, state={"w": 1.0})
+    assert run.flush() is None
     assert run.last_checkpoint is None
     assert "checkpoint of step 1 failed" in caplog.text
 
@@ -204,3 +208,105 @@ def test_a_failing_store_does_not_stop_training(
 def test_a_state_that_is_not_json_is_the_scripts_bug(tmp_path: Path) -> None:
     with standalone(tmp_path, every=1) as run, pytest.raises(TypeError):
         run.step_done(1, state={"w": object()})
+
+
+# --- periodic checkpoints upload in the background --------------------------------
+
+
+class SlowStore(FileStore):
+    """A real file store whose every write takes ``delay_s`` longer (a slow
+    link to S3); it records how many writes ran at once, at most."""
+
+    def __init__(self, root: Path, delay_s: float) -> None:
+        super().__init__(root)
+        self.delay_s = delay_s
+        self.active = 0
+        self.most_active = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _slow(self) -> Iterator[None]:
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            time.sleep(self.delay_s)
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._slow():
+            super().put(key, data)
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> FileDigest:
+        with self._slow():
+            return super().put_file(key, path)
+
+
+def slow_run(tmp_path: Path, delay_s: float, every: int | None) -> tuple[workload.Run, SlowStore]:
+    store = SlowStore(tmp_path / "store", delay_s)
+    run = workload.Run(checkpoints=CheckpointStore(store, "ck"), checkpoint_every=every,
+                       instance_id="i", default_dir=tmp_path / "work")
+    return run, store
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.monotonic()
+    call()
+    return time.monotonic() - start
+
+
+def test_a_periodic_checkpoint_does_not_block_training_for_its_upload(tmp_path: Path) -> None:
+    run, store = slow_run(tmp_path, delay_s=0.5, every=5)  # two writes: >= 1 s upload
+    with run:
+        for step in range(1, 5):
+            run.step_done(step, state={"w": step})
+        took = timed(lambda: run.step_done(5, state={"w": 5}))
+        assert took < 0.4, took  # staged only: the upload runs in the background
+        assert run.last_checkpoint is None  # not stored yet ...
+        assert CheckpointStore(store, "ck").list() == []
+        run.step_done(6, state={"w": 6})  # ... and training goes on meanwhile
+        info = run.flush()
+        assert info is not None and info.step == 5 and run.last_checkpoint == info
+        assert [c.step for c in CheckpointStore(store, "ck").list()] == [5]
+    with workload.Run(checkpoints=CheckpointStore(FileStore(tmp_path / "store"), "ck"),
+                      checkpoint_every=None, instance_id="i", default_dir=tmp_path) as again:
+        assert again.restore() == (5, {"w": 5})
+
+
+def test_at_most_one_periodic_upload_is_in_flight(tmp_path: Path) -> None:
+    run, store = slow_run(tmp_path, delay_s=0.3, every=1)  # each upload >= 0.6 s
+    with run:
+        assert timed(lambda: run.step_done(1, state={"w": 1})) < 0.25
+        # the next one is due before the first is stored: it waits for it ...
+        assert timed(lambda: run.step_done(2, state={"w": 2})) > 0.4
+        # ... which is complete by then, and the second is in flight
+        assert [c.step for c in CheckpointStore(store, "ck").list()] == [1]
+        run.step_done(3, state={"w": 3})
+    assert store.most_active == 1  # never two writes at once
+    assert [c.step for c in CheckpointStore(store, "ck").list()] == [1, 2, 3]
+
+
+def test_close_flushes_the_last_periodic_checkpoint(tmp_path: Path) -> None:
+    run, store = slow_run(tmp_path, delay_s=0.3, every=4)
+    for step in range(1, 9):
+        run.step_done(step, state={"w": step})
+    run.close()  # right after step 8's upload started
+    assert run.last_checkpoint is not None and run.last_checkpoint.step == 8
+    assert [c.step for c in CheckpointStore(store, "ck").list()] == [4, 8]
+    run.close()  # idempotent
+
+
+def test_a_failing_background_upload_is_logged_and_training_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = workload.Run(checkpoints=CheckpointStore(BrokenStore(), "ck"), checkpoint_every=2,
+                       instance_id="i", default_dir=tmp_path)
+    with run:
+        for step in range(1, 6):
+            run.step_done(step, state={"w": step})
+        assert run.flush() is None
+    assert "checkpoint of step 2 failed" in caplog.text
+    assert "checkpoint of step 4 failed" in caplog.text

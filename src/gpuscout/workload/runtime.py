@@ -31,6 +31,26 @@ A script that wants JSON beside its files writes it into the folder (see
 (a staging folder after its upload, the restored folder at ``close()`` or
 the next ``restore_dir()``; what a killed process left behind, by the next
 run in that folder).
+
+Periodic checkpoints (every ``checkpoint_every`` steps) do not stop
+training for their upload, as in CheckFreq (Mohan et al., FAST '21): the
+state is *staged* synchronously, at the step boundary (the JSON encoded to
+bytes, or the ``files=`` function writing its folder), then uploaded,
+hashed and reported to the agent in a background thread while the next
+steps run. At most one upload is in flight: when the next periodic
+checkpoint is due before the previous upload finished, ``step_done`` waits
+for it, then stages the new one (so at most two states exist at once: the
+model's and one staged copy). A checkpoint the agent asks for (a move, a
+spot notice) stays synchronous: it waits for the upload in flight, saves
+this step's state, and is reported before the next step runs, because it
+must hold every step completed when it was asked for. A background upload
+is reported with ``periodic=True``: the agent records it as the latest
+checkpoint but does not answer its pending requests with it (training went
+on meanwhile). ``last_checkpoint`` changes when an upload completes;
+``flush()`` waits for it, and ``close()``, ``restore()``,
+``restore_dir()``, ``checkpoint()`` and ``checkpoint_files()`` flush
+first. The upload thread is not a daemon: a script that exits without
+``close()`` still finishes its last periodic upload.
 """
 
 from __future__ import annotations
@@ -157,10 +177,22 @@ class AgentClient:
         answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/progress", json=body)
         return ProgressAction(answer.json()["action"])
 
-    def checkpointed(self, step: int, key: str) -> ProgressAction:
-        body = {"step": step, "key": key}
+    def checkpointed(self, step: int, key: str, *, periodic: bool = False) -> ProgressAction:
+        """Report a checkpoint saved; ``periodic``: one uploaded in the
+        background, which the agent records but which answers no request.
+        May be called from the upload thread while the training thread is
+        in another call: ``httpx.Client`` can be shared between threads
+        (its connection pool is locked; each call gets its own connection)."""
+        body = {"step": step, "key": key, "periodic": periodic}
         answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/checkpointed", json=body)
         return ProgressAction(answer.json()["action"])
+
+    def skipped(self, checkpoints: list[tuple[str, str]]) -> None:
+        """Report checkpoints a restore skipped as corrupt or partial
+        ((key, reason)): the control plane names them in the job's events."""
+        body = {"checkpoints": [{"key": key, "reason": reason[:2000]}
+                                for key, reason in checkpoints[:100]]}
+        self._call("POST", f"{p.WORKLOAD_PREFIX}/skipped", json=body)
 
     def wait_resume(self) -> None:
         """Block until the agent resumes this workload."""
@@ -355,6 +387,10 @@ class Run:
         self.last_checkpoint: CheckpointInfo | None = None
         self._restored: Path | None = None  # restore_dir()'s own folder
         self._swept = False
+        # The periodic checkpoint being uploaded in the background (at most
+        # one), and an agent error it met, raised in the training thread.
+        self._upload_thread: threading.Thread | None = None
+        self._upload_error: Exception | None = None
 
     @property
     def managed(self) -> bool:
@@ -369,17 +405,22 @@ class Run:
         NoCheckpoint or CorruptCheckpoint), or the latest verified
         checkpoint; corrupt or partial checkpoints are skipped by
         ``CheckpointStore``. A checkpoint saved with ``files=`` holds no
-        JSON state: CheckpointError (use ``restore_dir()``).
+        JSON state: CheckpointError (use ``restore_dir()``). A periodic
+        checkpoint still uploading is waited for first.
         """
+        self.flush()
         target = self.agent.restore_target() if self.agent is not None else None
-        if target is None:
-            try:
-                info, files = self.checkpoints.load(None)
-            except NoCheckpoint:
-                log.info("no checkpoint to restore: starting fresh")
-                return None
-        else:
-            info, files = self.checkpoints.load(target)
+        try:
+            if target is None:
+                try:
+                    info, files = self.checkpoints.load(None)
+                except NoCheckpoint:
+                    log.info("no checkpoint to restore: starting fresh")
+                    return None
+            else:
+                info, files = self.checkpoints.load(target)
+        finally:
+            self._report_skipped()
         if STATE_FILE not in files:
             raise CheckpointError(
                 f"checkpoint {info.key} (step {info.step}) holds files, not a JSON "
@@ -410,6 +451,7 @@ class Run:
         the agent named a step that does not exist / verify, and OSError
         when the local disk fails.
         """
+        self.flush()
         owned = dest is None
         if dest is not None:
             folder = Path(dest)
@@ -420,7 +462,10 @@ class Run:
             self._drop_restored()
             folder = self._new_local_dir("restore")
         try:
-            info = self.checkpoints.load_to_dir(folder, target)
+            try:
+                info = self.checkpoints.load_to_dir(folder, target)
+            finally:
+                self._report_skipped()
         except BaseException as exc:
             if owned:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -462,18 +507,26 @@ class Run:
 
         A checkpoint is saved every ``checkpoint_every`` steps and whenever
         the agent asks; if the agent asks to pause, this blocks until it
-        resumes. A failed upload (the store failing) is logged and training
-        goes on: the agent asks again at the next step boundary.
+        resumes. A periodic checkpoint is staged here (``state`` encoded,
+        or ``files`` called) and uploaded in the background while training
+        goes on; if the previous one is still uploading, this first waits
+        for it (at most one upload in flight). A checkpoint the agent asks
+        for first waits for the upload in flight, then is saved and
+        reported before this returns. A failed upload (the store failing),
+        in the background or not, is logged and training goes on (the
+        agent asks again at the next step boundary; a periodic one is
+        tried again when the next one is due).
         """
         _check_kind(state, files)
         action = ProgressAction.CONTINUE
         if self.agent is not None:
             action = self.agent.progress(step, loss=loss, total_steps=total_steps, at=time.time())
         periodic = self.checkpoint_every is not None and step % self.checkpoint_every == 0
-        if action is ProgressAction.CHECKPOINT or periodic:
-            # A state that cannot be encoded, or a files function that fails,
-            # is the script's: it raises. The store failing (network, disk)
-            # is not: training goes on.
+        # A state that cannot be encoded, or a files function that fails,
+        # is the script's: it raises. The store failing (network, disk) is
+        # not: training goes on.
+        if action is ProgressAction.CHECKPOINT:
+            self.flush()
             if files is None:
                 assert state is not None
                 blobs = {STATE_FILE: encode_state(state() if callable(state) else state)}
@@ -483,13 +536,75 @@ class Run:
                     info = self._upload(step, lambda: self.checkpoints.save_paths(step, paths))
             if info is not None and self.agent is not None:
                 action = self.agent.checkpointed(info.step, info.key)
+        elif periodic:
+            self.flush()  # CheckFreq's pipelining: one upload in flight at most
+            if files is None:
+                assert state is not None
+                blobs = {STATE_FILE: encode_state(state() if callable(state) else state)}
+                self._upload_in_background(step, lambda: self.checkpoints.save(step, blobs))
+            else:
+                folder, paths = self._stage(files)
+                self._upload_in_background(
+                    step, lambda: self.checkpoints.save_paths(step, paths),
+                    cleanup=lambda: self._drop_local(folder))
         if action is ProgressAction.PAUSE and self.agent is not None:
             log.info("paused after step %d", step)
             self.agent.wait_resume()
             log.info("resumed after step %d", step)
 
+    def _report_skipped(self) -> None:
+        """Log the checkpoints the last restore skipped as corrupt or
+        partial, and tell the agent (the job's events name them)."""
+        skipped, self.checkpoints.skipped = self.checkpoints.skipped, []
+        for exc in skipped:
+            log.warning("restore skipped checkpoint %s: %s", exc.key, exc.reason)
+        if skipped and self.agent is not None:
+            try:
+                self.agent.skipped([(exc.key, exc.reason) for exc in skipped])
+            except (AgentUnavailable, AgentProtocolError) as err:
+                log.warning("could not report the skipped checkpoints: %s", err)
+
+    def flush(self) -> CheckpointInfo | None:
+        """Wait until the periodic checkpoint uploading in the background,
+        if any, is stored (or failed) and reported; return
+        ``last_checkpoint``. Raises what reporting it to the agent raised
+        (AgentUnavailable, AgentProtocolError)."""
+        thread = self._upload_thread
+        if thread is not None:
+            thread.join()
+            self._upload_thread = None
+        error, self._upload_error = self._upload_error, None
+        if error is not None:
+            raise error
+        return self.last_checkpoint
+
+    def _upload_in_background(self, step: int, save: Callable[[], CheckpointInfo],
+                              cleanup: Callable[[], None] | None = None) -> None:
+        """Run ``save`` (then ``cleanup``) in a new thread, and report the
+        checkpoint to the agent as periodic. Nothing may be in flight."""
+        assert self._upload_thread is None
+
+        def upload() -> None:
+            try:
+                info = self._upload(step, save)
+            finally:
+                if cleanup is not None:
+                    cleanup()
+            if info is None or self.agent is None:
+                return
+            try:
+                self.agent.checkpointed(info.step, info.key, periodic=True)
+            except Exception as exc:  # the agent gone or a bug: the training thread's
+                self._upload_error = exc
+
+        self._upload_thread = threading.Thread(
+            target=upload, name=f"gpuscout-checkpoint-{step}", daemon=False)
+        self._upload_thread.start()
+
     def checkpoint(self, step: int, state: State) -> CheckpointInfo:
-        """Save ``state`` as the checkpoint of ``step`` (does not tell the agent)."""
+        """Save ``state`` as the checkpoint of ``step`` (does not tell the
+        agent); waits for a periodic upload in flight first."""
+        self.flush()
         info = self.checkpoints.save(step, {STATE_FILE: encode_state(state)})
         self.last_checkpoint = info
         return info
@@ -497,7 +612,9 @@ class Run:
     def checkpoint_files(self, step: int, files: SaveFiles) -> CheckpointInfo:
         """Save the files ``files(folder)`` writes as the checkpoint of
         ``step`` (see ``step_done``); does not tell the agent. Unlike
-        ``step_done``, a failing store raises."""
+        ``step_done``, a failing store raises. Waits for a periodic upload
+        in flight first."""
+        self.flush()
         with self._staged(files) as paths:
             info = self.checkpoints.save_paths(step, paths)
         self.last_checkpoint = info
@@ -516,13 +633,27 @@ class Run:
     def _staged(self, files: SaveFiles) -> Iterator[dict[str, Path]]:
         """A fresh staging folder filled by ``files``, as {name: path};
         deleted afterwards whatever happens."""
+        folder, paths = self._stage(files)
+        try:
+            yield paths
+        finally:
+            self._drop_local(folder)
+
+    def _stage(self, files: SaveFiles) -> tuple[Path, dict[str, Path]]:
+        """A fresh staging folder filled by ``files`` and its files as
+        {name: path}; the caller deletes it (``_drop_local``). Deleted here
+        when ``files`` or the check of what it wrote raises."""
         folder = self._new_local_dir("save")
         try:
             files(folder)
-            yield _collect_files(folder)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-            self._remove_empty_work_dir()
+            return folder, _collect_files(folder)
+        except BaseException:
+            self._drop_local(folder)
+            raise
+
+    def _drop_local(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        self._remove_empty_work_dir()
 
     def _new_local_dir(self, kind: str) -> Path:
         """A new empty folder ``<default_dir>/.gpuscout-work/<kind>-<pid>-<id>``.
@@ -538,9 +669,8 @@ class Run:
 
     def _drop_restored(self) -> None:
         if self._restored is not None:
-            shutil.rmtree(self._restored, ignore_errors=True)
+            self._drop_local(self._restored)
             self._restored = None
-            self._remove_empty_work_dir()
 
     def _remove_empty_work_dir(self) -> None:
         try:
@@ -587,8 +717,14 @@ class Run:
         return self._server.port
 
     def close(self) -> None:
-        """Stop serving, drop the agent connection and delete the folder
-        ``restore_dir()`` made; idempotent."""
+        """Wait for a periodic checkpoint still uploading (a script that
+        ends keeps its last one), stop serving, drop the agent connection
+        and delete the folder ``restore_dir()`` made; idempotent. An agent
+        error met reporting that checkpoint is logged, not raised."""
+        try:
+            self.flush()
+        except Exception:
+            log.exception("reporting the last periodic checkpoint to the agent failed")
         if self._server is not None:
             self._server.close()
             self._server = None
