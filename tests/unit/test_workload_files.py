@@ -284,6 +284,9 @@ class ScriptedAgent:
         self.calls.append(("checkpointed", step, key, *(("periodic",) if periodic else ())))
         return ProgressAction.CONTINUE if periodic else ProgressAction.PAUSE
 
+    def skipped(self, checkpoints: list[tuple[str, str]]) -> None:
+        self.calls.append(("skipped", *(key for key, _ in checkpoints)))
+
     def wait_resume(self) -> None:
         self.calls.append(("wait_resume",))
 
@@ -329,8 +332,10 @@ def test_under_an_agent_a_named_step_that_is_damaged_raises(tmp_path: Path) -> N
         run.checkpoint_files(1, writer(files_of(1)))
         bad = run.checkpoint_files(2, writer(files_of(2)))
     _altered(open_store((tmp_path / "store").as_uri()), bad)
-    with managed(tmp_path, ScriptedAgent(-1, target=2)) as again, pytest.raises(CorruptCheckpoint):
+    named = ScriptedAgent(-1, target=2)
+    with managed(tmp_path, named) as again, pytest.raises(CorruptCheckpoint):
         again.restore_dir()
+    assert ("skipped", bad.key) in named.calls  # the agent is told which one
 
 
 # --- periodic checkpoints upload in the background ------------------------------------
