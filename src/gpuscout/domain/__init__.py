@@ -11,6 +11,7 @@ from gpuscout.domain.models import (
     MigrationStatus,
     Offer,
     OnBudget,
+    PriceHistory,
     Progress,
     Resources,
     WorkloadType,
@@ -20,6 +21,7 @@ from gpuscout.domain.states import IllegalTransition, JobStatus, can_transition,
 __all__ = [
     "Capacity", "Checkpoint", "IllegalTransition", "Instance", "InstanceStatus", "Job",
     "JobSpec", "JobStatus", "Migration", "MigrationPhase", "MigrationReason",
-    "MigrationStatus", "Offer", "OnBudget", "Progress", "Resources", "WorkloadType",
+    "MigrationStatus", "Offer", "OnBudget", "PriceHistory", "Progress", "Resources",
+    "WorkloadType",
     "can_transition", "check_transition",
 ]

@@ -117,6 +117,23 @@ class Resources:
 
 
 @dataclass(frozen=True, slots=True)
+class PriceHistory:
+    """How an offer's price has moved in a trailing window (a day), as a
+    scout saw it. A *hold* is a stretch at one price, from one change to
+    the next."""
+
+    since: datetime  # when the current price was first seen
+    holds_s: tuple[float, ...]  # how long each price that ended in the window held
+    hold_prices: tuple[float, ...]  # and at what price, in the same order
+    # Time-weighted mean price while the offer could be had.
+    mean_price_per_hour: float
+    # Lag-one correlation of consecutive holds' prices around that mean,
+    # in [-1, 1]: -1 a price that flips between two levels, 0 one whose
+    # next price does not depend on this one, 1 one that drifts and stays.
+    correlation: float
+
+
+@dataclass(frozen=True, slots=True)
 class Offer:
     """One purchasable capacity at one moment."""
 
@@ -139,6 +156,11 @@ class Offer:
     # this offer recently (``market.history``); 0.0 when none were seen. Of
     # two offers at the same cost per work hour, the steadier one is taken.
     interruptions_per_day: float = 0.0
+    # How this offer's price has moved lately (``market.history``); None
+    # when it has not changed in a while: it is taken to hold. The move
+    # policy forecasts a price that keeps changing from it
+    # (``policy.migration.expected_price``).
+    price_history: PriceHistory | None = None
 
     @staticmethod
     def make_id(provider: str, zone: str, instance_type: str, capacity: Capacity | str) -> str:

@@ -21,7 +21,12 @@ The rule, for a job running on ``current``:
      (price / relative speed);
    - the expected saving over the job's remaining work exceeds the cost of
      moving (``MoveCosts``: boot, checkpoint and restore time billed on the
-     instances that are not training, and egress between regions);
+     instances that are not training, and egress between regions). The
+     saving is at the prices expected while the work runs
+     (``expected_price``): a price that has held lately is taken to hold,
+     one that keeps changing to change again as it has over the last day,
+     so that a gap between two offers that keeps flipping is worth the
+     minutes it is expected to last, not the rest of the job;
    - the move breaks neither the budget nor the deadline. Budget
      (``budget_allows``): a move that does not raise the projected total
      spend (cost so far + move cost + the remaining work at the target's
@@ -344,6 +349,88 @@ def move_cost_usd(current: Offer, target: Offer, costs: MoveCosts, gb: float) ->
     return replacement + old + gb * costs.egress_per_gb(current, target)
 
 
+def _later_weight(c: float, hold_h: float, x: float) -> float:
+    """The weight of the prices after the current one over the first ``x``
+    hours after it ends, in ``expected_price``: the k-th next price is
+    ``c**k`` of the current one's distance from the mean, and prices change
+    at random (a Poisson process) every ``hold_h`` hours on average, so the
+    expected weight ``y`` hours on is ``c * exp(-(1 - c) * y / hold_h)``;
+    this is its integral over [0, x]."""
+    if x <= 0 or hold_h <= 0:
+        return 0.0
+    if c >= 1.0:
+        return x
+    rate = (1.0 - c) / hold_h
+    return c * (1.0 - math.exp(-rate * x)) / rate
+
+
+def expected_price(offer: Offer, now: datetime, start_h: float, hours: float) -> float:
+    """The offer's expected mean price per hour over ``hours`` hours starting
+    ``start_h`` hours after ``now``, from its recent price history.
+
+    A price that has not changed lately (no ``price_history``) is taken to
+    hold: the forecast is the current price, as it always was. One that
+    keeps changing is forecast as the market has behaved in the last day:
+
+    - the current price lasts as long as the recent ones on its side of the
+      mean that lasted at least as long as it has so far (the empirical
+      residual life; one that has outlasted them all is taken to hold);
+    - later prices change at random (a Poisson process) as often as the
+      recent ones did, each one's distance from the recent mean being the
+      previous one's times the lag-one correlation of consecutive prices
+      (an AR(1) process around the mean).
+
+    So two offers whose prices swap every 15 minutes (correlation -1) are
+    expected to swap back: the gap between them is worth what is left of
+    the quarter hour less the half quarter hour the job then spends on the
+    dearer one, on average, not the rest of the job. A spike (followed by
+    the usual price, correlation near 0) reverts as fast as recent spikes
+    did; a price that drifts and stays (correlation near 1) is taken to
+    hold, as one that never changed.
+    """
+    price = offer.price_per_hour
+    history = offer.price_history
+    if history is None or not history.holds_s:
+        return price
+    mean = history.mean_price_per_hour
+    age_s = max(0.0, (now - history.since).total_seconds())
+    # The recent prices on the same side of the mean as this one (a dip
+    # lasts as long as recent dips, not as the usual price), else all.
+    side = [hold for hold, p in zip(history.holds_s, history.hold_prices, strict=False)
+            if (p - mean) * (price - mean) > 0] or history.holds_s
+    left_h = [(hold - age_s) / 3600.0 for hold in side if hold > age_s]
+    if not left_h:
+        return price
+    start = max(0.0, start_h)
+    end = start + max(0.0, hours)
+    mean_hold_h = sum(history.holds_s) / len(history.holds_s) / 3600.0
+    mean_left_h = sum(left_h) / len(left_h)
+    c = max(-1.0, min(1.0, history.correlation))
+    if hours <= 0:  # the expected price at ``start``
+        weight = sum(left > start for left in left_h) / len(left_h)
+        if start >= mean_left_h:
+            weight += c * math.exp(-(1.0 - c) * (start - mean_left_h) / mean_hold_h)
+    else:
+        # The time in [start, end] the current price is expected to hold,
+        # then the prices after it.
+        current = sum(max(0.0, min(left, end) - start) for left in left_h) / len(left_h)
+        later = (_later_weight(c, mean_hold_h, end - mean_left_h)
+                 - _later_weight(c, mean_hold_h, start - mean_left_h))
+        weight = (current + later) / hours
+    return mean + (price - mean) * weight
+
+
+def expected_cost_per_work_hour(offer: Offer, now: datetime, start_h: float,
+                                work_h: float) -> float:
+    """``cost_per_work_hour`` as ``expected_price`` forecasts it, over the
+    hours ``work_h`` of work (at relative speed 1.0) takes on ``offer``
+    starting ``start_h`` hours after ``now``."""
+    speed = offer.relative_speed
+    if speed <= 0:
+        return offer.cost_per_work_hour
+    return expected_price(offer, now, start_h, work_h / speed) / speed
+
+
 @dataclass(frozen=True, slots=True)
 class _Weighed:
     offer: Offer
@@ -364,17 +451,25 @@ class _Weighed:
 def _weigh(job: Job, current: Offer, target: Offer, work: float, costs: MoveCosts,
            view: JobView, policy: MovePolicy, now: datetime) -> _Weighed:
     cur = current.cost_per_work_hour
+    # The threshold compares the prices as they are now.
     savings = 1.0 - target.cost_per_work_hour / cur if cur > 0 else 0.0
     # The old instance keeps training while the replacement boots; the
-    # saving starts after the switch.
+    # saving starts after the switch (boot, then checkpoint and restore).
     after_boot = max(0.0, work - costs.boot_s / 3600.0 * current.relative_speed)
-    saving_usd = (cur - target.cost_per_work_hour) * after_boot
+    switch_h = (costs.boot_s + costs.downtime_s) / 3600.0
+    # What the rest costs either way, at the prices expected while it runs
+    # (``expected_price``: the current ones for offers whose price has held,
+    # reverting to the recent mean for prices that keep changing).
+    stay = work * expected_cost_per_work_hour(current, now, 0.0, work)
+    moved = ((work - after_boot)
+             * expected_cost_per_work_hour(current, now, 0.0, work - after_boot)
+             + after_boot * expected_cost_per_work_hour(target, now, switch_h, after_boot))
+    saving_usd = stay - moved
     cost = move_cost_usd(current, target, costs, job.spec.dataset_size_gb + view.checkpoint_gb)
     # Budget: a move that lowers the projected total is always allowed (a
     # job over its budget overruns less by moving); one that raises it must
     # keep the total within the budget.
-    stay = work * cur
-    expected = cost + after_boot * target.cost_per_work_hour + (work - after_boot) * cur
+    expected = cost + moved
     budget_ok = budget_allows(budget_left(job), stay, expected)
     # Deadline: boot (still training), down for checkpoint + restore, then
     # the rest on the target; a spot target must leave room for one more
@@ -532,10 +627,12 @@ def decide_move(
     above = [w for w in weighed if w.savings >= threshold - _EPS]
     paying = [w for w in above if w.net > _EPS]
     if not paying:
+        forecast = (" at the prices expected from their recent changes"
+                    if here.price_history or cheapest.offer.price_history else "")
         return stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
                     f"hour, but ${cheapest.saving_usd:.4f} over the remaining "
-                    f"{work:.2f} work hours does not pay the ${cheapest.cost_usd:.4f} move",
-                    **numbers_of(cheapest))
+                    f"{work:.2f} work hours{forecast} does not pay the "
+                    f"${cheapest.cost_usd:.4f} move", **numbers_of(cheapest))
     allowed = [w for w in paying if w.budget_ok and w.deadline_ok]
     if not allowed:
         w = max(paying, key=lambda w: w.net)

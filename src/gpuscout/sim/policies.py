@@ -61,9 +61,12 @@ class GpuScoutPolicy:
 
     ``heartbeat_s``: a running job whose market has not changed is asked
     again at least this often (between market changes a decision can only
-    change through time: dwell expiry, which is woken for exactly, and the
-    remaining work shrinking, which only makes moves pay less). Set it to
-    ``scout_interval_s`` to ask at every tick, as the live scout does.
+    change through time: dwell expiry, which is woken for exactly, the
+    remaining work shrinking, which only makes moves pay less, and prices
+    that keep changing growing older, which changes how long they are
+    expected to last (``expected_price``): this heartbeat catches that). Set
+    it to ``scout_interval_s`` to ask at every tick, as the live scout does
+    (``bench/policy.py`` does).
     """
 
     name = "gpuscout"
