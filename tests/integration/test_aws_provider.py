@@ -33,6 +33,7 @@ from gpuscout.providers.base import (
     LaunchError,
     ProviderError,
     ProviderState,
+    QuotaError,
 )
 from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES
 from tests.integration.aws_moto import (
@@ -282,6 +283,24 @@ def test_capacity_refusals_are_capacity_errors(code: str) -> None:
         provider.launch(request(offer, "i-cap"))
     assert caught.value.offer_id == offer.id and code in caught.value.reason
     assert provider.list() == []
+
+
+@pytest.mark.parametrize("code", ["VcpuLimitExceeded", "InstanceLimitExceeded",
+                                  "MaxSpotInstanceCountExceeded"])
+def test_quota_refusals_say_they_are_the_accounts_limit(code: str) -> None:
+    spy = FaultyEc2(ec2_client())
+    provider = AwsProvider(new_config(), client=spy)
+    offer = pick(provider.offers(), "g4dn.xlarge", Capacity.SPOT)
+    spy.fail("run_instances", code)
+    with pytest.raises(QuotaError) as caught:
+        provider.launch(request(offer, "i-quota"))
+    assert str(caught.value).startswith(f"account quota reached launching {offer.id}: {code}")
+    assert "not a capacity shortage" in str(caught.value)
+    assert isinstance(caught.value, CapacityError)  # backed off like one
+    spy.fail("run_instances", "InsufficientInstanceCapacity")
+    with pytest.raises(CapacityError) as shortage:
+        provider.launch(request(offer, "i-short"))
+    assert not isinstance(shortage.value, QuotaError)
 
 
 def test_other_refusals_are_launch_errors() -> None:

@@ -427,7 +427,16 @@ def test_restarts_measured_slower_than_their_estimate_widen_the_deadline_reserve
         ("budget: the cheapest that fits it", job_with(status=JobStatus.SCOUTING, budget=12),
          [ON_DEMAND, SPOT], JobView(), "spot", "cheapest"),
         ("no offer at all", job_with(status=JobStatus.SCOUTING), [], JobView(), None,
-         "no available offer"),
+         "no offer fits the job's resources"),
+        # a quota or capacity error took the offers out: not "the resources"
+        ("every fitting offer out after failed launches", job_with(status=JobStatus.SCOUTING),
+         [ON_DEMAND.with_(available=False), SPOT.with_(available=False)], JobView(), None,
+         "every offer that fits the job's resources (2) is out for now: 2 unavailable now "
+         "(the market, or a launch that failed: see the job's events)"),
+        ("spot avoided, on-demand out", job_with(status=JobStatus.SCOUTING),
+         [ON_DEMAND.with_(available=False), SPOT], JobView(avoid_zones=frozenset({"local:z"})),
+         None, "1 unavailable now (the market, or a launch that failed: see the job's events); "
+               "1 spot in a zone avoided after an interruption notice"),
     ],
 )
 def test_place_job(case: str, job_: Job, offers: list[Offer], view: JobView,

@@ -78,3 +78,4 @@ def test_each_skipped_checkpoint_is_one_event_restarts_included(
         assert kinds.count("checkpoint_skipped") == 2
     finally:
         again.plane.stop()
+

@@ -25,7 +25,13 @@ from gpuscout.policy import (
     projected_cost_usd,
     remaining_work_hours,
 )
-from gpuscout.providers.base import CapacityError, InstanceNotFound, ProviderError, ProviderState
+from gpuscout.providers.base import (
+    CapacityError,
+    InstanceNotFound,
+    ProviderError,
+    ProviderState,
+    QuotaError,
+)
 from gpuscout.workload.checkpoint import CheckpointStore
 
 S = JobStatus
@@ -104,7 +110,8 @@ class Lifecycle:
             instance, _ = self.ctx.launch(job, offer, standby=False)
         except CapacityError as err:
             self.ctx.mark_unavailable(offer.id)
-            self.ctx.event(job.id, "capacity", str(err), offer_id=offer.id)
+            kind = "quota" if isinstance(err, QuotaError) else "capacity"
+            self.ctx.event(job.id, kind, str(err), offer_id=offer.id)
             return
         except Exception as err:  # noqa: BLE001 - the provider's own error, kept for the job
             self._launch_failed(job, offer.id, err)

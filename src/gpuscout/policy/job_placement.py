@@ -60,6 +60,30 @@ class PlacementDecision:
     uniform_line: float | None = None  # the fraction Uniform Progress asks for now
 
 
+def why_none(compatible: list[Offer], avoid_zones: frozenset[str] | set[str],
+             gone: str | None) -> str:
+    """Why no offer can take the job now, from the offers that fit its
+    resources (available or not): none fits at all, or those that fit are
+    unavailable (the market, or a launch that failed: a quota or capacity
+    error is named in the job's events), or spot in zones being avoided
+    after a notice."""
+    if not compatible:
+        return "no offer fits the job's resources"
+    unavailable = sum(1 for o in compatible if not o.available)
+    avoided = sum(1 for o in compatible if o.available and o.capacity == Capacity.SPOT
+                  and zone_key(o) in avoid_zones)
+    parts = []
+    if unavailable:
+        parts.append(f"{unavailable} unavailable now (the market, or a launch that failed: "
+                     "see the job's events)")
+    if avoided:
+        parts.append(f"{avoided} spot in a zone avoided after an interruption notice")
+    if gone is not None and any(o.id == gone for o in compatible):
+        parts.append("1 being reclaimed")
+    return (f"every offer that fits the job's resources ({len(compatible)}) is out for now: "
+            + "; ".join(parts))
+
+
 def place_job(
     job: Job, offers: Iterable[Offer], now: datetime, *, policy: MovePolicy | None = None,
     view: JobView | None = None, costs: MoveCosts | None = None, leaving: Offer | None = None,
@@ -97,7 +121,7 @@ def place_job(
         return left is None or projected(o) <= left
 
     if not candidates:
-        return decide(None, "no available offer fits the job's resources")
+        return decide(None, why_none(list(compatible), view.avoid_zones, gone))
 
     if job.spec.deadline is None:
         in_budget = [o for o in candidates if fits_budget(o)]

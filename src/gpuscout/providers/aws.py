@@ -66,6 +66,7 @@ from gpuscout.providers.base import (
     ProviderError,
     ProviderInstance,
     ProviderState,
+    QuotaError,
 )
 from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES, render_bootstrap
 from gpuscout.providers.code_bundle import (
@@ -97,6 +98,10 @@ CAPACITY_CODES = frozenset({
     "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded", "InstanceLimitExceeded",
     "VcpuLimitExceeded", "Unsupported",
 })
+# The account's limits among them (EC2 API reference, "Error codes"; "Amazon
+# EC2 service quotas"): the job's events say so, not "no capacity".
+QUOTA_CODES = frozenset({"MaxSpotInstanceCountExceeded", "InstanceLimitExceeded",
+                         "VcpuLimitExceeded"})
 THROTTLING_CODES = frozenset({
     "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestThrottled",
     "TooManyRequestsException", "RequestThrottledException",
@@ -335,6 +340,8 @@ class AwsProvider:
         try:
             response = self._call("run_instances", **params)
         except _AwsClientError as err:
+            if err.code in QUOTA_CODES:
+                raise QuotaError(offer.id, f"{err.code}: {err.message}") from err
             if err.code in CAPACITY_CODES:
                 raise CapacityError(offer.id, f"{err.code}: {err.message}") from err
             raise LaunchError(f"run_instances for {request.instance_id} on {offer.id} "

@@ -45,6 +45,19 @@ class CapacityError(ProviderError):
         self.reason = reason
 
 
+class QuotaError(CapacityError):
+    """The account's limit (vCPUs, spot requests, instances) is reached:
+    not a shortage of the offer's capacity, and no other offer under the
+    same limit will launch either until the limit is raised."""
+
+    def __init__(self, offer_id: str, reason: str) -> None:
+        ProviderError.__init__(
+            self, f"account quota reached launching {offer_id}: {reason} (an account limit, "
+                  "not a capacity shortage: ask the provider to raise it)")
+        self.offer_id = offer_id
+        self.reason = reason
+
+
 class LaunchError(ProviderError):
     """The launch was refused for a reason other than capacity."""
 
