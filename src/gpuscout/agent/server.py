@@ -106,7 +106,6 @@ class Agent:
                             if store is not None else None)
         self.marker = (ckptdir.ModeMarker(store, checkpoint_mode_key(config.job_id))
                        if store is not None else None)
-        self.saves: SaveWatcher | None = None
         self.mode_recorded: str | None = None  # what the store says
         self._stderr_before = 0
         self.closing = False
@@ -327,7 +326,7 @@ class Agent:
         try:
             info = await asyncio.to_thread(ckptdir.restore, checkpoints, step, self.ckpt_dir)
         finally:
-            skipped = [(exc.key, exc.reason) for exc in checkpoints.skipped]
+            skipped = [(exc.key, exc.reason) for exc in checkpoints.take_skipped()]
             await self.update(lambda s: core.on_skipped(s, skipped))
         if info is None:
             return None
@@ -338,7 +337,7 @@ class Agent:
     async def watch_child(self, restored: int | None = None) -> None:
         """Run the job's command to its end, uploading what it saves into
         the checkpoint folder (``restored``: the step the folder holds)."""
-        saves = self.saves = SaveWatcher(self, restored)
+        saves = SaveWatcher(self, restored)
         watcher = asyncio.ensure_future(saves.watch())
         try:
             code = await self.run_process(self.supervisor)

@@ -340,6 +340,12 @@ class CheckpointStore:
         return self._delete([(key, names) for key, names in self._scan()
                              if _step_of(key) > step])
 
+    def take_skipped(self) -> builtins.list[CorruptCheckpoint]:
+        """The checkpoints skipped since the last call (``skipped``), which
+        is then emptied: each restore reports only what it skipped."""
+        taken, self.skipped = self.skipped, []
+        return taken
+
     def discard(self, info: CheckpointInfo) -> None:
         """Delete the checkpoint ``info`` (one that must not count after all:
         a save a workload made after it paused on an earlier one)."""

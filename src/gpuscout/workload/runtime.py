@@ -555,7 +555,7 @@ class Run:
     def _report_skipped(self) -> None:
         """Log the checkpoints the last restore skipped as corrupt or
         partial, and tell the agent (the job's events name them)."""
-        skipped, self.checkpoints.skipped = self.checkpoints.skipped, []
+        skipped = self.checkpoints.take_skipped()
         for exc in skipped:
             log.warning("restore skipped checkpoint %s: %s", exc.key, exc.reason)
         if skipped and self.agent is not None:
