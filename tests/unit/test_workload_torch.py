@@ -322,3 +322,26 @@ def test_importing_the_workload_library_does_not_import_torch() -> None:
     code = ("import sys, gpuscout.workload, gpuscout.examples.linreg; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_digits_examples_status_endpoint(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import httpx
+
+    from gpuscout import workload
+    from gpuscout.examples.torch_digits import serve_status
+
+    now: list[tuple[int | None, float | None]] = [(None, None)]
+    with workload.init(default_dir=tmp_path, environ={}) as run, \
+            workload.init(default_dir=tmp_path, environ={}) as other:
+        assert serve_status(run, "torch_digits", 0, 50, lambda: now[0])
+        port = run._server.port  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}/status"
+        assert httpx.get(url).json() == {"instance_id": "standalone", "step": None,
+                                         "loss": None, "total_steps": 50}
+        now[0] = (7, float("nan"))  # a diverged loss reads as null
+        assert httpx.get(url).json()["step"] == 7 and httpx.get(url).json()["loss"] is None
+        now[0] = (8, 0.25)
+        assert httpx.get(url).json()["loss"] == 0.25
+        assert not serve_status(other, "hf_digits", port, 50, lambda: now[0])
+    assert capsys.readouterr().err.startswith(f"hf_digits: cannot serve on port {port}: ")

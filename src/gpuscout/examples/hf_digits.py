@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuscout import workload
-from gpuscout.examples.torch_digits import digits_parser
+from gpuscout.examples.torch_digits import digits_parser, serve_status
 
 BATCH_SIZE = 32
 LEARNING_RATE = 5e-3
@@ -146,16 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.remove_callback(PrinterCallback)  # Progress logs instead, on stderr
         gpuscout = GpuScoutCallback(run, trainer=trainer)
 
-        def status(_: workload.Request) -> dict[str, Any]:
-            loss = gpuscout.loss
-            return {"instance_id": run.instance_id, "step": gpuscout.step,
-                    "loss": loss if loss is not None and math.isfinite(loss) else None,
-                    "total_steps": args.steps}
-
-        try:
-            run.serve({"GET /status": status}, port=args.port)
-        except OSError as exc:
-            print(f"hf_digits: cannot serve on port {args.port}: {exc}", file=sys.stderr)
+        if not serve_status(run, "hf_digits", args.port, args.steps,
+                            lambda: (gpuscout.step, gpuscout.loss)):
             return 1
 
         try:

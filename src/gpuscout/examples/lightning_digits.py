@@ -33,14 +33,18 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import math
 import sys
 import time
 import warnings
 from typing import Any
 
 from gpuscout import workload
-from gpuscout.examples.torch_digits import digits_cnn, digits_images, digits_parser
+from gpuscout.examples.torch_digits import (
+    digits_cnn,
+    digits_images,
+    digits_parser,
+    serve_status,
+)
 
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
@@ -119,16 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     model = DigitsCNN()
     run = workload.init(checkpoint_every=args.checkpoint_every, default_dir=args.out)
     with run:
-        def status(_: workload.Request) -> dict[str, Any]:
-            loss = live["loss"]
-            return {"instance_id": run.instance_id, "step": live["step"],
-                    "loss": loss if loss is not None and math.isfinite(loss) else None,
-                    "total_steps": args.steps}
-
-        try:
-            run.serve({"GET /status": status}, port=args.port)
-        except OSError as exc:
-            print(f"lightning_digits: cannot serve on port {args.port}: {exc}", file=sys.stderr)
+        if not serve_status(run, "lightning_digits", args.port, args.steps,
+                            lambda: (live["step"], live["loss"])):
             return 1
 
         callback = GpuScoutCallback(run=run)

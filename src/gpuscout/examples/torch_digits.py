@@ -33,6 +33,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,27 @@ def digits_cnn() -> Any:
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Dropout(0.25), nn.Linear(16 * 4 * 4, 10),
     )
+
+
+def serve_status(run: workload.Run, example: str, port: int | None, total_steps: int,
+                 progress: Callable[[], tuple[int | None, float | None]]) -> bool:
+    """Serve the digits examples' ``GET /status`` -> {"instance_id", "step",
+    "loss", "total_steps"}; ``progress()`` gives (step, loss) now (a loss
+    that is not finite reads as null). False, after saying why on stderr,
+    when ``port`` cannot be served."""
+
+    def status(_: workload.Request) -> dict[str, Any]:
+        step, loss = progress()
+        return {"instance_id": run.instance_id, "step": step,
+                "loss": loss if loss is not None and math.isfinite(loss) else None,
+                "total_steps": total_steps}
+
+    try:
+        run.serve({"GET /status": status}, port=port)
+    except OSError as exc:
+        print(f"{example}: cannot serve on port {port}: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def digits_parser(example: str, description: str) -> argparse.ArgumentParser:
@@ -134,16 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     with run:
         live: dict[str, Any] = {"step": None, "loss": None}
 
-        def status(_: workload.Request) -> dict[str, Any]:
-            loss = live["loss"]
-            return {"instance_id": run.instance_id, "step": live["step"],
-                    "loss": loss if loss is not None and math.isfinite(loss) else None,
-                    "total_steps": args.steps}
-
-        try:
-            run.serve({"GET /status": status}, port=args.port)
-        except OSError as exc:
-            print(f"torch_digits: cannot serve on port {args.port}: {exc}", file=sys.stderr)
+        if not serve_status(run, "torch_digits", args.port, args.steps,
+                            lambda: (live["step"], live["loss"])):
             return 1
 
         start = 0
