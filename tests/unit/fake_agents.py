@@ -110,7 +110,7 @@ class FakeAgents:
                 a.state = AgentState.FAILED
                 a.error = "checkpoint could not be restored"
                 return
-            a.step = step if step is not None else max(self.checkpoints)
+            a.step = step if step is not None else max(self.checkpoints, default=0)
             a.state = AgentState.RESTORING
 
     def send_secrets(self, address: str, secrets: dict[str, str]) -> None:
