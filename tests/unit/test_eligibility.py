@@ -15,17 +15,21 @@ from gpuscout.domain import Capacity, Job, JobSpec, JobStatus, Offer, Progress, 
 from gpuscout.domain.serde import spec_from_dict, spec_to_dict
 from gpuscout.market.catalog import default_local_catalog
 from gpuscout.policy import (
+    JobView,
     MovePolicy,
     Offers,
-    choose_offer,
     decide_move,
+    eligible,
     fits_catalog,
+    in_avoided_zone,
     offer_for,
     offers_for,
     place_job,
     plan_moves,
     pricing,
+    why_ineligible,
 )
+from gpuscout.policy.eligibility import AVOIDED_ZONE
 from gpuscout.sim import GpuScoutPolicy, SimJob, Simulator
 from gpuscout.sim.baselines import OnDemandPolicy
 from gpuscout.sim.jobs import JobsFileError, job_from_dict
@@ -77,8 +81,8 @@ def test_place_job_prices_a_cpu_job_by_the_hour(resources: Resources, expected: 
     decision = place_job(scouting(resources), default_local_catalog(), NOW)
     assert decision.offer is not None and decision.offer.id == expected
     assert decision.offer.cost_per_work_hour == pytest.approx(per_work_hour)
-    placement = choose_offer(resources, default_local_catalog())
-    assert placement is not None and placement.offer.id == expected
+    cheapest = offers_for(resources, default_local_catalog()).eligible(resources).cheapest()
+    assert cheapest is not None and cheapest.id == expected
 
 
 def test_a_cpu_job_with_a_deadline_goes_to_c5_too() -> None:
@@ -310,3 +314,56 @@ def test_the_simulator_reads_the_new_constraints() -> None:
     with pytest.raises(JobsFileError, match=r"resources\.capacity: .*spott"):
         job_from_dict({"name": "j", "submit_at": "2023-01-01T00:00:00Z",
                        "expected_duration_hours": 1, "resources": {"capacity": "spott"}})
+
+
+# --- One eligibility filter: placement, moves, the baselines and `gpuscout plan` -------
+
+AVOID_A = frozenset({"aws:us-east-1a"})
+
+
+@pytest.mark.parametrize(
+    ("case", "the_offer", "resources", "avoid", "avoided", "reason"),
+    [
+        ("fits, available, no zone avoided", offer("x"), GPU, frozenset(), False, None),
+        ("fits, available, another zone avoided", offer("x"), GPU,
+         frozenset({"aws:us-east-1b"}), False, None),
+        ("spot in an avoided zone", offer("x"), GPU, AVOID_A, True, AVOIDED_ZONE),
+        ("on-demand in an avoided zone is not avoided",
+         offer("x", capacity=Capacity.ON_DEMAND), GPU, AVOID_A, False, None),
+        ("the same zone at another provider", offer("x"), GPU,
+         frozenset({"local:us-east-1a"}), False, None),
+        ("unavailable", offer("x", available=False), GPU, frozenset(), False,
+         "no capacity now"),
+        ("unavailable, and in an avoided zone: unavailable is said first",
+         offer("x", available=False), GPU, AVOID_A, True, "no capacity now"),
+        ("a shortfall is said before anything else", offer("x", available=False),
+         Resources(gpus=2), AVOID_A, True, "1 GPUs, needs 2"),
+        ("a job asking for no GPU on a GPU offer", offer("x"), CPU, frozenset(), False, None),
+    ],
+)
+def test_the_one_eligibility_filter(case: str, the_offer: Offer, resources: Resources,
+                                    avoid: frozenset[str], avoided: bool,
+                                    reason: str | None) -> None:
+    assert AVOIDED_ZONE == "spot in a zone avoided after an interruption notice"
+    assert why_ineligible(the_offer, resources, avoid) == reason, case
+    assert eligible(the_offer, resources, avoid) is (reason is None), case
+    assert in_avoided_zone(the_offer, avoid) is avoided, case
+    assert [o.id for o in Offers([the_offer]).eligible(resources, avoid)] == (
+        [] if reason else ["x"]), case
+    # `gpuscout plan` (a new job avoids no zone) says what the filter says.
+    assert why_excluded(the_offer, resources) == why_ineligible(the_offer, resources), case
+
+
+def test_placement_moves_and_the_baselines_leave_out_the_same_offers() -> None:
+    # The cheapest spot is in the avoided zone: every user of the filter skips it.
+    market_ = [offer("spot-a"), offer("spot-b", zone="us-east-1b"),
+               offer("od-a", capacity=Capacity.ON_DEMAND)]
+    cheap = {"spot-a": 0.3, "spot-b": 0.5, "od-a": 2.0}
+    market_ = [o.with_(price_per_hour=cheap[o.id]) for o in market_]
+    view = JobView(avoid_zones=AVOID_A)
+    placed = place_job(scouting(GPU), market_, NOW, view=view)
+    assert placed.offer is not None and placed.offer.id == "spot-b"
+    moved = decide_move(running(GPU, "od-a"), market_[2], market_, MovePolicy(), NOW,
+                        view=view)
+    assert moved.move and moved.target is not None and moved.target.id == "spot-b"
+    assert [o.id for o in Offers(market_).ranked().eligible(GPU, AVOID_A)] == ["spot-b", "od-a"]

@@ -10,13 +10,14 @@ from gpuscout.policy import (
     JobView,
     MoveCosts,
     MovePolicy,
+    Offers,
     PlacementDecision,
     Trigger,
     budget_allows,
     budget_thresholds_reached,
-    choose_offer,
     decide_move,
     move_cost_usd,
+    offers_for,
     place_job,
     plan_moves,
     projected_cost_usd,
@@ -69,15 +70,20 @@ def job(offer_id: str = "cur", *, status: JobStatus = JobStatus.RUNNING,
         ([], Resources(), None),
     ],
 )
-def test_choose_offer(offers: list[Offer], resources: Resources, expected: str | None) -> None:
-    placement = choose_offer(resources, offers)
-    assert (placement.offer.id if placement else None) == expected
+def test_placement_takes_the_cheapest_eligible_offer(
+        offers: list[Offer], resources: Resources, expected: str | None) -> None:
+    # (the removed ``choose_offer``'s table, through the live placement and
+    # through the eligibility filter it uses)
+    placement = place_job(job(resources=resources), offers, NOW)
+    assert (placement.offer.id if placement.offer else None) == expected
+    cheapest = offers_for(resources, offers).eligible(resources).cheapest()
+    assert (cheapest.id if cheapest else None) == expected
 
 
-def test_choose_offer_excludes() -> None:
-    placement = choose_offer(Resources(gpus=1), [offer("a", 0.1), offer("b", 1.0)],
-                             exclude={"a"})
-    assert placement is not None and placement.offer.id == "b"
+def test_the_cheapest_eligible_offer_excludes() -> None:
+    cheapest = (Offers([offer("a", 0.1), offer("b", 1.0)]).eligible(Resources(gpus=1))
+                .excluding({"a"}).cheapest())
+    assert cheapest is not None and cheapest.id == "b"
 
 
 POLICY = MovePolicy(savings_threshold=0.20)

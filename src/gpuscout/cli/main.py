@@ -640,13 +640,13 @@ def market_set(
 
 
 def why_excluded(offer: Offer, resources: Resources) -> str | None:
-    """Why ``offer`` cannot take a job needing ``resources`` (None: it can):
-    the first requirement it does not meet (``Offer.shortfall``), else no
-    capacity now."""
-    short = offer.shortfall(resources)
-    if short is not None:
-        return short
-    return None if offer.available else "no capacity now"
+    """Why ``offer`` cannot take a job needing ``resources`` (None: it can),
+    as the policy's one eligibility filter says (``why_ineligible``): the
+    first requirement it does not meet, else no capacity now. A plan is
+    for a new job, which avoids no zone."""
+    from gpuscout.policy import why_ineligible
+
+    return why_ineligible(offer, resources)
 
 
 def expected_cost(offer: Offer, hours: float) -> float:

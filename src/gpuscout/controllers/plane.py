@@ -17,7 +17,6 @@ settings' estimates, replaced by the median of the last moves measured).
 from __future__ import annotations
 
 import contextlib
-import statistics
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from gpuscout.domain import (
 )
 from gpuscout.domain.states import TERMINAL, IllegalTransition
 from gpuscout.joblog import Segment, read_job_log
-from gpuscout.market.feeds import PriceFeed
+from gpuscout.market.feeds import PriceFeed, SyncedFeed
 from gpuscout.policy import (
     JobView,
     MoveCosts,
@@ -53,12 +52,13 @@ from gpuscout.policy import (
     Trigger,
     decide_move,
     fits_catalog,
+    measured_move_costs,
     offers_for,
     place_job,
     weigh_move,
     zone_key,
 )
-from gpuscout.providers.base import InstanceNotFound
+from gpuscout.providers.base import InstanceNotFound, InterruptibleProvider
 from gpuscout.providers.bootstrap import job_size_problem
 from gpuscout.store.base import ObjectNotFound
 from gpuscout.workdir import key_of as workdir_key
@@ -198,8 +198,12 @@ class ControlPlane:
         self.refresh_gauges()
 
     def scout_once(self, *, force: bool = False) -> list[MoveDecision]:
-        """Decide for every running job whose scout interval has passed."""
+        """Decide for every running job whose scout interval has passed.
+        Offers older than the policy's bound (``SyncedFeed``) move no job:
+        each decision says how old they are."""
         now = self.ctx.clock.now()
+        synced = self.feed.synced_at() if isinstance(self.feed, SyncedFeed) else None
+        offers_age_s = (now - synced).total_seconds() if synced is not None else None
         offers = Offers(self.ctx.offers()).ranked()
         by_id = {o.id: o for o in offers}
         due = []
@@ -227,7 +231,8 @@ class ControlPlane:
                 scoped = Offers(self.ctx.scope_offers(job.id, offers)).ranked()
                 decision = decide_move(job, by_id.get(job.offer_id or ""), scoped, self.policy,
                                        now, view=view,
-                                       costs=with_setup(costs, setups.get(job.instance_id or "")))
+                                       costs=with_setup(costs, setups.get(job.instance_id or "")),
+                                       offers_age_s=offers_age_s)
                 self.decisions[job.id] = decision
                 decisions.append(decision)
                 if decision.move and decision.target is not None:
@@ -275,46 +280,9 @@ class ControlPlane:
 
     def move_costs(self, completed: Sequence[Migration] = (),
                    setups: Mapping[str, float] | None = None) -> MoveCosts:
-        """The settings' estimates, each replaced by the median of the last
-        moves that measured it (three at least), and how far their slow
-        restarts (boot + restore, 90th percentile) ran past the median.
-        ``setups`` (instance id -> seconds) is what each replacement spent on
-        its job's setup: a job's own cost (``with_setup``), not the machine's,
-        so it is left out of the measured boots."""
-        recent = sorted(completed, key=lambda m: m.started_at.timestamp() if m.started_at
-                        else 0.0)[-_MEASURED_MOVES:]
-        setups = setups or {}
-
-        def span(m: Migration, start: str, end: str) -> float | None:
-            a, b = getattr(m, start), getattr(m, end)
-            if a is None or b is None:
-                return None
-            seconds = (b - a).total_seconds()
-            if (start, end) == ("started_at", "replacement_ready_at"):
-                seconds = max(0.0, seconds - setups.get(m.to_instance_id or "", 0.0))
-            return seconds
-
-        def measured(start: str, end: str) -> float | None:
-            spans = [s for m in recent if (s := span(m, start, end)) is not None]
-            return statistics.median(spans) if len(spans) >= 3 else None
-
-        boot = measured("started_at", "replacement_ready_at")
-        checkpoint = measured("replacement_ready_at", "checkpointed_at")
-        restore = measured("checkpointed_at", "resumed_at")
-        restarts = [b + r for m in recent
-                    if (b := span(m, "started_at", "replacement_ready_at")) is not None
-                    and (r := span(m, "checkpointed_at", "resumed_at")) is not None]
-        spread = self.costs.restart_spread_s
-        if len(restarts) >= 3:
-            p90 = statistics.quantiles(restarts, n=10, method="inclusive")[-1]
-            spread = max(0.0, p90 - statistics.median(restarts))
-        return replace(
-            self.costs,
-            boot_s=self.costs.boot_s if boot is None else boot,
-            checkpoint_s=self.costs.checkpoint_s if checkpoint is None else checkpoint,
-            restore_s=self.costs.restore_s if restore is None else restore,
-            restart_spread_s=spread,
-        )
+        """The settings' estimates, replaced by what past moves measured
+        (``policy.measured_move_costs``)."""
+        return measured_move_costs(completed, setups, self.costs)
 
     # --- commands -------------------------------------------------------------
 
@@ -463,9 +431,9 @@ class ControlPlane:
         instance = self.ctx.repo.get_instance(instance_id)
         if instance.status.is_terminal():
             raise Conflict(f"instance {instance_id} is already {instance.status.value}")
-        notify = getattr(self.ctx.provider, "notify_interruption", None)
-        if notify is None:
-            raise Conflict(f"the {self.ctx.provider.name} provider cannot deliver "
+        provider = self.ctx.provider
+        if not isinstance(provider, InterruptibleProvider):
+            raise Conflict(f"the {provider.name} provider cannot deliver "
                            "interruption notices")
         # Recorded before it is delivered: the reconcile loop may answer the
         # notice before this call returns.
@@ -473,7 +441,7 @@ class ControlPlane:
                        f"interruption notice delivered to {instance_id}",
                        instance_id=instance_id)
         try:
-            notify(instance_id)
+            provider.notify_interruption(instance_id)
         except InstanceNotFound:
             raise Conflict(f"instance {instance_id} is gone") from None
         return self.ctx.repo.get_instance(instance_id)

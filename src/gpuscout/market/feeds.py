@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gpuscout.db import Repository
 from gpuscout.domain import Offer
@@ -26,6 +26,18 @@ class PriceFeed(Protocol):
 
     def tick(self, repo: Repository, now: datetime) -> int:
         """Apply due changes; return how many offers changed."""
+        ...
+
+
+@runtime_checkable
+class SyncedFeed(Protocol):
+    """A feed that knows when it last brought the offer table up to date
+    with its market: the scout acts on no offers older than
+    ``MovePolicy.max_offer_age_s`` (Karpenter's ``Synced()`` guard). A feed
+    without it (manual: the table is the market) is always current."""
+
+    def synced_at(self) -> datetime | None:
+        """When the offers last matched the market; None: not yet known."""
         ...
 
 
@@ -60,6 +72,7 @@ class TraceFeed:
         self.name = name
         self.replay: TraceReplay | None = None
         self._offers: dict[str, Offer] = {}
+        self._synced_at: datetime | None = None
 
     @classmethod
     def from_spec(cls, spec: str, catalog: Sequence[Offer]) -> TraceFeed:
@@ -78,18 +91,24 @@ class TraceFeed:
         self._offers = {o.id: o for o in self.catalog}
         self._offers = apply_rows(self._offers, self.replay.due(now), self.hardware)
         repo.seed_offers(self._offers.values(), now, overwrite=True)
+        self._synced_at = now
 
     def tick(self, repo: Repository, now: datetime) -> int:
         if self.replay is None:
             self.start(repo, now)
             return len(self._offers)
         rows = self.replay.due(now)
-        if not rows:
-            return 0
-        self._offers = apply_rows(self._offers, rows, self.hardware)
         changed = {r.offer_id for r in rows}
-        repo.seed_offers([self._offers[i] for i in changed], now, overwrite=True)
+        if rows:
+            self._offers = apply_rows(self._offers, rows, self.hardware)
+            repo.seed_offers([self._offers[i] for i in changed], now, overwrite=True)
+        self._synced_at = now  # every row due by now is in the table
         return len(changed)
+
+    def synced_at(self) -> datetime | None:
+        """The last tick: the replay is in process, so the table is as
+        current as the loop that ticks it (``SyncedFeed``)."""
+        return self._synced_at
 
 
 def open_feed(market: str, catalog: Sequence[Offer]) -> PriceFeed:

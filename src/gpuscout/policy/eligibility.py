@@ -1,7 +1,13 @@
-"""Could any offer of a catalog ever hold a job? Pure.
+"""Which offers may take a job now, and could any offer of a catalog ever
+hold it? Pure.
 
-``Offer.shortfall`` (the domain) decides whether one offer fits a job's
-``Resources`` and says why not; ``fits_catalog`` asks it of a whole catalog,
+``eligible`` is the one filter placement (``place_job``), moves
+(``decide_move``), the simulator's baselines and ``gpuscout plan`` use: the
+offer fits the job's ``Resources`` (``Offer.shortfall``, the domain), it
+is available, and it is not spot in a zone avoided after an interruption
+notice; ``why_ineligible`` says which of these fails.
+
+``fits_catalog`` asks ``Offer.shortfall`` of a whole catalog,
 availability aside, so a job that no offer could ever hold is refused when it
 is submitted instead of waiting forever. Its reason names the closest miss:
 the first requirement, in ``Offer.shortfall``'s order, that leaves no offer,
@@ -10,10 +16,46 @@ and what the catalog has instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from gpuscout.domain import Offer, Resources
+from gpuscout.domain import Capacity, Offer, Resources
+
+# Why an offer that fits is out for now (``why_ineligible``).
+NO_CAPACITY = "no capacity now"
+AVOIDED_ZONE = "spot in a zone avoided after an interruption notice"
+
+
+def zone_key(offer: Offer) -> str:
+    """The offer's zone as avoided zones name it: "provider:zone"."""
+    return f"{offer.provider}:{offer.zone}"
+
+
+def in_avoided_zone(offer: Offer, avoid_zones: Collection[str]) -> bool:
+    """Spot in one of ``avoid_zones`` ("provider:zone"), whose capacity was
+    just reclaimed (``ZONE_BACKOFF_S``). On-demand there is not affected."""
+    return offer.capacity == Capacity.SPOT and zone_key(offer) in avoid_zones
+
+
+def why_ineligible(offer: Offer, resources: Resources,
+                   avoid_zones: Collection[str] = frozenset()) -> str | None:
+    """Why ``offer`` cannot take a job needing ``resources`` now, or None
+    if it can: the first requirement it does not meet (``Offer.shortfall``),
+    else no capacity now, else spot in an avoided zone."""
+    short = offer.shortfall(resources)
+    if short is not None:
+        return short
+    if not offer.available:
+        return NO_CAPACITY
+    if in_avoided_zone(offer, avoid_zones):
+        return AVOIDED_ZONE
+    return None
+
+
+def eligible(offer: Offer, resources: Resources,
+             avoid_zones: Collection[str] = frozenset()) -> bool:
+    """``offer`` may take a job needing ``resources`` now (``why_ineligible``)."""
+    return why_ineligible(offer, resources, avoid_zones) is None
 
 # At most this many names in a list of what the catalog has instead.
 _MAX_NAMES = 8

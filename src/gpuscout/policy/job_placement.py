@@ -1,7 +1,8 @@
 """Where a job that has no instance goes (first placement, recovery). Pure.
 
-Without a deadline: the cheapest available compatible offer per unit of
-work, as ``choose_offer``. With a deadline, Can't Be Late's Uniform Progress:
+Without a deadline: the cheapest eligible offer (``eligible``: compatible,
+available, not spot in an avoided zone) per unit of work. With a
+deadline, Can't Be Late's Uniform Progress:
 
 - spot is taken when one is available and the slack left after it leaves
   room for one preemption (``spot_reserve_s``: a preemption there would
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gpuscout.domain import Capacity, Job, Offer
+from gpuscout.policy.eligibility import AVOIDED_ZONE, in_avoided_zone
 from gpuscout.policy.migration import (
     JobView,
     MoveCosts,
@@ -43,7 +45,6 @@ from gpuscout.policy.migration import (
     spot_reserve_s,
     uniform_progress_line,
     wait_reserve_s,
-    zone_key,
 )
 from gpuscout.policy.placement import offers_for
 
@@ -70,14 +71,13 @@ def why_none(compatible: list[Offer], avoid_zones: frozenset[str] | set[str],
     if not compatible:
         return "no offer fits the job's resources"
     unavailable = sum(1 for o in compatible if not o.available)
-    avoided = sum(1 for o in compatible if o.available and o.capacity == Capacity.SPOT
-                  and zone_key(o) in avoid_zones)
+    avoided = sum(1 for o in compatible if o.available and in_avoided_zone(o, avoid_zones))
     parts = []
     if unavailable:
         parts.append(f"{unavailable} unavailable now (the market, or a launch that failed: "
                      "see the job's events)")
     if avoided:
-        parts.append(f"{avoided} spot in a zone avoided after an interruption notice")
+        parts.append(f"{avoided} {AVOIDED_ZONE}")
     if gone is not None and any(o.id == gone for o in compatible):
         parts.append("1 being reclaimed")
     return (f"every offer that fits the job's resources ({len(compatible)}) is out for now: "
@@ -102,8 +102,8 @@ def place_job(
     gone = leaving.id if leaving is not None else None
     # Offers as this job sees them: a CPU-only job is priced by the hour.
     compatible = offers_for(job.spec.resources, offers).compatible(job.spec.resources).ranked()
-    candidates = [o for o in compatible.available() if o.id != gone and not (
-        o.capacity == Capacity.SPOT and zone_key(o) in view.avoid_zones)]
+    candidates = [o for o in compatible.eligible(job.spec.resources, view.avoid_zones)
+                  if o.id != gone]
 
     def projected(o: Offer) -> float:
         return (costs.restart_s / 3600.0 * o.price_per_hour) + work * o.cost_per_work_hour

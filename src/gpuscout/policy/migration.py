@@ -1,9 +1,14 @@
 """Should a running job move, where, and why. Pure: no I/O, no clock reads.
 
-The rule, for a job running on ``current``:
+The rule, for a job running on ``current``, as ordered rules
+(``MOVE_RULES``: the first that decides, decides; each a pure function of a
+``MoveSituation``):
 
-1. *Forced moves* come first. If the current offer is no longer available
-   (spot capacity gone: the instance will be reclaimed), the job moves to
+0. *Market synced* (``market_synced``): offers older than
+   ``MovePolicy.max_offer_age_s`` move nothing, and the decision says so.
+1. *Forced moves* come first (``capacity_gone``, ``deadline_guard``). If
+   the current offer is no longer available (spot capacity gone: the
+   instance will be reclaimed), the job moves to
    the best offer that keeps its deadline, except that a job with a
    deadline goes to on-demand only when Uniform Progress asks for it
    (behind the line, or slack down to what one more scout interval of
@@ -12,7 +17,8 @@ The rule, for a job running on ``current``:
    (``MoveCosts.preemption_loss_s``) plus the margin (``margin_s``), it moves to
    on-demand (Can't Be Late's guard: a preemption now would miss the
    deadline). Neither is held back by the dwell time or the cap.
-2. *Price moves* need all of:
+2. *Price moves* (``held_back``, ``price_move``, ``within_limits``) need
+   all of:
    - the job has stayed ``min_dwell_s`` since its last move (doubled for
      each price move so far, up to ``max_dwell_s``), and has made fewer than
      ``max_moves`` price moves (no ping-pong). A job on on-demand returning
@@ -46,12 +52,13 @@ Every decision, moving or not, carries its reason and its numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from gpuscout.domain import Capacity, Job, JobStatus, Offer
+from gpuscout.policy.eligibility import eligible
 from gpuscout.policy.placement import Offers, offer_for, offers_for
 
 # Prices are decimals in binary floats: 1 - 0.8/1.0 is 0.19999999999999996.
@@ -108,6 +115,14 @@ class MovePolicy:
     # waits for spot must still make its deadline on on-demand after one
     # more wait, so waiting keeps this much slack on top of the margin.
     recheck_s: float = 120.0
+    # The scout acts on offers at most this old (``stale_offers``: Karpenter's
+    # ``Synced()`` guard); older, no job moves and each decision says so.
+    # Ten minutes: two refreshes of the AWS price feed (every 300 s by
+    # default), so one late or failed refresh does not stop moves and two
+    # do; five scout passes at the default interval. A manual market is
+    # never old (the table is the market); a trace replay is as old as its
+    # last tick (``market.feeds.SyncedFeed``).
+    max_offer_age_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +189,6 @@ class JobView:
     checkpoint_gb: float = 0.0  # size of its latest checkpoint (egress)
     # "provider:zone" whose spot capacity was just reclaimed: not a target.
     avoid_zones: frozenset[str] = frozenset()
-
-
-def zone_key(offer: Offer) -> str:
-    return f"{offer.provider}:{offer.zone}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,155 +506,257 @@ def weigh_move(job: Job, current: Offer, target: Offer, now: datetime, *,
                   policy or MovePolicy(), now)
 
 
-def _candidates(offers: Offers, job: Job, current: Offer, view: JobView) -> list[Offer]:
-    """The cheapest available compatible offers other than the current one,
-    cheapest per work hour first (spot in avoided zones left out)."""
+def _eligible_others(offers: Offers, job: Job, current: Offer, view: JobView) -> tuple[Offer, ...]:
+    """The cheapest offers the job may move to (``eligible``: compatible,
+    available, not spot in an avoided zone) other than the current one,
+    cheapest per work hour first."""
     out: list[Offer] = []
     for o in offers.sorted_by_cost():
-        if o.id == current.id or not o.available or not o.satisfies(job.spec.resources):
-            continue
-        if o.capacity == Capacity.SPOT and zone_key(o) in view.avoid_zones:
+        if o.id == current.id or not eligible(o, job.spec.resources, view.avoid_zones):
             continue
         out.append(o)
         if len(out) >= _CANDIDATES:
             break
-    return out
+    return tuple(out)
 
 
-# --- the decision --------------------------------------------------------------
+# --- the decision: ordered rules ----------------------------------------------
+
+
+def savings_threshold(job: Job, policy: MovePolicy) -> float:
+    """The job's own threshold, else the policy's."""
+    return (job.spec.savings_threshold if job.spec.savings_threshold is not None
+            else policy.savings_threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class MoveSituation:
+    """What every move rule reads (``situation``): a running job on its
+    current offer, the offers it may move to, and the numbers of staying.
+    Offers are as the job sees them (``offers_for``: a job that asks for no
+    GPU is priced by the hour)."""
+
+    job: Job
+    current: Offer
+    # The eligible other offers, cheapest per work hour first (at most _CANDIDATES).
+    candidates: tuple[Offer, ...]
+    work_h: float  # remaining work, hours at relative speed 1.0
+    slack_s: float | None  # deadline slack if it stays; None without a deadline
+    threshold: float
+    policy: MovePolicy
+    costs: MoveCosts
+    view: JobView
+    now: datetime
+    # How old the market data is (``stale_offers``); None: unknown or always current.
+    offers_age_s: float | None = None
+
+    def weigh(self, target: Offer) -> _Weighed:
+        return _weigh(self.job, self.current, target, self.work_h, self.costs, self.view,
+                      self.policy, self.now)
+
+    def _numbers(self) -> dict[str, Any]:
+        return {"decided_at": self.now, "threshold": self.threshold,
+                "budget_left_usd": budget_left(self.job),
+                "current_cost_per_work_hour": self.current.cost_per_work_hour,
+                "remaining_work_hours": self.work_h, "deadline_slack_s": self.slack_s}
+
+    def stay(self, reason: str, weighed: _Weighed | None = None) -> MoveDecision:
+        """No move, with the numbers of the best move weighed, if any."""
+        target: dict[str, Any] = {} if weighed is None else {
+            "target": weighed.offer, "target_cost_per_work_hour": weighed.offer.cost_per_work_hour,
+            "savings": weighed.savings, "expected_saving_usd": weighed.saving_usd,
+            "move_cost_usd": weighed.cost_usd}
+        return MoveDecision(job_id=self.job.id, move=False, reason=reason,
+                            current_offer_id=self.current.id, **self._numbers(), **target)
+
+    def go(self, weighed: _Weighed, trigger: str, reason: str) -> MoveDecision:
+        return MoveDecision(
+            job_id=self.job.id, move=True, reason=reason, current_offer_id=self.current.id,
+            target=weighed.offer, target_cost_per_work_hour=weighed.offer.cost_per_work_hour,
+            savings=weighed.savings, trigger=trigger, expected_saving_usd=weighed.saving_usd,
+            move_cost_usd=weighed.cost_usd, **self._numbers())
+
+
+def situation(job: Job, current: Offer, offers: Iterable[Offer], policy: MovePolicy,
+              now: datetime, *, view: JobView | None = None, costs: MoveCosts | None = None,
+              offers_age_s: float | None = None) -> MoveSituation:
+    """What the rules read about ``job`` running on ``current`` among ``offers``."""
+    view = view or JobView()
+    current = offer_for(job.spec.resources, current)
+    work = remaining_work_hours(job, now, view, current.relative_speed)
+    return MoveSituation(
+        job=job, current=current,
+        candidates=_eligible_others(offers_for(job.spec.resources, offers), job, current, view),
+        work_h=work, slack_s=deadline_slack_s(job, now, work, current.relative_speed),
+        threshold=savings_threshold(job, policy), policy=policy, costs=costs or MoveCosts(),
+        view=view, now=now, offers_age_s=offers_age_s)
+
+
+def stale_offers(offers_age_s: float | None, policy: MovePolicy) -> str | None:
+    """Why the market is too old to act on, or None (Karpenter's
+    ``Synced()`` guard: no disruption on data that may no longer be true).
+    An unknown age (a manual market: the table is the market) is never too old."""
+    if offers_age_s is None or offers_age_s <= policy.max_offer_age_s:
+        return None
+    return (f"no move: offers are {offers_age_s:.0f} s old "
+            f"(bound {policy.max_offer_age_s:.0f} s)")
+
+
+def market_synced(s: MoveSituation) -> MoveDecision | None:
+    """Offers older than ``MovePolicy.max_offer_age_s``: no move of
+    any kind, and the decision says why."""
+    stale = stale_offers(s.offers_age_s, s.policy)
+    return None if stale is None else s.stay(stale)
+
+
+def capacity_gone(s: MoveSituation) -> MoveDecision | None:
+    """Forced: the current offer is no longer available (spot
+    reclaimed). To the best offer that keeps the deadline (the most net
+    saving); but a job with a deadline that is ahead of the uniform-progress
+    line waits for spot rather than go to on-demand."""
+    current = s.current
+    if current.available:
+        return None
+    weighed = [s.weigh(o) for o in s.candidates]
+    keeps = [w for w in weighed if w.deadline_ok]
+    pick = min(keeps or weighed, key=lambda w: (-w.net, w.offer.id), default=None)
+    if pick is None:
+        return s.stay(f"{current.id} is no longer available and no other offer fits")
+    if (s.job.spec.deadline is not None and pick.offer.capacity == Capacity.ON_DEMAND
+            and s.slack_s is not None
+            and s.slack_s >= s.costs.restart_s + wait_reserve_s(s.policy, s.costs)
+            and not behind_uniform_progress(s.job, s.now, s.work_h, s.costs)):
+        # Uniform Progress: on-demand only when the deadline needs it.
+        return s.stay(f"{current.id} is no longer available; ahead of the uniform-progress "
+                      "line, so waiting for spot rather than paying for on-demand", pick)
+    return s.go(pick, Trigger.CAPACITY,
+                f"{current.id} is no longer available; moving to {pick.offer.id} at "
+                f"${pick.offer.cost_per_work_hour:.4f} per work hour")
+
+
+def deadline_guard(s: MoveSituation) -> MoveDecision | None:
+    """Forced: a spot job whose deadline slack no longer covers a
+    preemption (``spot_reserve_s``) goes to the cheapest on-demand offer that
+    keeps the deadline. If none does, staying is its best chance: the rule
+    passes."""
+    if not (s.current.capacity == Capacity.SPOT and s.slack_s is not None
+            and s.slack_s < spot_reserve_s(s.policy, s.costs)):
+        return None
+    safe = [w for w in (s.weigh(o) for o in s.candidates if o.capacity == Capacity.ON_DEMAND)
+            if w.deadline_ok]
+    if not safe:
+        return None
+    pick = min(safe, key=lambda w: (w.offer.cost_per_work_hour, w.offer.id))
+    return s.go(pick, Trigger.DEADLINE,
+                f"deadline slack {s.slack_s / 3600:.2f}h no longer covers a spot "
+                f"preemption (loss {s.costs.preemption_loss_s:.0f}s + margin "
+                f"{margin_s(s.policy, s.costs):.0f}s): on-demand {pick.offer.id}")
+
+
+def _held(s: MoveSituation) -> str | None:
+    """Why price moves are held back now (the dwell since the last move, or
+    the cap on price moves), or None."""
+    policy, view = s.policy, s.view
+    min_dwell = dwell_s(policy, view.price_moves)
+    if s.job.last_migration_at is not None and min_dwell > 0:
+        dwell = (s.now - s.job.last_migration_at).total_seconds()
+        if dwell < min_dwell:
+            return (f"moved {dwell:.0f}s ago, minimum dwell is {min_dwell:.0f}s "
+                    f"after {view.price_moves} price moves")
+    if policy.max_moves is not None and view.price_moves >= policy.max_moves:
+        return f"already moved {view.price_moves} times for price, the cap is {policy.max_moves}"
+    return None
+
+
+def price_targets(s: MoveSituation) -> tuple[Offer, ...]:
+    """The offers a price move may go to. The dwell and the cap hold back
+    moves between offers (ping-pong); they do not keep a job on on-demand
+    when spot is back: it went there because spot was gone, not for price,
+    and Uniform Progress returns to spot as soon as it can."""
+    if _held(s) is None:
+        return s.candidates
+    if s.current.capacity == Capacity.ON_DEMAND:
+        return tuple(o for o in s.candidates if o.capacity == Capacity.SPOT)
+    return ()
+
+
+def held_back(s: MoveSituation) -> MoveDecision | None:
+    """Within the dwell or at the cap, and no spot to return to: stay."""
+    held = _held(s)
+    return s.stay(held) if held is not None and not price_targets(s) else None
+
+
+def within_limits(s: MoveSituation, paying: Sequence[_Weighed]) -> MoveDecision:
+    """Budget and deadline, of the moves that pay: the one that nets the most among those
+    that break neither the budget (``budget_allows``) nor the deadline (room
+    for a preemption on spot), else stay and say which it would break."""
+    allowed = [w for w in paying if w.budget_ok and w.deadline_ok]
+    if not allowed:
+        w = max(paying, key=lambda w: w.net)
+        why = "the budget" if not w.budget_ok else "the deadline"
+        return s.stay(f"moving to {w.offer.id} would break {why}", w)
+    pick = max(allowed, key=lambda w: (w.net, -w.offer.cost_per_work_hour))
+    return s.go(pick, Trigger.PRICE,
+                f"{pick.offer.id} at ${pick.offer.cost_per_work_hour:.4f} per work hour is "
+                f"{pick.savings:.1%} cheaper than {s.current.id} at "
+                f"${s.current.cost_per_work_hour:.4f} (threshold {s.threshold:.0%}); saves "
+                f"${pick.saving_usd:.4f} over {s.work_h:.2f} work hours for a "
+                f"${pick.cost_usd:.4f} move")
+
+
+def price_move(s: MoveSituation) -> MoveDecision:
+    """Price, the last rule (it always decides): a target at least the threshold cheaper per
+    work hour whose saving over the remaining work pays the move, within the
+    budget and the deadline (``within_limits``); else stay and say why."""
+    targets = price_targets(s)
+    if not targets:
+        return s.stay("no other available compatible offer")
+    # Targets come cheapest per work hour first: when the cheapest is below
+    # the threshold, so is every other (most passes end here).
+    cheapest = s.weigh(targets[0])
+    if cheapest.savings < s.threshold - _EPS:
+        return s.stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
+                      f"hour, below the {s.threshold:.0%} threshold", cheapest)
+    weighed = [cheapest, *(s.weigh(o) for o in targets[1:])]
+    paying = [w for w in weighed if w.savings >= s.threshold - _EPS and w.net > _EPS]
+    if not paying:
+        forecast = (" at the prices expected from their recent changes"
+                    if s.current.price_history or cheapest.offer.price_history else "")
+        return s.stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
+                      f"hour, but ${cheapest.saving_usd:.4f} over the remaining "
+                      f"{s.work_h:.2f} work hours{forecast} does not pay the "
+                      f"${cheapest.cost_usd:.4f} move", cheapest)
+    return within_limits(s, paying)
+
+
+MoveRule = Callable[[MoveSituation], MoveDecision | None]
+# Asked in order; the first that decides, decides (``price_move`` always does).
+MOVE_RULES: tuple[MoveRule, ...] = (
+    market_synced, capacity_gone, deadline_guard, held_back, price_move)
 
 
 def decide_move(
     job: Job, current: Offer | None, offers: Iterable[Offer], policy: MovePolicy, now: datetime,
     *, view: JobView | None = None, costs: MoveCosts | None = None,
+    offers_age_s: float | None = None,
 ) -> MoveDecision:
-    """Decide for one job. ``current`` is the offer the job runs on."""
-    view = view or JobView()
-    costs = costs or MoveCosts()
-    threshold = (
-        job.spec.savings_threshold
-        if job.spec.savings_threshold is not None
-        else policy.savings_threshold
-    )
-    base: dict[str, Any] = {"decided_at": now, "threshold": threshold,
-                             "budget_left_usd": budget_left(job)}
-
-    def stay(reason: str, **numbers: Any) -> MoveDecision:
+    """Decide for one job. ``current`` is the offer the job runs on;
+    ``offers_age_s``: how old the market data is (None: unknown, or a market
+    that is always current). The rules (``MOVE_RULES``) are asked in order."""
+    if job.status != JobStatus.RUNNING or current is None:
+        reason = (f"job is {job.status.value}, only running jobs move"
+                  if job.status != JobStatus.RUNNING else "the job's current offer is unknown")
         return MoveDecision(job_id=job.id, move=False, reason=reason,
-                            current_offer_id=current.id if current else None,
-                            **{**base, **numbers})
-
-    if job.status != JobStatus.RUNNING:
-        return stay(f"job is {job.status.value}, only running jobs move")
-    if current is None:
-        return stay("the job's current offer is unknown")
-
-    # Offers as this job sees them: a CPU-only job is priced by the hour.
-    current = offer_for(job.spec.resources, current)
-    here: Offer = current  # (closures below do not see the narrowing)
-    work = remaining_work_hours(job, now, view, current.relative_speed)
-    cur_cost = current.cost_per_work_hour
-    slack_stay = deadline_slack_s(job, now, work, current.relative_speed)
-    base.update(current_cost_per_work_hour=cur_cost, remaining_work_hours=work,
-                deadline_slack_s=slack_stay)
-    ranked = offers_for(job.spec.resources, offers)
-    candidates = _candidates(ranked, job, current, view)
-
-    def weigh(o: Offer) -> _Weighed:
-        return _weigh(job, current, o, work, costs, view, policy, now)
-
-    def go(w: _Weighed, trigger: str, reason: str) -> MoveDecision:
-        return MoveDecision(
-            job_id=job.id, move=True, reason=reason, current_offer_id=here.id,
-            target=w.offer, target_cost_per_work_hour=w.offer.cost_per_work_hour,
-            savings=w.savings, trigger=trigger, expected_saving_usd=w.saving_usd,
-            move_cost_usd=w.cost_usd, **base)
-
-    def numbers_of(w: _Weighed) -> dict[str, Any]:
-        return {"target": w.offer, "target_cost_per_work_hour": w.offer.cost_per_work_hour,
-                "savings": w.savings, "expected_saving_usd": w.saving_usd,
-                "move_cost_usd": w.cost_usd}
-
-    # 1. Forced: the current capacity is gone.
-    if not current.available:
-        weighed = [weigh(o) for o in candidates]
-        keeps = [w for w in weighed if w.deadline_ok]
-        pick = min(keeps or weighed, key=lambda w: (-w.net, w.offer.id), default=None)
-        if pick is None:
-            return stay(f"{current.id} is no longer available and no other offer fits")
-        if (job.spec.deadline is not None and pick.offer.capacity == Capacity.ON_DEMAND
-                and slack_stay is not None
-                and slack_stay >= costs.restart_s + wait_reserve_s(policy, costs)
-                and not behind_uniform_progress(job, now, work, costs)):
-            # Uniform Progress: on-demand only when the deadline needs it.
-            return stay(f"{current.id} is no longer available; ahead of the uniform-progress "
-                        "line, so waiting for spot rather than paying for on-demand",
-                        **numbers_of(pick))
-        return go(pick, Trigger.CAPACITY,
-                  f"{current.id} is no longer available; moving to {pick.offer.id} at "
-                  f"${pick.offer.cost_per_work_hour:.4f} per work hour")
-
-    # 2. Forced: a spot job whose slack no longer covers a preemption.
-    if (current.capacity == Capacity.SPOT and slack_stay is not None
-            and slack_stay < spot_reserve_s(policy, costs)):
-        on_demand = [weigh(o) for o in candidates if o.capacity == Capacity.ON_DEMAND]
-        safe = [w for w in on_demand if w.deadline_ok]
-        if safe:
-            pick = min(safe, key=lambda w: (w.offer.cost_per_work_hour, w.offer.id))
-            return go(pick, Trigger.DEADLINE,
-                      f"deadline slack {slack_stay / 3600:.2f}h no longer covers a spot "
-                      f"preemption (loss {costs.preemption_loss_s:.0f}s + margin "
-                      f"{margin_s(policy, costs):.0f}s): on-demand {pick.offer.id}")
-        # No on-demand move would make it either: staying is the best chance.
-
-    # 3. Price moves. The dwell and the cap hold back moves between offers
-    # (ping-pong). They do not keep a job on on-demand when spot is back:
-    # it went there because spot was gone, not for price, and Uniform
-    # Progress returns to spot as soon as it can.
-    held: str | None = None
-    min_dwell = dwell_s(policy, view.price_moves)
-    if job.last_migration_at is not None and min_dwell > 0:
-        dwell = (now - job.last_migration_at).total_seconds()
-        if dwell < min_dwell:
-            held = (f"moved {dwell:.0f}s ago, minimum dwell is {min_dwell:.0f}s "
-                    f"after {view.price_moves} price moves")
-    if held is None and policy.max_moves is not None and view.price_moves >= policy.max_moves:
-        held = (f"already moved {view.price_moves} times for price, the cap is "
-                f"{policy.max_moves}")
-    if held is not None:
-        candidates = ([o for o in candidates if o.capacity == Capacity.SPOT]
-                      if current.capacity == Capacity.ON_DEMAND else [])
-        if not candidates:
-            return stay(held)
-    if not candidates:
-        return stay("no other available compatible offer")
-    # Candidates come cheapest per work hour first: when the cheapest is
-    # below the threshold, so is every other (most passes end here).
-    cheapest = weigh(candidates[0])
-    if cheapest.savings < threshold - _EPS:
-        return stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
-                    f"hour, below the {threshold:.0%} threshold", **numbers_of(cheapest))
-    weighed = [cheapest, *(weigh(o) for o in candidates[1:])]
-    above = [w for w in weighed if w.savings >= threshold - _EPS]
-    paying = [w for w in above if w.net > _EPS]
-    if not paying:
-        forecast = (" at the prices expected from their recent changes"
-                    if here.price_history or cheapest.offer.price_history else "")
-        return stay(f"best offer {cheapest.offer.id} saves {cheapest.savings:.1%} per work "
-                    f"hour, but ${cheapest.saving_usd:.4f} over the remaining "
-                    f"{work:.2f} work hours{forecast} does not pay the "
-                    f"${cheapest.cost_usd:.4f} move", **numbers_of(cheapest))
-    allowed = [w for w in paying if w.budget_ok and w.deadline_ok]
-    if not allowed:
-        w = max(paying, key=lambda w: w.net)
-        why = "the budget" if not w.budget_ok else "the deadline"
-        return stay(f"moving to {w.offer.id} would break {why}", **numbers_of(w))
-    pick = max(allowed, key=lambda w: (w.net, -w.offer.cost_per_work_hour))
-    return go(pick, Trigger.PRICE,
-              f"{pick.offer.id} at ${pick.offer.cost_per_work_hour:.4f} per work hour is "
-              f"{pick.savings:.1%} cheaper than {current.id} at ${cur_cost:.4f} "
-              f"(threshold {threshold:.0%}); saves ${pick.saving_usd:.4f} over "
-              f"{work:.2f} work hours for a ${pick.cost_usd:.4f} move")
+                            current_offer_id=current.id if current else None, decided_at=now,
+                            threshold=savings_threshold(job, policy),
+                            budget_left_usd=budget_left(job))
+    s = situation(job, current, offers, policy, now, view=view, costs=costs,
+                  offers_age_s=offers_age_s)
+    for rule in MOVE_RULES:
+        decision = rule(s)
+        if decision is not None:
+            return decision
+    raise AssertionError("price_move always decides")
 
 
 def plan_moves(

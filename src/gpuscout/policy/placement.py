@@ -9,9 +9,9 @@ speed 1.0 (``offers_for``), so it is priced by the hour.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
 
-from gpuscout.domain import Capacity, Offer, Resources
+from gpuscout.domain import Offer, Resources
+from gpuscout.policy.eligibility import eligible
 
 
 def rank_key(o: Offer) -> tuple[float, float, float, str]:
@@ -21,7 +21,7 @@ def rank_key(o: Offer) -> tuple[float, float, float, str]:
 
 class Offers:
     """A snapshot of offers with queries that read as sentences:
-    ``Offers(snapshot).available().compatible(resources).cheapest()``."""
+    ``Offers(snapshot).eligible(resources, avoid_zones).cheapest()``."""
 
     def __init__(self, offers: Iterable[Offer], *, _ranked: bool = False) -> None:
         self._offers = tuple(offers)
@@ -38,6 +38,14 @@ class Offers:
 
     def compatible(self, resources: Resources) -> Offers:
         return Offers((o for o in self._offers if o.satisfies(resources)), _ranked=self._ranked)
+
+    def eligible(self, resources: Resources, avoid_zones: Collection[str] = frozenset()
+                 ) -> Offers:
+        """The offers a job needing ``resources`` may take now
+        (``policy.eligibility.eligible``: compatible, available, not spot
+        in one of ``avoid_zones``)."""
+        return Offers((o for o in self._offers if eligible(o, resources, avoid_zones)),
+                      _ranked=self._ranked)
 
     def excluding(self, offer_ids: Collection[str]) -> Offers:
         return Offers((o for o in self._offers if o.id not in offer_ids), _ranked=self._ranked)
@@ -81,8 +89,8 @@ def offer_for(resources: Resources, offer: Offer) -> Offer:
 def offers_for(resources: Resources, offers: Iterable[Offer]) -> Offers:
     """The offers as a job needing ``resources`` sees them: the one place the
     policy decides what a unit of the job's work costs on each offer
-    (``place_job``, ``decide_move``, ``choose_offer``, the control plane's
-    manual move and ``gpuscout plan`` all go through it).
+    (``place_job``, ``decide_move``, the simulator's baselines, the control
+    plane's manual move and ``gpuscout plan`` all go through it).
 
     A job that asks for a GPU (``Resources.asks_for_gpu``) sees the offers
     as they are: ``relative_speed`` is GPU training throughput against one
@@ -109,31 +117,3 @@ def offers_for(resources: Resources, offers: Iterable[Offer]) -> Offers:
             resources.asks_for_gpu or all(o.relative_speed == 1.0 for o in offers)):
         return offers
     return Offers(offer_for(resources, o) for o in offers)
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    offer: Offer
-    reason: str
-
-
-def choose_offer(
-    resources: Resources, offers: Iterable[Offer], *, exclude: Collection[str] = (),
-    avoid_zones: Collection[str] = (),
-) -> Placement | None:
-    """The cheapest available offer that fits, or None if nothing fits.
-    Spot offers in ``avoid_zones`` ("provider:zone") are left out."""
-    candidates = offers_for(resources, offers).available().compatible(resources).excluding(exclude)
-    if avoid_zones:
-        candidates = Offers(o for o in candidates if not (
-            o.capacity == Capacity.SPOT and f"{o.provider}:{o.zone}" in avoid_zones))
-    best = candidates.cheapest()
-    if best is None:
-        return None
-    return Placement(
-        offer=best,
-        reason=(
-            f"cheapest available compatible offer: {best.id} at "
-            f"${best.price_per_hour:.4f}/h (${best.cost_per_work_hour:.4f} per work hour)"
-        ),
-    )

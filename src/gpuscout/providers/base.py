@@ -126,3 +126,20 @@ class Provider(Protocol):
         """The job's route now points at this running instance. Return the
         instance's new agent address if this call changed it, else None."""
         ...
+
+
+@runtime_checkable
+class InterruptibleProvider(Protocol):
+    """A provider that can deliver a spot interruption notice on demand
+    (the local and fake providers: demos and tests; on AWS the cloud sends
+    them). Its ``get`` then reports ``interruption_notice=True``.
+
+    (``name`` makes ``isinstance`` look at the instance each time rather
+    than cache a verdict per class, as it does for a protocol of methods
+    alone: a test takes the ability away from the fake.)"""
+
+    name: str
+
+    def notify_interruption(self, instance_id: str) -> None:
+        """Give the instance a notice; InstanceNotFound if it is unknown."""
+        ...

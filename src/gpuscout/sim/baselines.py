@@ -28,15 +28,16 @@ from __future__ import annotations
 import math
 
 from gpuscout.domain import Capacity, Offer
-from gpuscout.policy import MovePolicy, Offers, offer_for, offers_for, zone_key
+from gpuscout.policy import MovePolicy, Offers, offer_for, offers_for
 from gpuscout.sim.engine import Action, JobRun, SimConfig
 
 
-def _fitting(run: JobRun, t: float) -> Offers:
-    """Available offers that fit the job, ranked cheapest per work hour (as
-    the job sees them: a CPU-only job by the hour)."""
+def _fitting(run: JobRun, t: float, avoid: frozenset[str] = frozenset()) -> Offers:
+    """The offers the job may take (``Offers.eligible``: compatible,
+    available, no spot in the zones ``avoid``), ranked cheapest per work
+    hour (as the job sees them: a CPU-only job by the hour)."""
     resources = run.job.spec.resources
-    return offers_for(resources, run.market.offers(t)).available().compatible(resources)
+    return offers_for(resources, run.market.offers(t)).eligible(resources, avoid)
 
 
 def _cheapest(run: JobRun, t: float, capacity: Capacity | None = None,
@@ -45,9 +46,8 @@ def _cheapest(run: JobRun, t: float, capacity: Capacity | None = None,
     """The cheapest fitting offer per work hour (not ``avoid_offer``, no
     spot in the zones ``avoid``). ``in_time``: with a deadline, only offers
     fast enough to finish the rest by it (else the fastest of the rest)."""
-    fitting = (o for o in _fitting(run, t)
-               if (capacity is None or o.capacity == capacity) and o.id != avoid_offer
-               and not (o.capacity == Capacity.SPOT and zone_key(o) in avoid))
+    fitting = (o for o in _fitting(run, t, avoid)
+               if (capacity is None or o.capacity == capacity) and o.id != avoid_offer)
     if not in_time or run.deadline is None:
         return next(fitting, None)
     candidates = list(fitting)
