@@ -8,20 +8,79 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gpuscout.policy import ZONE_BACKOFF_S
+from gpuscout.providers.code_bundle import DEFAULT_URL_TTL_S
 
 
 def default_home() -> Path:
     return Path.home() / ".gpuscout"
 
 
+class AwsSettings(BaseModel):
+    """The AWS provider's settings (``Settings.aws``, GPUSCOUT_AWS_*), which
+    are also its config (``gpuscout.providers.aws.AwsConfig``): each default
+    is written here once."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    region: str = "us-east-1"
+    cluster: str = "default"  # the gpuscout:cluster tag of every resource
+    ami_id: str | None = None  # default: the newest image named like the pattern
+    # AWS Deep Learning AMIs (GPU drivers, CUDA, Python) published by Amazon.
+    ami_name_pattern: str = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *"
+    ami_owners: Annotated[tuple[str, ...], NoDecode] = ("amazon",)
+    # Comma-separated in the environment; empty: the default VPC, else offers
+    # only in these subnets' zones.
+    subnet_ids: Annotated[tuple[str, ...], NoDecode] = ()
+    key_name: str | None = None  # SSH key pair, created if missing, the private key saved
+    key_dir: Path | None = None  # ...here (default: HOME/aws)
+    instance_profile: str | None = None  # gives the instances the store
+    security_group: str | None = None  # default: gpuscout-<cluster>, created if missing
+    ingress_cidr: str | None = None  # who reaches the agent port; default: the group itself
+    agent_port: int = Field(default=8700, ge=1, le=65535)
+    public_ip: bool = False  # reach instances by public IP (control plane outside the VPC)
+    # What bootstrap.sh pip-installs where the AMI lacks gpuscout (a wheel
+    # URL, a pinned name on your index: name the aws extra, gpuscout[aws],
+    # for the agent's S3 store). None: with ship_code and an s3:// store,
+    # this gpuscout as a wheel in the store, named in the user-data by a
+    # presigned URL valid code_url_ttl_s (SigV4: at most 7 days); else the
+    # AMI must have gpuscout.
+    package_spec: str | None = None
+    ship_code: bool = True
+    code_url_ttl_s: float = Field(default=DEFAULT_URL_TTL_S, gt=0, le=7 * 24 * 3600)
+    # How long offers are cached (GPUSCOUT_AWS_OFFERS_REFRESH_S).
+    offers_ttl_s: float = Field(default=300.0, gt=0, validation_alias=AliasChoices(
+        "offers_ttl_s", "offers_refresh_s"))
+    # An Elastic IP (allocation id) moved to each job's current instance;
+    # None: only the proxy follows the job.
+    elastic_ip: str | None = Field(default=None, pattern=r"^eipalloc-[0-9a-f]+$")
+    max_attempts: int = Field(default=6, ge=1)  # per EC2 call, botocore's retries included
+    public_ip_wait_s: float = Field(default=60.0, ge=0)
+
+    @field_validator("subnet_ids", "ami_owners", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AwsSettings:
+        """``settings.aws``, its key folder under ``settings.home`` by default."""
+        aws = settings.aws
+        return aws if aws.key_dir else aws.model_copy(update={"key_dir": settings.home / "aws"})
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GPUSCOUT_", extra="ignore")
+    # GPUSCOUT_AWS_REGION -> aws.region: one split after the nested model's
+    # name, so that field names keep their underscores.
+    model_config = SettingsConfigDict(env_prefix="GPUSCOUT_", extra="ignore",
+                                      env_nested_delimiter="_", env_nested_max_split=1)
 
     home: Path = Field(default_factory=default_home)
     database_url: str | None = None  # default: sqlite file under home
@@ -51,28 +110,10 @@ class Settings(BaseSettings):
     move_checkpoint_s: float | None = Field(default=None, ge=0)
     move_restore_s: float | None = Field(default=None, ge=0)
     egress_usd_per_gb: float = Field(default=0.02, ge=0)  # between regions
-    # AWS provider (GPUSCOUT_PROVIDER=aws); credentials come from boto3's own
-    # chain (environment, ~/.aws, instance profile), never from here.
-    aws_region: str = "us-east-1"
-    aws_cluster: str = "default"  # the gpuscout:cluster tag of every resource
-    aws_ami_id: str | None = None  # default: newest AMI named like the pattern
-    aws_ami_name_pattern: str = (
-        "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *")
-    aws_subnet_ids: str | None = None  # comma-separated; default: the default VPC
-    aws_key_name: str | None = None  # SSH key pair, created if missing
-    aws_instance_profile: str | None = None  # gives the instances the store
-    aws_security_group: str | None = None  # default: gpuscout-<cluster>
-    aws_ingress_cidr: str | None = None  # who reaches the agent port; default: the group
-    aws_agent_port: int = Field(default=8700, ge=1, le=65535)
-    aws_public_ip: bool = False  # reach instances by public IP
-    aws_package_spec: str | None = None  # pip-installed where the AMI lacks gpuscout
-    # Else, with an s3:// store: this gpuscout as a wheel in the store, named
-    # in the user-data by a presigned URL valid this long (SigV4: <= 7 days).
-    aws_ship_code: bool = True
-    aws_code_url_ttl_s: float = Field(default=3600.0, gt=0, le=7 * 24 * 3600)
-    aws_offers_refresh_s: float = Field(default=300.0, gt=0)
-    # An Elastic IP (allocation id) moved to each job's current instance.
-    aws_elastic_ip: str | None = Field(default=None, pattern=r"^eipalloc-[0-9a-f]+$")
+    # AWS provider (GPUSCOUT_PROVIDER=aws): GPUSCOUT_AWS_<FIELD>, e.g.
+    # GPUSCOUT_AWS_REGION; credentials come from boto3's own chain
+    # (environment, ~/.aws, instance profile), never from here.
+    aws: AwsSettings = Field(default_factory=AwsSettings)
 
     @field_validator("market")
     @classmethod

@@ -87,7 +87,7 @@ def build_service(
     if feed is None and settings.market == "aws":
         from gpuscout.market.aws_prices import AwsPriceFeed
 
-        feed = AwsPriceFeed(provider.offers, refresh_s=settings.aws_offers_refresh_s)
+        feed = AwsPriceFeed(provider.offers, refresh_s=settings.aws.offers_ttl_s)
     plane = ControlPlane(
         ctx, feed or open_feed(settings.market, catalog),
         MovePolicy(savings_threshold=settings.savings_threshold,

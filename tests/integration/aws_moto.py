@@ -5,8 +5,11 @@ cannot produce, and agents that play the instance side.
   pointing at moto's server on loopback, test credentials, us-east-1), and
   the bucket ``TEST_BUCKET`` for ``TEST_STORE_URL``, the job store.
 - ``launch_request``: a LaunchRequest on that job store.
-- ``FaultyEc2``: wraps a real boto3 EC2 client and raises the AWS errors a
-  test queues (throttling, no capacity) before the call reaches moto.
+- ``FaultyEc2``: wraps a real boto3 EC2 client and answers the AWS errors a
+  test queues (throttling, no capacity) in moto's place, under botocore's
+  retries.
+- ``dropping_proxy``: moto behind a proxy that drops connections;
+  ``instant_retries`` (fixture): botocore's retries without their waits.
 - ``AgentAwsProvider``: the real AwsProvider whose every launched EC2
   instance is also played by a real process: the user-data EC2 stored for
   the instance, read back with describe_instance_attribute and run with
@@ -23,6 +26,7 @@ import os
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -30,17 +34,25 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3  # type: ignore[import-untyped]
 import pytest
-from botocore.exceptions import ClientError
+from botocore import xform_name  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSResponse  # type: ignore[import-untyped]
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from botocore.retries.standard import ExponentialBackoff  # type: ignore[import-untyped]
 
 from gpuscout.domain import Offer
 from gpuscout.providers.aws import AwsConfig, AwsProvider
+from gpuscout.providers.aws import ec2_client as provider_ec2_client
 from gpuscout.providers.base import LaunchRequest, ProviderInstance
 from tests.s3_servers import S3Endpoint, moto_server
 
-__all__ = ["AgentAwsProvider", "FaultyEc2", "aws_env", "moto_server", "new_config"]
+__all__ = [
+    "AgentAwsProvider", "FaultyEc2", "aws_env", "dropping_proxy", "instant_retries", "moto_server",
+    "new_config",
+]
 
 TEST_SECRET = "testing-secret-9f2c"  # noqa: S105  (a fake credential moto accepts)
 TEST_BUCKET = "gpuscout-test"
@@ -63,7 +75,8 @@ def aws_env(moto_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpo
 
 
 def ec2_client() -> Any:
-    return boto3.client("ec2", region_name="us-east-1")
+    """A client as the provider makes one (botocore's standard retries)."""
+    return provider_ec2_client(AwsConfig(region="us-east-1"))
 
 
 _AMIS: dict[str, str] = {}
@@ -95,11 +108,17 @@ def launch_request(offer: Offer, instance_id: str, **fields: Any) -> LaunchReque
 
 
 class FaultyEc2:
-    """A boto3 EC2 client with faults: ``fail(operation, code, times)``
-    queues AWS errors; ``refuse(instance_type, zone, spot, code)`` makes
-    run_instances refuse one offer every time; ``reclaim(ec2_id)`` makes EC2
-    report a spot interruption for an instance (its spot request in status
-    ``marked-for-termination``), which moto cannot. Records ``calls``."""
+    """A boto3 EC2 client with faults moto cannot produce.
+
+    ``fail(operation, code, times)`` queues AWS errors, answered where AWS's
+    answers enter botocore (its ``before-send`` event), so that botocore's
+    own retries see them as they would see AWS's; ``calls`` records every
+    request sent (each retry too). ``refuse(instance_type, zone, spot,
+    code)`` makes run_instances refuse one offer every time; ``reclaim(ec2_id)``
+    makes EC2 report a spot interruption for an instance (its spot request
+    in status ``marked-for-termination``). Paginators call the operations
+    through this object, so replacing ``_client`` reaches them too.
+    """
 
     def __init__(self, client: Any) -> None:
         self._client = client
@@ -108,10 +127,31 @@ class FaultyEc2:
         self._reclaimed: set[str] = set()
         self.calls: list[str] = []
         self._lock = threading.Lock()
+        client.meta.events.register("before-send.ec2", self._before_send)
 
     def reclaim(self, ec2_id: str) -> None:
         with self._lock:
             self._reclaimed.add(ec2_id)
+
+    def fail(self, operation: str, code: str, times: int = 1) -> None:
+        with self._lock:
+            self._queued.setdefault(operation, []).extend([code] * times)
+
+    def refuse(self, instance_type: str, zone: str, spot: bool, code: str) -> None:
+        self._refused[(instance_type, zone, spot)] = code
+
+    def get_paginator(self, operation: str) -> Any:
+        paginator = self._client.get_paginator(operation)
+        paginator._method = getattr(self, operation)  # each page through this object
+        return paginator
+
+    def _before_send(self, request: Any, event_name: str, **_: Any) -> Any:
+        operation = xform_name(event_name.rsplit(".", 1)[-1])
+        with self._lock:
+            self.calls.append(operation)
+            queue = self._queued.get(operation)
+            code = queue.pop(0) if queue else None
+        return aws_error(code) if code else None
 
     def _with_reclaims(self, name: str, params: dict[str, Any], call: Any) -> Any:
         with self._lock:
@@ -135,35 +175,99 @@ class FaultyEc2:
                         raw["SpotInstanceRequestId"] = "sir-reclaim-" + raw["InstanceId"]
         return answer
 
-    def fail(self, operation: str, code: str, times: int = 1) -> None:
-        with self._lock:
-            self._queued.setdefault(operation, []).extend([code] * times)
-
-    def refuse(self, instance_type: str, zone: str, spot: bool, code: str) -> None:
-        self._refused[(instance_type, zone, spot)] = code
-
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
         if name.startswith("_") or not callable(attr):
             return attr
 
         def call(**params: Any) -> Any:
-            with self._lock:
-                self.calls.append(name)
-                queue = self._queued.get(name)
-                code = queue.pop(0) if queue else None
-            if code is None and name == "run_instances":
+            if name == "run_instances":
                 key = (params["InstanceType"], params["Placement"]["AvailabilityZone"],
                        "InstanceMarketOptions" in params)
                 code = self._refused.get(key)
-            if code is not None:
-                raise ClientError({"Error": {"Code": code, "Message": "injected by the test"}},
-                                  name)
+                if code is not None:
+                    raise ClientError({"Error": {"Code": code,
+                                                 "Message": "injected by the test"}}, name)
             if name in ("describe_instances", "describe_spot_instance_requests"):
                 return self._with_reclaims(name, params, attr)
             return attr(**params)
 
         return call
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self._data
+
+
+def aws_error(code: str, status: int = 400) -> AWSResponse:
+    """An EC2 error answer, as AWS's query protocol writes it."""
+    body = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error>"
+            f"<Code>{code}</Code><Message>injected by the test</Message></Error></Errors>"
+            f"<RequestID>test</RequestID></Response>").encode()
+    return AWSResponse("https://ec2.test", status, {}, _Body(body))
+
+
+@contextlib.contextmanager
+def dropping_proxy(target_url: str, drops: int | None) -> Iterator[tuple[str, list[int]]]:
+    """A loopback TCP proxy to ``target_url`` that closes its first ``drops``
+    connections (None: every one) unanswered, the way a refusing or
+    restarting endpoint does; yields (its URL, [connections dropped])."""
+    target = urlsplit(target_url)
+    listener = socket.create_server(("127.0.0.1", 0))
+    dropped = [0]
+    stop = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if drops is None or dropped[0] < drops:
+                dropped[0] += 1
+                # An RST, not a FIN: what a refused or reset connection looks like.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                struct.pack("ii", 1, 0))
+                conn.close()
+                continue
+            upstream = socket.create_connection((target.hostname, target.port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", dropped
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
+@pytest.fixture
+def instant_retries(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """botocore's retries without their waits: the delays its backoff chose,
+    in order, while it sleeps none of them."""
+    chosen: list[float] = []
+    real = ExponentialBackoff.delay_amount
+
+    def delay_amount(self: Any, context: Any) -> float:
+        chosen.append(real(self, context))
+        return 0.0
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", delay_amount)
+    return chosen
 
 
 def free_port() -> int:

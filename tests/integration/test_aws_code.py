@@ -94,7 +94,9 @@ def test_user_data_names_the_wheel_by_a_presigned_url_that_serves_exactly_it() -
 
     spec = exported(script, "GPUSCOUT_PACKAGE_SPEC")
     assert spec is not None
-    url, _, fragment = spec.partition("#")
+    # PEP 508: the wheel with the aws extra, which the agent's S3 store needs.
+    assert spec.startswith("gpuscout[aws] @ http://")
+    url, _, fragment = spec.removeprefix("gpuscout[aws] @ ").partition("#")
     parts = urlsplit(url)
     wheel = wheel_of_running_package()
     assert parts.path.endswith("/" + wheel.filename)  # pip takes the name from the path
@@ -153,7 +155,7 @@ def test_the_wheel_is_uploaded_once_not_per_launch() -> None:
     specs = [exported(stored_user_data(p.get(i).provider_ref), "GPUSCOUT_PACKAGE_SPEC")
              for p, i in ((first, "i-once-1"), (again, "i-once-4"))]
     # Each launch signs a URL of its own, to the same object.
-    assert {urlsplit(s or "").path for s in specs} == {
+    assert {urlsplit((s or "").removeprefix("gpuscout[aws] @ ")).path for s in specs} == {
         f"/{TEST_BUCKET}/gpuscout/{wheel_of_running_package().key}"}
 
 
@@ -223,7 +225,7 @@ def test_a_machine_without_gpuscout_installs_the_shipped_wheel_and_runs_the_job(
         assert health is not None and health.state == AgentState.COMPLETED, (health, log)
     instance_dir = tmp_path / "machines" / "i-bare" / ".gpuscout" / "instance"
     venv = instance_dir / "venv"
-    assert "installing http://" in log and "X-Amz-Signature" not in log
+    assert "installing gpuscout[aws] @ http://" in log and "X-Amz-Signature" not in log
     where, prefix = (instance_dir / "work" / "where.txt").read_text().split()
     # gpuscout from the venv bootstrap made; the job's own environment on top
     # of it (agent/jobenv.py), so what its setup installs stays out of it.

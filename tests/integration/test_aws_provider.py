@@ -10,9 +10,7 @@ retried with jittered backoff.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import functools
-import random
 from typing import Any
 
 import pytest
@@ -24,9 +22,9 @@ from gpuscout.providers.aws import (
     AwsProvider,
     ThrottledError,
     check_user_data,
-    compute_backoff,
     newest_image,
 )
+from gpuscout.providers.aws import ec2_client as aws_ec2_client
 from gpuscout.providers.base import (
     CapacityError,
     InstanceNotFound,
@@ -40,13 +38,16 @@ from tests.integration.aws_moto import (
     TEST_SECRET,
     FaultyEc2,
     aws_env,
+    dropping_proxy,
     ec2_client,
+    instant_retries,
     launch_request,
     moto_server,
     new_config,
 )
+from tests.s3_servers import S3Endpoint
 
-__all__ = ["aws_env", "moto_server"]  # fixtures used here
+__all__ = ["aws_env", "instant_retries", "moto_server"]  # fixtures used here
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -314,36 +315,51 @@ def test_other_refusals_are_launch_errors() -> None:
         provider.launch(request(offer.with_(available=False), "i-unavailable"))
 
 
-def test_throttling_is_retried_with_jittered_backoff() -> None:
+def test_throttling_is_retried_by_botocore_with_jittered_backoff(
+        instant_retries: list[float]) -> None:
     spy = FaultyEc2(ec2_client())
-    slept: list[float] = []
-    provider = AwsProvider(new_config(), client=spy, sleep=slept.append,
-                           rng=random.Random(7))
+    provider = AwsProvider(new_config(), client=spy)
     offer = pick(provider.offers(), "g4dn.xlarge", Capacity.SPOT)
     spy.fail("run_instances", "RequestLimitExceeded", times=3)
     launched = provider.launch(request(offer, "i-thr"))
     assert launched.state == ProviderState.PENDING
     assert spy.calls.count("run_instances") == 4
-    rng = random.Random(7)
-    assert slept == [compute_backoff(n, factor=0.2, max_backoff=20.0, rng=rng)
-                     for n in (1, 2, 3)]
+    # Full jitter: retry n waits a draw from [0, 1 s * 2**(n-1)] (botocore's
+    # base for throttling), capped at 20 s.
+    assert len(instant_retries) == 3
+    assert all(0 <= d <= min(20.0, 2.0 ** n) for n, d in enumerate(instant_retries))
     assert [i.instance_id for i in provider.list()] == ["i-thr"]  # one machine, not four
 
     spy.fail("describe_instances", "Throttling", times=10)
     with pytest.raises(ThrottledError) as caught:
         provider.get("i-thr")
     assert caught.value.retryable and caught.value.attempts == provider.config.max_attempts
+    assert spy.calls.count("describe_instances") == 1 + provider.config.max_attempts
 
 
-def test_compute_backoff_is_exponential_capped_and_deterministic() -> None:
-    assert [compute_backoff(n, factor=0.5, jitter=False, max_backoff=3.0)
-            for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-    a = [compute_backoff(n, rng=random.Random(1)) for n in range(1, 8)]
-    b = [compute_backoff(n, rng=random.Random(1)) for n in range(1, 8)]
-    assert a == b
-    assert all(0 <= d <= min(20.0, 0.2 * 2 ** (n - 1)) for n, d in enumerate(a, 1))
-    with pytest.raises(ValueError):
-        compute_backoff(0)
+def test_a_dropped_connection_is_retried_not_raised(
+        moto_server: S3Endpoint, instant_retries: list[float]) -> None:
+    """The endpoint resets the first two connections (a restart, a load
+    balancer's hiccup): botocore retries, the caller sees offers."""
+    config = new_config()
+    with dropping_proxy(moto_server.url, drops=2) as (url, dropped):
+        provider = AwsProvider(config, client=aws_ec2_client(config, endpoint_url=url))
+        offers = provider.offers()
+        launched = provider.launch(request(pick(offers, "g4dn.xlarge", Capacity.SPOT),
+                                           "i-drop"))
+    assert dropped == [2] and len(instant_retries) == 2
+    assert offers == AwsProvider(config).offers()
+    assert describe(launched.provider_ref)["InstanceType"] == "g4dn.xlarge"
+
+
+def test_an_endpoint_that_stays_unreachable_is_a_provider_error_after_the_retries(
+        moto_server: S3Endpoint, instant_retries: list[float]) -> None:
+    config = new_config(max_attempts=3)
+    with dropping_proxy(moto_server.url, drops=None) as (url, dropped):
+        provider = AwsProvider(config, client=aws_ec2_client(config, endpoint_url=url))
+        with pytest.raises(ProviderError, match="describe_instance_types failed"):
+            provider.offers()
+    assert dropped == [3] and len(instant_retries) == 2
 
 
 def test_ami_by_name_pattern_picks_the_newest() -> None:
@@ -384,20 +400,42 @@ def test_price_feed_follows_the_provider(tmp_path: Any) -> None:
 def test_config_from_settings(tmp_path: Any) -> None:
     from gpuscout.config import Settings
 
-    settings = Settings(home=tmp_path, provider="aws", aws_region="eu-west-1",
-                        aws_subnet_ids="subnet-1, subnet-2", aws_cluster="c1",
-                        aws_instance_profile="gpuscout-agent", aws_ship_code=False,
-                        aws_code_url_ttl_s=600, aws_elastic_ip="eipalloc-0abc12")
+    settings = Settings(home=tmp_path, provider="aws", aws={
+        "region": "eu-west-1", "subnet_ids": "subnet-1, subnet-2", "cluster": "c1",
+        "instance_profile": "gpuscout-agent", "ship_code": False, "code_url_ttl_s": 600,
+        "elastic_ip": "eipalloc-0abc12"})
     config = AwsConfig.from_settings(settings)
     assert (config.ship_code, config.code_url_ttl_s) == (False, 600)
     assert config.elastic_ip == "eipalloc-0abc12"
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="aws_elastic_ip"):
-        Settings(home=tmp_path, aws_elastic_ip="203.0.113.7")  # an address, not its allocation
+    with pytest.raises(ValidationError, match="aws.elastic_ip"):
+        Settings(home=tmp_path, aws={"elastic_ip": "203.0.113.7"})  # an address, not its allocation
     assert config.region == "eu-west-1" and config.subnet_ids == ("subnet-1", "subnet-2")
     assert (config.cluster, config.instance_profile) == ("c1", "gpuscout-agent")
     assert config.key_dir == tmp_path / "aws"
+
+
+def test_aws_settings_come_from_gpuscout_aws_variables(tmp_path: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpuscout.config import Settings
+
+    for name, value in {"REGION": "eu-west-1", "SUBNET_IDS": "subnet-1, subnet-2",
+                        "AGENT_PORT": "9000", "OFFERS_REFRESH_S": "30",
+                        "AMI_NAME_PATTERN": "mine *", "PUBLIC_IP": "true"}.items():
+        monkeypatch.setenv(f"GPUSCOUT_AWS_{name}", value)
+    monkeypatch.setenv("GPUSCOUT_SCOUT_INTERVAL_S", "7")
+    settings = Settings(home=tmp_path)
+    aws = AwsConfig.from_settings(settings)
+    assert (aws.region, aws.subnet_ids, aws.agent_port) == (
+        "eu-west-1", ("subnet-1", "subnet-2"), 9000)
+    assert (aws.offers_ttl_s, aws.ami_name_pattern, aws.public_ip) == (30.0, "mine *", True)
+    assert settings.scout_interval_s == 7 and aws.cluster == AwsConfig().cluster
+    monkeypatch.setenv("GPUSCOUT_AWS_AGENT_PORT", "0")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="aws.agent_port"):
+        Settings(home=tmp_path)
 
 
 def _quote(instance_type: str, zone: str, price: str, day: str) -> dict[str, Any]:
@@ -430,8 +468,8 @@ def test_the_iam_policy_allows_every_call_the_provider_makes(tmp_path: Any) -> N
     name = ec2_client().describe_images(Owners=["amazon"])["Images"][0]["Name"]
     config = new_config(ami_id=None, ami_name_pattern=name, key_name=f"k-{new_config().cluster}",
                         key_dir=tmp_path)
-    config = dataclasses.replace(
-        config, elastic_ip=ec2_client().allocate_address(Domain="vpc")["AllocationId"])
+    config = config.model_copy(
+        update={"elastic_ip": ec2_client().allocate_address(Domain="vpc")["AllocationId"]})
     provider = AwsProvider(config, client=spy)
     offer = pick(provider.offers(), "g4dn.xlarge", Capacity.SPOT)
     provider.launch(request(offer, "i-iam"))

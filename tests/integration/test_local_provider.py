@@ -305,6 +305,37 @@ def test_an_instance_whose_processes_all_died_is_terminated(provider: LocalProvi
     assert provider.list() == []
 
 
+def test_a_reused_process_group_is_not_the_instances() -> None:
+    """Pids are reused: a live group counts as the instance's only if its
+    leader started when the recorded one did, or a member has the marker."""
+    from dataclasses import replace
+
+    from gpuscout.providers.local import _Record, _scan, _started_at
+
+    stranger = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                                env={"PATH": os.environ["PATH"]})
+    marked = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                              env={"PATH": os.environ["PATH"], MARKER_ENV: "/i/1"})
+    try:
+        started = _started_at(stranger.pid)
+        assert started is not None
+        record = _Record(instance_id="i-1", job_id="j", offer_id="o", cluster="c",
+                         host="127.0.0.1", port=1, launched_at=0.0, boot_delay_s=0.0,
+                         pid=stranger.pid, pgid=stranger.pid, started_at=started,
+                         marker="/i/1")
+        assert _scan(record).group == {stranger.pid}  # the recorded leader
+        reused = replace(record, started_at=started - 1.0)  # another process, same pid
+        assert not _scan(reused)
+        by_marker = replace(reused, pid=marked.pid, pgid=marked.pid)
+        assert _scan(by_marker).group == {marked.pid}
+        assert _scan(reused, hunt_escapees=True).escapees == {marked.pid}
+    finally:
+        for proc in (stranger, marked):
+            proc.kill()
+            proc.wait(5)
+    assert not _scan(record, hunt_escapees=True)  # zombies reaped, nothing live
+
+
 def test_unknown_ids_are_not_found_and_terminating_them_is_done(provider: LocalProvider) -> None:
     for unknown in ("i-never-launched", "../escape", ""):
         with pytest.raises(InstanceNotFound):

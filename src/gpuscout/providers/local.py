@@ -17,8 +17,7 @@ reused by the OS once free): every process of the tree inherits
 (unique even when two roots reuse an instance id), and the group leader's
 start time is recorded. A process group counts as the instance's only while
 one of its live members carries the marker or is the recorded leader;
-zombies do not count as live. Linux reads this from /proc; elsewhere the
-provider trusts the process group id alone.
+zombies do not count as live. psutil reads the process table.
 
 The agent runs the job's command in a session of its own, so an instance is
 its process group *plus* the processes elsewhere that carry its marker;
@@ -43,9 +42,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from gpuscout.domain import Offer
 from gpuscout.market.catalog import default_local_catalog
@@ -73,7 +74,7 @@ _POLL_S = 0.05
 # The ownership marker every process of an instance inherits (see above).
 MARKER_ENV = "GPUSCOUT_LOCAL_INSTANCE"
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
-_LINUX_PROC = Path("/proc")
+_NOT_LIVE = frozenset({psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
 
 # Boot shells started by this Python process, by pid. Reaping them (poll)
 # keeps them from lingering as zombies, which would still be members of their
@@ -105,7 +106,7 @@ class _Record:
     state: str = ProviderState.PENDING.value
     pid: int | None = None  # the boot shell, later the agent (exec keeps the pid)
     pgid: int | None = None  # == pid: the shell leads its own session and group
-    start_ticks: int | None = None  # the leader's start time, /proc/<pid>/stat field 22
+    started_at: float | None = None  # the leader's creation time (see _started_at)
     marker: str = ""  # MARKER_ENV's value in the instance's processes
     interruption_notice: bool = False
     interruption_at: float | None = None
@@ -229,7 +230,7 @@ class LocalProvider:
             with _children_lock:
                 _children[proc.pid] = proc
             record = replace(
-                record, pid=proc.pid, pgid=proc.pid, start_ticks=_start_ticks(proc.pid)
+                record, pid=proc.pid, pgid=proc.pid, started_at=_started_at(proc.pid)
             )
             self._write(folder, record)
         return self._view(record)
@@ -472,53 +473,56 @@ class LocalProvider:
 
 @dataclass(frozen=True, slots=True)
 class _Proc:
+    """A live (not zombie) process."""
+
     pid: int
-    state: str  # one letter: R, S, D, Z, T, ...
     pgid: int
-    start_ticks: int
+    started_at: float
+    handle: psutil.Process = field(compare=False, repr=False)
 
 
-def _proc_stat(pid: int) -> _Proc | None:
-    """Parse /proc/<pid>/stat (Linux); None if the process is gone."""
+def _rounded(create_time: float) -> float:
+    # psutil's creation time: the kernel's start ticks (1/100 s) after the
+    # boot time, in seconds since the epoch; rounded, so that the same process
+    # compares equal. A step of the wall clock moves the boot time and so
+    # every creation time: the leader is then known by its marker alone.
+    return round(create_time, 2)
+
+
+def _started_at(pid: int) -> float | None:
     try:
-        raw = (_LINUX_PROC / str(pid) / "stat").read_bytes()
-    except OSError:
+        return _rounded(psutil.Process(pid).create_time())
+    except psutil.Error:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces or ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return _Proc(pid=pid, state=fields[0].decode(), pgid=int(fields[2]),
-                 start_ticks=int(fields[19]))
 
 
-def _start_ticks(pid: int) -> int | None:
-    proc = _proc_stat(pid)
-    return proc.start_ticks if proc else None
-
-
-def _has_marker(pid: int, marker: str) -> bool:
+def _has_marker(proc: _Proc, marker: str) -> bool:
     if not marker:
         return False
     try:
-        environ = (_LINUX_PROC / str(pid) / "environ").read_bytes()
-    except OSError:
+        return bool(proc.handle.environ().get(MARKER_ENV) == marker)
+    except psutil.Error:  # gone, or not ours to read
         return False
-    return f"{MARKER_ENV}={marker}".encode() in environ.split(b"\0")
 
 
 def _live_procs() -> Iterator[_Proc]:
-    for entry in os.listdir(_LINUX_PROC):
-        if entry.isdigit():
-            proc = _proc_stat(int(entry))
-            if proc is not None and proc.state not in ("Z", "X", "x"):
-                yield proc
+    for proc in psutil.process_iter(["status", "create_time"]):
+        status, created = proc.info["status"], proc.info["create_time"]
+        if status is None or status in _NOT_LIVE or created is None:
+            continue
+        try:
+            pgid = os.getpgid(proc.pid)
+        except OSError:  # gone meanwhile
+            continue
+        yield _Proc(pid=proc.pid, pgid=pgid, started_at=_rounded(created), handle=proc)
 
 
 def _group_owned(record: _Record, members: builtins.list[_Proc]) -> bool:
     """True if these processes of the record's pgid are the instance's own."""
     for proc in members:
-        if proc.pid == record.pid and proc.start_ticks == record.start_ticks:
+        if proc.pid == record.pid and proc.started_at == record.started_at:
             return True
-        if _has_marker(proc.pid, record.marker):
+        if _has_marker(proc, record.marker):
             return True
     return False
 
@@ -539,13 +543,6 @@ def _scan(record: _Record, *, hunt_escapees: bool = False) -> _Tree:
     environment of every other process, which costs more; terminate does."""
     if record.pgid is None:
         return _Tree(frozenset())
-    if not _LINUX_PROC.joinpath("self", "stat").exists():
-        # No /proc: trust the process group id (and find no escapees).
-        try:
-            os.killpg(record.pgid, 0)
-        except (ProcessLookupError, PermissionError):  # gone, or another user's now
-            return _Tree(frozenset())
-        return _Tree(frozenset({record.pgid}))
     procs = builtins.list(_live_procs())
     members = [p for p in procs if p.pgid == record.pgid]
     group = frozenset(p.pid for p in members) if _group_owned(record, members) else frozenset()
@@ -555,7 +552,7 @@ def _scan(record: _Record, *, hunt_escapees: bool = False) -> _Tree:
         escapees = frozenset(
             p.pid
             for p in procs
-            if p.pgid != record.pgid and p.pid != me and _has_marker(p.pid, record.marker)
+            if p.pgid != record.pgid and p.pid != me and _has_marker(p, record.marker)
         )
     return _Tree(group, escapees)
 

@@ -7,16 +7,29 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from gpuscout.store.base import FileDigest, ObjectNotFound, ObjectStore
 from gpuscout.store.fs import FileStore, check_key, check_prefix
-from gpuscout.store.s3 import S3Store
+
+if TYPE_CHECKING:
+    from gpuscout.store.s3 import S3Store
 
 __all__ = [
     "FileDigest", "FileStore", "ObjectNotFound", "ObjectStore", "S3Store", "check_key",
     "check_prefix", "open_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # S3Store on first use: boto3 (the aws extra) loads only with an s3:// store,
+    # not with every training script that imports gpuscout.workload.
+    if name == "S3Store":
+        from gpuscout.store.s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(url: str) -> ObjectStore:
@@ -31,6 +44,8 @@ def open_store(url: str) -> ObjectStore:
         raise ValueError(f"object store URL must not be empty: {url!r}")
     scheme = urlsplit(text).scheme.lower()
     if scheme == "s3":
+        from gpuscout.store.s3 import S3Store
+
         return S3Store(text)
     if scheme in ("file", ""):
         return FileStore(text)

@@ -37,6 +37,7 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from s3transfer.exceptions import S3DownloadFailedError  # type: ignore[import-untyped]
 
+from gpuscout.aws_errors import error_code
 from gpuscout.store.base import FileDigest, ObjectNotFound
 from gpuscout.store.fs import check_key, check_prefix
 from gpuscout.store.transfer import ObjectChanged, Transfers
@@ -79,7 +80,7 @@ def endpoint_from_env(environ: dict[str, str] | None = None) -> str | None:
 
 def is_not_found(exc: ClientError) -> bool:
     """A missing object (a missing bucket answers NoSuchBucket: not this)."""
-    return _code(exc) in _NOT_FOUND_CODES
+    return error_code(exc) in _NOT_FOUND_CODES
 
 
 class S3Store:
@@ -167,7 +168,7 @@ class S3Store:
         try:
             self.client.create_bucket(**kwargs)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+            if error_code(exc) != "BucketAlreadyOwnedByYou":
                 raise
 
     def _full(self, key: str) -> str:
@@ -211,13 +212,14 @@ class S3Store:
             except ClientError as exc:
                 if is_not_found(exc):
                     raise ObjectNotFound(key) from None
-                if _code(exc) in ("PreconditionFailed", "412"):
+                if error_code(exc) in ("PreconditionFailed", "412"):
                     continue
                 raise
             except S3DownloadFailedError as exc:
                 # s3transfer's wrapping of that same 412 on a ranged GET.
                 cause = exc.__cause__ or exc.__context__
-                if isinstance(cause, ClientError) and _code(cause) in ("PreconditionFailed", "412"):
+                if isinstance(cause, ClientError) and error_code(cause) in (
+                        "PreconditionFailed", "412"):
                     continue
                 raise
             return buffer.getvalue()
@@ -283,5 +285,3 @@ class S3Store:
         self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
 
 
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))

@@ -81,6 +81,7 @@ from typing import Any, BinaryIO
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from s3transfer.utils import ReadFileChunk  # type: ignore[import-untyped]
 
+from gpuscout.aws_errors import error_code
 from gpuscout.store.base import FileDigest
 from gpuscout.store.fs import COPY_CHUNK, temp_beside
 
@@ -116,10 +117,6 @@ class SourceChanged(Exception):
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
-
-
-def error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def plan_parts(size: int, part_size: int) -> list[tuple[int, int]]:
