@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.api import create_app
 from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
@@ -29,7 +30,6 @@ from gpuscout.domain import JobStatus
 from gpuscout.providers.base import LaunchRequest
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
-from tests.unit.fake_agents import FakeAgents
 
 with warnings.catch_warnings():
     # Starlette asks for the httpx2 package in place of httpx; both work.

@@ -166,7 +166,7 @@ def test_a_replacement_started_on_the_restored_folder_resumed_at_the_next_step()
     after = core.dir_started(status(S.RESTORING, standby=True), 40, at=99.0)
     assert (after.state, after.step, after.first_step, after.first_step_at) == (
         S.RUNNING, 40, 41, 99.0)
-    assert after.health()["checkpoint_mode"] == core.DIR
+    assert after.health().checkpoint_mode == core.DIR
     fresh = core.dir_started(status(S.STARTING), None, at=5.0)
     assert fresh.state is S.RUNNING and fresh.first_step is None and fresh.step is None
 

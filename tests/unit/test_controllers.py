@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.agent.protocol import AgentState, checkpoint_prefix
 from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
@@ -33,7 +34,6 @@ from gpuscout.policy import ZONE_BACKOFF_S
 from gpuscout.providers.base import CapacityError, LaunchRequest, ProviderError
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
-from tests.unit.fake_agents import FakeAgents
 
 P3_SPOT_A = "local:us-east-1a:p3.2xlarge:spot"
 G4_SPOT_B = "local:us-east-1b:g4dn.xlarge:spot"

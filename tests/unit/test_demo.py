@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
 from gpuscout.controllers.plane import InvalidRequest, ManualMarketOnly
@@ -27,7 +28,6 @@ from gpuscout.domain import JobSpec, JobStatus, Resources
 from gpuscout.market.trace import TraceRow
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
-from tests.unit.fake_agents import FakeAgents
 
 DEMO_P3_SPOT_A = "demo:us-east-1a:p3.2xlarge:spot"
 DEMO_G4_SPOT_B = "demo:us-east-1b:g4dn.xlarge:spot"

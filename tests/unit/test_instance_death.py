@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
 from gpuscout.domain import InstanceStatus, JobStatus, MigrationStatus
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
-from tests.unit.fake_agents import FakeAgents
 from tests.unit.test_controllers import G4_SPOT_B, address_for, running_job
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.agent.protocol import AgentState
 from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
@@ -17,7 +18,6 @@ from gpuscout.domain import JobSpec, JobStatus, Resources
 from gpuscout.providers.base import LaunchError, LaunchRequest, ProviderInstance
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
-from tests.unit.fake_agents import FakeAgents
 from tests.unit.test_controllers import ManualClock, address_for
 
 SPEC = JobSpec(name="train", command="python train.py", resources=Resources(gpus=1))
@@ -172,8 +172,8 @@ def test_secrets_are_sealed_at_rest_and_handed_to_an_agent_that_awaits_them(
 
     def awaiting(address: str):  # type: ignore[no-untyped-def]
         health = original(address)
-        return replace(health, state=AgentState.SETUP,
-                       awaiting_secrets=address not in agents.secrets_sent)
+        return health.model_copy(update={
+            "state": AgentState.SETUP, "awaiting_secrets": address not in agents.secrets_sent})
 
     agents.health = awaiting  # type: ignore[method-assign]
     passes(service, 4, clock)
@@ -215,7 +215,7 @@ def test_a_replacement_whose_setup_fails_rolls_the_move_back_and_spares_the_offe
         def with_phase(address: str):  # type: ignore[no-untyped-def]
             health = original_health(address)
             failed = address.startswith("standby-")
-            return replace(health, failed_phase="setup" if failed else None)
+            return health.model_copy(update={"failed_phase": "setup" if failed else None})
 
         agents.health = with_phase  # type: ignore[method-assign]
         move_to_g4(svc, job_id)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.agent.protocol import AgentState, checkpoint_prefix
 from gpuscout.domain import JobStatus
 from gpuscout.service import Service
 from gpuscout.workload.checkpoint import CheckpointStore
-from tests.unit.fake_agents import FakeAgents
 from tests.unit.test_controllers import ManualClock
 from tests.unit.test_job_failures import SPEC, agents, clock, passes, service
 

@@ -9,12 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from gpuscout.agent import core
+from gpuscout.agent.fake import FakeAgents
 from gpuscout.agent.protocol import AgentState
 from gpuscout.config import Settings
 from gpuscout.service import build_service
 from gpuscout.store import FileStore
 from gpuscout.workload.checkpoint import CheckpointStore, NoCheckpoint
-from tests.unit.fake_agents import FakeAgents
 from tests.unit.test_controllers import agents, provider, running_job, service
 
 __all__ = ["agents", "provider", "service"]  # test_controllers' fixtures
@@ -26,9 +26,9 @@ def test_the_agent_records_each_skipped_checkpoint_once() -> None:
                                     ("k1", "no manifest")])
     again = core.on_skipped(once, [("k2", "file w.pt: 3 bytes, manifest says 9")])
     assert again is once
-    assert once.health()["skipped_checkpoints"] == [
+    assert once.health().model_dump()["skipped_checkpoints"] == (
         {"key": "k2", "reason": "file w.pt: 3 bytes, manifest says 9"},
-        {"key": "k1", "reason": "no manifest"}]
+        {"key": "k1", "reason": "no manifest"})
     many = core.on_skipped(status, [(f"k{i}", "bad") for i in range(50)])
     assert len(many.skipped_checkpoints) == core.MAX_SKIPPED
 

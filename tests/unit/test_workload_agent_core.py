@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gpuscout.agent import core
-from gpuscout.agent.core import AgentStatus, CheckpointAnswer, CheckpointRequest, Refusal
-from gpuscout.agent.protocol import AgentState, ProgressAction
+from gpuscout.agent.core import AgentStatus, CheckpointRequest, Refusal
+from gpuscout.agent.protocol import AgentState, CheckpointResult, ProgressAction
 
 S = AgentState
 A = ProgressAction
@@ -114,7 +114,8 @@ def test_paused_agent_answers_checkpoint_at_once() -> None:
     s = status(S.PAUSED, step=40, last_step_at=9.0, last_checkpoint_step=40,
                last_checkpoint_key="ck/40")
     new, decision = core.request_checkpoint(s, pause=True)
-    assert decision == CheckpointAnswer(step=40, key="ck/40", last_step_at=9.0)
+    assert decision == CheckpointResult(
+        step=40, key="ck/40", last_step_at=9.0)
     assert new == s
 
 
@@ -128,7 +129,8 @@ def test_full_checkpoint_and_pause_cycle() -> None:
     assert action is A.CHECKPOINT
     s, action = core.on_checkpointed(s, step=11, key="ck/11")
     assert action is A.PAUSE and s.state is S.PAUSED
-    assert core.checkpoint_outcome(s, request) == CheckpointAnswer(11, "ck/11", 50.0)
+    assert core.checkpoint_outcome(s, request) == CheckpointResult(
+        step=11, key="ck/11", last_step_at=50.0)
     assert not core.resume_released(s)
     s = core.resume(s)
     assert s.state is S.RUNNING and core.resume_released(s)
@@ -144,7 +146,8 @@ def test_periodic_checkpoint_answers_a_request_made_before_it_was_reported() -> 
     assert isinstance(request, CheckpointRequest)
     s, action = core.on_checkpointed(s, step=20, key="ck/20")
     assert action is A.PAUSE
-    assert core.checkpoint_outcome(s, request) == CheckpointAnswer(20, "ck/20", 100.0)
+    assert core.checkpoint_outcome(s, request) == CheckpointResult(
+        step=20, key="ck/20", last_step_at=100.0)
 
 
 def test_a_checkpoint_reported_before_the_request_does_not_answer_it() -> None:
@@ -178,7 +181,8 @@ def test_resume_cancels_pause_of_pending_requests() -> None:
     s, action = core.on_checkpointed(s, step=4, key="ck/4")
     assert action is A.CONTINUE  # ... but nobody wants the pause any more
     assert isinstance(request, CheckpointRequest)
-    assert core.checkpoint_outcome(s, request) == CheckpointAnswer(4, "ck/4", 100.0)
+    assert core.checkpoint_outcome(s, request) == CheckpointResult(
+        step=4, key="ck/4", last_step_at=100.0)
 
 
 def test_resume_is_idempotent_outside_pause() -> None:
@@ -247,7 +251,7 @@ def test_start_failure() -> None:
 
 
 def test_health_has_every_protocol_field() -> None:
-    assert set(status().health()) == {
+    assert set(status().health().model_dump()) == {
         "instance_id", "job_id", "state", "step", "total_steps", "loss",
         "last_checkpoint_step", "last_checkpoint_key", "first_step", "first_step_at",
         "last_step_at", "exit_code", "error", "interruption_notice", "awaiting_secrets",
@@ -273,7 +277,8 @@ def test_a_periodic_report_does_not_answer_a_pending_pause_request() -> None:
     assert action is A.CHECKPOINT
     new, action = core.on_checkpointed(new, step=21, key="ck/21")
     assert action is A.PAUSE and new.state is S.PAUSED
-    assert core.checkpoint_outcome(new, request) == CheckpointAnswer(21, "ck/21", 101.0)
+    assert core.checkpoint_outcome(new, request) == CheckpointResult(
+        step=21, key="ck/21", last_step_at=101.0)
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gpuscout.agent.protocol import AgentState, ProgressAction
+from gpuscout.agent.protocol import (
+    AgentState,
+    CheckpointResult,
+    Health,
+    ProgressAction,
+    SkippedCheckpoint,
+)
 
 # Lines of a failed command's stderr kept in its error, and at most this
 # many characters of them (the error travels in health, events and the API).
@@ -64,18 +70,6 @@ class CheckpointRequest:
     # The request is answered by the first checkpoint reported after this
     # many had been reported.
     after: int
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointAnswer:
-    """A verified checkpoint that answers a request (the 200 body)."""
-
-    step: int
-    key: str
-    last_step_at: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "key": self.key, "last_step_at": self.last_step_at}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,31 +132,22 @@ class AgentStatus:
     def live(self) -> bool:
         return self.state in LIVE_STATES
 
-    def health(self) -> dict[str, Any]:
-        """The body of GET /agent/health (see protocol.py)."""
-        return {
-            "instance_id": self.instance_id,
-            "job_id": self.job_id,
-            "state": self.state.value,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "loss": self.loss,
-            "last_checkpoint_step": self.last_checkpoint_step,
-            "last_checkpoint_key": self.last_checkpoint_key,
-            "first_step": self.first_step,
-            "first_step_at": self.first_step_at,
-            "last_step_at": self.last_step_at,
-            "exit_code": self.exit_code,
-            "error": self.error,
-            "interruption_notice": self.interruption_notice,
-            "awaiting_secrets": self.awaiting_secrets,
-            "setup_s": self.setup_s,
-            "failed_phase": self.failed_phase,
-            "restore_waiting": self.restore_waiting,
-            "checkpoint_mode": self.checkpoint_mode,
-            "skipped_checkpoints": [{"key": key, "reason": reason}
-                                    for key, reason in self.skipped_checkpoints],
-        }
+    def health(self) -> Health:
+        """The body of GET /agent/health (protocol.Health)."""
+        return Health(
+            instance_id=self.instance_id, job_id=self.job_id, state=self.state,
+            step=self.step, total_steps=self.total_steps, loss=self.loss,
+            last_checkpoint_step=self.last_checkpoint_step,
+            last_checkpoint_key=self.last_checkpoint_key, first_step=self.first_step,
+            first_step_at=self.first_step_at, last_step_at=self.last_step_at,
+            exit_code=self.exit_code, error=self.error,
+            interruption_notice=self.interruption_notice,
+            awaiting_secrets=self.awaiting_secrets, setup_s=self.setup_s,
+            failed_phase=self.failed_phase, restore_waiting=self.restore_waiting,
+            checkpoint_mode=self.checkpoint_mode,
+            skipped_checkpoints=tuple(SkippedCheckpoint(key=key, reason=reason)
+                                      for key, reason in self.skipped_checkpoints),
+        )
 
 
 def initial(instance_id: str, job_id: str, *, standby: bool, preparing: bool = False,
@@ -208,7 +193,7 @@ def on_setup_failed(status: AgentStatus, error: str, setup_s: float | None = Non
 
 def request_checkpoint(
     status: AgentStatus, *, pause: bool
-) -> tuple[AgentStatus, CheckpointRequest | CheckpointAnswer | Refusal]:
+) -> tuple[AgentStatus, CheckpointRequest | CheckpointResult | Refusal]:
     """Queue a checkpoint request, answer it at once, or refuse it.
 
     A paused workload already sits on a verified checkpoint of its current
@@ -222,9 +207,9 @@ def request_checkpoint(
         and status.last_checkpoint_step == status.step
     ):
         assert status.last_checkpoint_step is not None
-        answer = CheckpointAnswer(
-            status.last_checkpoint_step, status.last_checkpoint_key, status.last_step_at
-        )
+        answer = CheckpointResult(step=status.last_checkpoint_step,
+                                  key=status.last_checkpoint_key,
+                                  last_step_at=status.last_step_at)
         return status, answer
     request = CheckpointRequest(status.next_request_id, pause, status.checkpoints_reported)
     return (
@@ -236,14 +221,14 @@ def request_checkpoint(
 
 def checkpoint_outcome(
     status: AgentStatus, request: CheckpointRequest
-) -> CheckpointAnswer | Refusal | None:
+) -> CheckpointResult | Refusal | None:
     """What a waiting request gets now: an answer, a refusal, or None (wait)."""
     if status.checkpoints_reported > request.after:
         assert status.last_checkpoint_step is not None
         assert status.last_checkpoint_key is not None
-        return CheckpointAnswer(
-            status.last_checkpoint_step, status.last_checkpoint_key, status.last_step_at
-        )
+        return CheckpointResult(step=status.last_checkpoint_step,
+                                key=status.last_checkpoint_key,
+                                last_step_at=status.last_step_at)
     if not status.live:
         return Refusal(f"workload ended before checkpointing (state {status.state.value})")
     return None

@@ -1,16 +1,23 @@
-"""In-memory agents for unit tests of the controllers (the real agent is
-tested with real processes in tests/integration and tests/e2e).
+"""In-memory agents, for tests of the controllers and of code above them
+(the real agent is tested with real processes in tests/integration and
+tests/e2e): the ``Agents`` protocol of controllers/agent_client.py, answered
+in the agent's own wire messages (agent/protocol.py), as
+``gpuscout.providers.fake`` stands in for a cloud.
 
 Each agent completes one step per ``health`` call while running, so tests
-advance training by polling, deterministically."""
+advance training by polling, deterministically. Addresses name the kind of
+instance: one containing "standby" starts in standby (a replacement), any
+other runs at once (restoring the latest checkpoint, if any). Records
+``calls`` ((verb, address), in order); ``reachable``, ``notice``,
+``fail_restore`` and ``skipped`` script faults."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 
-from gpuscout.agent.protocol import AgentState
-from gpuscout.controllers.agent_client import AgentError, AgentHealth, CheckpointResult
+from gpuscout.agent.protocol import AgentState, CheckpointResult, Health, SkippedCheckpoint
+from gpuscout.controllers.agent_client import AgentError
 
 
 @dataclass
@@ -65,20 +72,23 @@ class FakeAgents:
                 a.state = AgentState.COMPLETED
                 a.exit_code = 0
 
-    def health(self, address: str) -> AgentHealth:
+    def health(self, address: str) -> Health:
         with self._lock:
             self.calls.append(("health", address))
             a = self.agent(address)
             if not a.reachable:
                 raise AgentError(f"{address} unreachable")
             self._advance(a)
-            return AgentHealth(
+            return Health(
                 state=a.state, step=a.step, total_steps=a.total_steps, loss=1.0 / (1 + a.step),
                 first_step=a.first_step, first_step_at=a.first_step_at,
                 last_step_at=a.last_step_at,
                 last_checkpoint_step=max(self.checkpoints, default=None),
-                exit_code=a.exit_code, error=a.error, interruption_notice=a.notice,
-                restore_waiting=a.state == AgentState.STANDBY, skipped_checkpoints=a.skipped)
+                exit_code=a.exit_code, error=a.error,
+                interruption_notice="terminate" if a.notice else None,
+                restore_waiting=a.state == AgentState.STANDBY,
+                skipped_checkpoints=tuple(SkippedCheckpoint(key=k, reason=r)
+                                          for k, r in a.skipped))
 
     def checkpoint(self, address: str, *, pause: bool, timeout_s: float) -> CheckpointResult:
         with self._lock:

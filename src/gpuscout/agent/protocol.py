@@ -88,6 +88,9 @@ GET  /workload/wait-resume -> 200 when the agent resumes a paused workload
 from __future__ import annotations
 
 import enum
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 AGENT_PREFIX = "/agent"
 WORKLOAD_PREFIX = "/workload"
@@ -110,6 +113,127 @@ class ProgressAction(enum.StrEnum):
     CONTINUE = "continue"
     CHECKPOINT = "checkpoint"
     PAUSE = "pause"
+
+
+# --- the wire messages, each declared once ------------------------------------
+# The agent validates what it receives with them and builds what it sends;
+# the control plane's client and the workload library do the same on their
+# side, and the agents fake answers the controllers in them.
+
+
+class Message(BaseModel):
+    """A wire message: immutable; fields a newer peer adds are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN or infinity: a diverged loss travels as unknown."""
+    return None if value is None or not math.isfinite(value) else value
+
+
+class SkippedCheckpoint(Message):
+    """A checkpoint a restore skipped as corrupt or partial."""
+
+    key: str = Field(min_length=1, max_length=1024)
+    reason: str = Field(max_length=2000)
+
+
+class Health(Message):
+    """GET /agent/health (the fields are described at the top of this module)."""
+
+    state: AgentState
+    instance_id: str | None = None
+    job_id: str | None = None
+    step: int | None = None  # None until the first progress report
+    total_steps: int | None = None
+    loss: float | None = None
+    last_checkpoint_step: int | None = None
+    last_checkpoint_key: str | None = None
+    first_step: int | None = None
+    first_step_at: float | None = None  # Unix seconds
+    last_step_at: float | None = None  # Unix seconds
+    exit_code: int | None = None
+    error: str | None = None
+    interruption_notice: str | None = None  # the notice as instance metadata gave it
+    awaiting_secrets: bool = False
+    setup_s: float | None = None
+    failed_phase: str | None = None  # "setup" | "command": the job's own failure
+    restore_waiting: bool = False
+    checkpoint_mode: str | None = None  # "library" | "dir" | None (unknown yet)
+    skipped_checkpoints: tuple[SkippedCheckpoint, ...] = ()
+
+    _finite_loss = field_validator("loss")(_finite_or_none)
+
+    @property
+    def steps_done(self) -> int:
+        """Completed steps (0 before the first report)."""
+        return self.step or 0
+
+
+class CheckpointRequest(Message):
+    """POST /agent/checkpoint."""
+
+    pause: bool = False
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+
+
+class CheckpointResult(Message):
+    """The 200 answer of POST /agent/checkpoint: a verified checkpoint."""
+
+    step: int
+    key: str
+    last_step_at: float | None = None  # Unix seconds
+
+
+class RestoreRequest(Message):
+    """POST /agent/restore (step None: the latest verified checkpoint)."""
+
+    step: int | None = Field(default=None, ge=0)
+
+
+class SecretsRequest(Message):
+    """POST /agent/secrets."""
+
+    secrets: dict[str, str]
+
+
+class RestoreTarget(Message):
+    """The 200 answer of GET /workload/restore-target."""
+
+    step: int | None = None
+
+
+class ProgressReport(Message):
+    """POST /workload/progress."""
+
+    step: int = Field(ge=0)
+    loss: float | None = None
+    total_steps: int | None = Field(default=None, ge=0)
+    time: float | None = None  # Unix seconds the step completed
+
+    _finite_loss = field_validator("loss")(_finite_or_none)
+
+
+class CheckpointedReport(Message):
+    """POST /workload/checkpointed. ``periodic``: uploaded in the background
+    while training went on; recorded, but it answers no checkpoint request."""
+
+    step: int = Field(ge=0)
+    key: str = Field(min_length=1)
+    periodic: bool = False
+
+
+class SkippedReport(Message):
+    """POST /workload/skipped."""
+
+    checkpoints: list[SkippedCheckpoint] = Field(max_length=100)
+
+
+class ActionAnswer(Message):
+    """The answer of POST /workload/progress and /workload/checkpointed."""
+
+    action: ProgressAction
 
 
 # Environment the bootstrap script gives the agent.

@@ -15,7 +15,6 @@ import functools
 import hmac
 import ipaddress
 import logging
-import math
 import os
 import shutil
 import signal
@@ -30,7 +29,6 @@ import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from gpuscout import workdir
@@ -39,7 +37,16 @@ from gpuscout.agent.config import AgentConfig
 from gpuscout.agent.protocol import (
     AGENT_PREFIX,
     WORKLOAD_PREFIX,
+    ActionAnswer,
     AgentState,
+    CheckpointedReport,
+    CheckpointRequest,
+    CheckpointResult,
+    ProgressReport,
+    RestoreRequest,
+    RestoreTarget,
+    SecretsRequest,
+    SkippedReport,
     checkpoint_mode_key,
     checkpoint_prefix,
 )
@@ -454,43 +461,6 @@ class SaveWatcher:
 # --- request bodies --------------------------------------------------------
 
 
-class CheckpointBody(BaseModel):
-    pause: bool = False
-    timeout_s: float = Field(default=120.0, gt=0, le=3600)
-
-
-class RestoreBody(BaseModel):
-    step: int | None = Field(default=None, ge=0)
-
-
-class ProgressBody(BaseModel):
-    step: int = Field(ge=0)
-    loss: float | None = None
-    total_steps: int | None = Field(default=None, ge=0)
-    time: float | None = None
-
-
-class CheckpointedBody(BaseModel):
-    step: int = Field(ge=0)
-    key: str = Field(min_length=1)
-    # Uploaded in the background while training went on: recorded, but it
-    # answers no checkpoint request (core.on_checkpointed).
-    periodic: bool = False
-
-
-class SecretsBody(BaseModel):
-    secrets: dict[str, str]
-
-
-class SkippedCheckpoint(BaseModel):
-    key: str = Field(min_length=1, max_length=1024)
-    reason: str = Field(max_length=2000)
-
-
-class SkippedBody(BaseModel):
-    checkpoints: list[SkippedCheckpoint] = Field(max_length=100)
-
-
 # --- the app ---------------------------------------------------------------
 
 
@@ -530,20 +500,17 @@ def create_app(agent: Agent) -> FastAPI:
 
     @app.get(f"{AGENT_PREFIX}/health")
     async def health() -> dict[str, Any]:
-        body = agent.status.health()
-        if body["loss"] is not None and not math.isfinite(body["loss"]):
-            body["loss"] = None  # JSON has no NaN/inf; a diverged loss reads as unknown
-        return body
+        return agent.status.health().model_dump(mode="json")
 
     @app.post(f"{AGENT_PREFIX}/checkpoint", dependencies=authorized)
-    async def checkpoint(body: CheckpointBody | None = None) -> Response:
-        body = body or CheckpointBody()
+    async def checkpoint(body: CheckpointRequest | None = None) -> Response:
+        body = body or CheckpointRequest()
         started = time.monotonic()
         decision = await agent.apply(lambda s: core.request_checkpoint(s, pause=body.pause))
         if isinstance(decision, core.Refusal):
             return error(409, decision.message)
-        if isinstance(decision, core.CheckpointAnswer):
-            return JSONResponse(decision.to_json())
+        if isinstance(decision, CheckpointResult):
+            return JSONResponse(decision.model_dump(mode="json"))
         request = decision
         await agent.wait_until(
             lambda s: core.checkpoint_outcome(s, request) is not None, body.timeout_s
@@ -557,10 +524,10 @@ def create_app(agent: Agent) -> FastAPI:
             return error(409, outcome.message)
         log.info("checkpoint at step %d answered in %.3f s (pause=%s)",
                  outcome.step, time.monotonic() - started, body.pause)
-        return JSONResponse(outcome.to_json())
+        return JSONResponse(outcome.model_dump(mode="json"))
 
     @app.post(f"{AGENT_PREFIX}/secrets", dependencies=authorized)
-    async def secrets(body: SecretsBody) -> Response:
+    async def secrets(body: SecretsRequest) -> Response:
         missing = sorted(set(agent.config.secret_names) - set(body.secrets))
         if missing:
             return error(422, f"secrets missing: {', '.join(missing)}")
@@ -577,8 +544,8 @@ def create_app(agent: Agent) -> FastAPI:
         return {"state": agent.status.state.value}
 
     @app.post(f"{AGENT_PREFIX}/restore", dependencies=authorized, status_code=202)
-    async def restore(body: RestoreBody | None = None) -> Response:
-        step = (body or RestoreBody()).step
+    async def restore(body: RestoreRequest | None = None) -> Response:
+        step = (body or RestoreRequest()).step
         refusal = await agent.apply(lambda s: core.request_restore(s, step))
         if refusal is not None:
             return error(409, refusal.message)
@@ -597,23 +564,23 @@ def create_app(agent: Agent) -> FastAPI:
         await agent.update(core.workload_waits)
         if not await agent.wait_until(core.restore_released, timeout_s):
             return Response(status_code=204)  # still in standby: ask again
-        return JSONResponse({"step": agent.status.restore_step})
+        return JSONResponse(RestoreTarget(step=agent.status.restore_step).model_dump())
 
     @app.post(f"{WORKLOAD_PREFIX}/progress", dependencies=loopback)
-    async def progress(body: ProgressBody) -> dict[str, str]:
+    async def progress(body: ProgressReport) -> dict[str, str]:
         at = body.time if body.time is not None else time.time()
         action = await agent.apply(lambda s: core.on_progress(
             s, step=body.step, loss=body.loss, total_steps=body.total_steps, at=at))
-        return {"action": action.value}
+        return ActionAnswer(action=action).model_dump(mode="json")
 
     @app.post(f"{WORKLOAD_PREFIX}/checkpointed", dependencies=loopback)
-    async def checkpointed(body: CheckpointedBody) -> dict[str, str]:
+    async def checkpointed(body: CheckpointedReport) -> dict[str, str]:
         action = await agent.apply(lambda s: core.on_checkpointed(
             s, step=body.step, key=body.key, periodic=body.periodic))
-        return {"action": action.value}
+        return ActionAnswer(action=action).model_dump(mode="json")
 
     @app.post(f"{WORKLOAD_PREFIX}/skipped", dependencies=loopback)
-    async def skipped(body: SkippedBody) -> dict[str, int]:
+    async def skipped(body: SkippedReport) -> dict[str, int]:
         items = [(c.key, c.reason) for c in body.checkpoints]
         await agent.update(lambda s: core.on_skipped(s, items))
         return {"recorded": len(agent.status.skipped_checkpoints)}

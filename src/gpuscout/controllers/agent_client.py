@@ -2,66 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
+from pydantic import ValidationError
 
-from gpuscout.agent.protocol import AgentState
+from gpuscout.agent.protocol import (
+    CheckpointRequest,
+    CheckpointResult,
+    Health,
+    Message,
+    RestoreRequest,
+    SecretsRequest,
+)
 
 
 class AgentError(RuntimeError):
     """The agent did not answer, or answered with an error."""
 
 
-@dataclass(frozen=True, slots=True)
-class AgentHealth:
-    state: AgentState
-    step: int
-    total_steps: int | None
-    loss: float | None
-    first_step: int | None
-    first_step_at: float | None
-    last_step_at: float | None
-    last_checkpoint_step: int | None
-    exit_code: int | None
-    error: str | None
-    interruption_notice: bool
-    awaiting_secrets: bool = False
-    setup_s: float | None = None
-    failed_phase: str | None = None  # "setup" | "command": the job's own failure
-    restore_waiting: bool = False  # a standby workload asks for its restore target
-    # "library", "dir" (GPUSCOUT_CHECKPOINT_DIR: steps are not seen), or None.
-    checkpoint_mode: str | None = None
-    # Checkpoints a restore skipped as corrupt or partial: (key, reason).
-    skipped_checkpoints: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentHealth:
-        return cls(
-            state=AgentState(data["state"]), step=int(data.get("step") or 0),
-            total_steps=data.get("total_steps"), loss=data.get("loss"),
-            first_step=data.get("first_step"), first_step_at=data.get("first_step_at"),
-            last_step_at=data.get("last_step_at"),
-            last_checkpoint_step=data.get("last_checkpoint_step"),
-            exit_code=data.get("exit_code"), error=data.get("error"),
-            interruption_notice=bool(data.get("interruption_notice")),
-            awaiting_secrets=bool(data.get("awaiting_secrets")),
-            setup_s=data.get("setup_s"),
-            failed_phase=data.get("failed_phase"),
-            restore_waiting=bool(data.get("restore_waiting")),
-            checkpoint_mode=data.get("checkpoint_mode"),
-            skipped_checkpoints=tuple((str(c.get("key")), str(c.get("reason")))
-                                      for c in data.get("skipped_checkpoints") or ()
-                                      if isinstance(c, dict)),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointResult:
-    step: int
-    key: str
-    last_step_at: float | None
+# The agent's wire messages (agent/protocol.py), under the names the
+# controllers use.
+AgentHealth = Health
+M = TypeVar("M", bound=Message)
 
 
 class Agents(Protocol):
@@ -118,21 +81,31 @@ class AgentClient:
         return response
 
     def health(self, address: str) -> AgentHealth:
-        return AgentHealth.from_json(self._call("GET", address, "/agent/health").json())
+        return self._parse(Health, address, "/agent/health",
+                           self._call("GET", address, "/agent/health"))
 
     def checkpoint(self, address: str, *, pause: bool, timeout_s: float) -> CheckpointResult:
-        data = self._call(
-            "POST", address, "/agent/checkpoint", json={"pause": pause, "timeout_s": timeout_s},
-            timeout=timeout_s + 5,
-        ).json()
-        return CheckpointResult(step=int(data["step"]), key=str(data["key"]),
-                                last_step_at=data.get("last_step_at"))
+        body = CheckpointRequest(pause=pause, timeout_s=timeout_s)
+        response = self._call("POST", address, "/agent/checkpoint",
+                              json=body.model_dump(mode="json"), timeout=timeout_s + 5)
+        return self._parse(CheckpointResult, address, "/agent/checkpoint", response)
 
     def resume(self, address: str) -> None:
         self._call("POST", address, "/agent/resume")
 
     def restore(self, address: str, step: int | None) -> None:
-        self._call("POST", address, "/agent/restore", json={"step": step})
+        self._call("POST", address, "/agent/restore",
+                   json=RestoreRequest(step=step).model_dump(mode="json"))
 
     def send_secrets(self, address: str, secrets: dict[str, str]) -> None:
-        self._call("POST", address, "/agent/secrets", json={"secrets": secrets})
+        self._call("POST", address, "/agent/secrets",
+                   json=SecretsRequest(secrets=secrets).model_dump(mode="json"))
+
+    @staticmethod
+    def _parse(model: type[M], address: str, path: str, response: httpx.Response) -> M:
+        """The answer as its wire message; AgentError if it is not one."""
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as err:
+            raise AgentError(f"agent at {address} answered {path} with an unexpected body: "
+                             f"{err.errors()[0]['msg']}") from err

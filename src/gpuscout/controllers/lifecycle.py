@@ -7,10 +7,10 @@ executor; here it only has its progress and cost kept up to date.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from gpuscout.agent.protocol import AgentState, checkpoint_prefix
+from gpuscout.agent.protocol import AgentState, SkippedCheckpoint, checkpoint_prefix
 from gpuscout.clock import utc
 from gpuscout.controllers.agent_client import AgentError, AgentHealth
 from gpuscout.controllers.context import Context, log
@@ -20,7 +20,6 @@ from gpuscout.domain.states import IllegalTransition
 from gpuscout.policy import (
     PlacementDecision,
     budget_thresholds_reached,
-    choose_offer,
     offer_for,
     projected_cost_usd,
     remaining_work_hours,
@@ -56,10 +55,10 @@ Placer = Callable[[Job], PlacementDecision]
 
 class Lifecycle:
     def __init__(self, ctx: Context, urgent_move: UrgentMove,
-                 placement: Placer | None = None) -> None:
+                 placement: Placer) -> None:
         self.ctx = ctx
         self.urgent_move = urgent_move
-        self.placement = placement or self._cheapest
+        self.placement = placement
         # When each running agent last answered (monotonic bookkeeping of
         # the loop; losing it on restart only delays loss detection).
         self._last_seen: dict[str, datetime] = {}
@@ -239,14 +238,6 @@ class Lifecycle:
 
     # --- helpers -----------------------------------------------------------
 
-    def _cheapest(self, job: Job) -> PlacementDecision:
-        placement = choose_offer(job.spec.resources,
-                                 self.ctx.scope_offers(job.id, self.ctx.offers()),
-                                 avoid_zones=self.ctx.avoided_zones())
-        if placement is None:
-            return PlacementDecision(None, "no available offer fits the job's resources")
-        return PlacementDecision(placement.offer, placement.reason)
-
     def _health(self, address: str | None) -> AgentHealth | None:
         if not address:
             return None
@@ -281,20 +272,20 @@ class Lifecycle:
         self.ctx.repo.transition(job.id, S.RECOVERING, expect={S.RUNNING}, instance_id=None)
 
     def _record_progress(self, job: Job, health: AgentHealth) -> None:
-        if (health.step, health.loss, health.total_steps) != (
+        if (health.steps_done, health.loss, health.total_steps) != (
             job.progress.step, job.progress.loss, job.progress.total_steps
         ):
-            self.ctx.repo.update_job(job.id, step=health.step, loss=health.loss,
+            self.ctx.repo.update_job(job.id, step=health.steps_done, loss=health.loss,
                                      total_steps=health.total_steps)
         if health.skipped_checkpoints:
             self._name_skipped(job, health.skipped_checkpoints)
 
-    def _name_skipped(self, job: Job, skipped: tuple[tuple[str, str], ...]) -> None:
+    def _name_skipped(self, job: Job, skipped: Sequence[SkippedCheckpoint]) -> None:
         """One ``checkpoint_skipped`` event per checkpoint a restore skipped
         as corrupt or partial (restarts included: the events say which were
         named already)."""
-        fresh = [(key, reason) for key, reason in skipped
-                 if (job.id, key) not in self._skipped_named]
+        fresh = [(c.key, c.reason) for c in skipped
+                 if (job.id, c.key) not in self._skipped_named]
         if not fresh:
             return
         named = {(e.data or {}).get("key") for e in self.ctx.repo.list_events(

@@ -524,7 +524,7 @@ class MigrationExecutor:
                 if health.state == AgentState.FAILED:
                     raise MigrationFailed(f"replacement failed to restore: {health.error}")
                 if health.first_step is not None and (
-                        checkpoint_step is None or health.step > checkpoint_step
+                        checkpoint_step is None or health.steps_done > checkpoint_step
                         or health.checkpoint_mode == "dir"):
                     # A folder job's steps are not seen: its command started
                     # on the restored folder (protocol.py).

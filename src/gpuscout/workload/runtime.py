@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -166,16 +165,14 @@ class AgentClient:
         while True:
             answer = self._call("GET", f"{p.WORKLOAD_PREFIX}/restore-target", long_poll=True)
             if answer.status_code == 200:
-                step = answer.json().get("step")
-                return None if step is None else int(step)
+                return p.RestoreTarget.model_validate_json(answer.content).step
 
     def progress(self, step: int, *, loss: float | None, total_steps: int | None,
                  at: float) -> ProgressAction:
-        if loss is not None and not math.isfinite(loss):
-            loss = None  # JSON has no NaN; the agent reads None as unknown
-        body = {"step": step, "loss": loss, "total_steps": total_steps, "time": at}
-        answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/progress", json=body)
-        return ProgressAction(answer.json()["action"])
+        body = p.ProgressReport(step=step, loss=loss, total_steps=total_steps, time=at)
+        answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/progress",
+                            json=body.model_dump(mode="json"))
+        return p.ActionAnswer.model_validate_json(answer.content).action
 
     def checkpointed(self, step: int, key: str, *, periodic: bool = False) -> ProgressAction:
         """Report a checkpoint saved; ``periodic``: one uploaded in the
@@ -183,16 +180,17 @@ class AgentClient:
         May be called from the upload thread while the training thread is
         in another call: ``httpx.Client`` can be shared between threads
         (its connection pool is locked; each call gets its own connection)."""
-        body = {"step": step, "key": key, "periodic": periodic}
-        answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/checkpointed", json=body)
-        return ProgressAction(answer.json()["action"])
+        body = p.CheckpointedReport(step=step, key=key, periodic=periodic)
+        answer = self._call("POST", f"{p.WORKLOAD_PREFIX}/checkpointed",
+                            json=body.model_dump(mode="json"))
+        return p.ActionAnswer.model_validate_json(answer.content).action
 
     def skipped(self, checkpoints: list[tuple[str, str]]) -> None:
         """Report checkpoints a restore skipped as corrupt or partial
         ((key, reason)): the control plane names them in the job's events."""
-        body = {"checkpoints": [{"key": key, "reason": reason[:2000]}
-                                for key, reason in checkpoints[:100]]}
-        self._call("POST", f"{p.WORKLOAD_PREFIX}/skipped", json=body)
+        body = p.SkippedReport(checkpoints=[p.SkippedCheckpoint(key=key, reason=reason[:2000])
+                                            for key, reason in checkpoints[:100]])
+        self._call("POST", f"{p.WORKLOAD_PREFIX}/skipped", json=body.model_dump(mode="json"))
 
     def wait_resume(self) -> None:
         """Block until the agent resumes this workload."""
@@ -282,12 +280,14 @@ class WorkloadServer:
 
     Each route handler gets a ``Request`` and returns a JSON-able value
     (200) or raises ``BadRequest``; any other exception is a 500 and is
-    logged. Unknown paths are 404, other methods on a known path 405.
+    logged. Unknown paths are 404, other methods on a known path 405; ``GET /``,
+    unless routed, lists the routes (``{"endpoints": ["GET /status", ...]}``).
     """
 
     def __init__(self, routes: Mapping[str, Handler], *, host: str = "127.0.0.1",
                  port: int = 0) -> None:
         table = _parse_routes(routes)
+        index = sorted(f"{method} {path}" for path, methods in table.items() for method in methods)
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive with the agent's proxy
@@ -302,6 +302,10 @@ class WorkloadServer:
                     self.close_connection = True
                     return self._reply(413, {"error": "body too large"})
                 body = self.rfile.read(length) if length else b""
+                if methods is None and url.path == "/" and self.command == "GET":
+                    # The job's stable endpoint (/endpoints/JOB/, the dashboard's
+                    # link) lands here: say what the workload serves.
+                    return self._reply(200, {"endpoints": index})
                 if methods is None:
                     return self._reply(404, {"error": f"no such endpoint: {url.path}"})
                 handler = methods.get(self.command)
