@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from gpuscout.db import NotFound, Repository
 from gpuscout.domain import Job, JobSpec, Offer, Resources, WorkloadType
 from gpuscout.market.catalog import default_local_catalog
-from gpuscout.market.feeds import PriceFeed, TraceFeed
+from gpuscout.market.feeds import PriceFeed, SyncedFeed, TraceFeed
 from gpuscout.market.trace import TraceRow, read_trace
 
 if TYPE_CHECKING:
@@ -85,6 +85,14 @@ class DemoFeed:
 
     def tick(self, repo: Repository, now: datetime) -> int:
         return self.inner.tick(repo, now) + self.script.tick(repo, now)
+
+    def synced_at(self) -> datetime | None:
+        """The older of the two markets' syncs (``SyncedFeed``; a manual
+        inner market is always current)."""
+        times = [f.synced_at() for f in (self.inner, self.script) if isinstance(f, SyncedFeed)]
+        if any(t is None for t in times):
+            return None
+        return min((t for t in times if t is not None), default=None)
 
 
 def enable_demo(service: Service, *, rows: Sequence[TraceRow] | None = None,

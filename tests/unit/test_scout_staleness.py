@@ -104,3 +104,35 @@ def test_the_scout_moves_nothing_on_offers_older_than_the_bound(
     (m,) = service.repo.list_migrations(job_id=job_id)
     assert (m.status.value, m.to_offer_id) == ("completed", P3_SPOT_B)
 
+
+
+def test_the_aws_feed_is_synced_when_its_source_last_answered(tmp_path: Path) -> None:
+    """A price source that keeps failing (expired credentials, the EC2 API
+    down) leaves the offers to age: the AWS feed's sync time is its last
+    answer, or its start before any answer, so the scout stops after the bound."""
+    from gpuscout.db import open_repository
+    from gpuscout.market.aws_prices import AwsPriceFeed
+    from gpuscout.policy import MovePolicy, stale_offers
+
+    repo = open_repository(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    offers = FakeProvider().offers()[:2]
+    failing = {"now": True}
+
+    def source() -> list:  # type: ignore[type-arg]
+        if failing["now"]:
+            raise RuntimeError("ExpiredToken")
+        return list(offers)
+
+    feed = AwsPriceFeed(source, refresh_s=300)
+    assert isinstance(feed, SyncedFeed)
+    with pytest.raises(RuntimeError):
+        feed.start(repo, T0)
+    assert feed.synced_at() == T0  # the table is at least as old as this start
+    with pytest.raises(RuntimeError):
+        feed.tick(repo, T0 + timedelta(seconds=301))
+    later = T0 + timedelta(seconds=601)
+    age = (later - (feed.synced_at() or later)).total_seconds()
+    assert stale_offers(age, MovePolicy()) is not None  # 601 s > 600 s: no move
+    failing["now"] = False
+    feed.tick(repo, T0 + timedelta(seconds=602))
+    assert feed.synced_at() == T0 + timedelta(seconds=602)

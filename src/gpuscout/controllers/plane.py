@@ -72,8 +72,6 @@ _REASON_OF_TRIGGER = {
 }
 # A cancel that races the loops' own changes of the job tries this often.
 _CANCEL_TRIES = 5
-# Past moves whose measured phases replace the estimates (most recent).
-_MEASURED_MOVES = 20
 
 
 def with_setup(costs: MoveCosts, setup_s: float | None) -> MoveCosts:

@@ -141,11 +141,21 @@ class AwsPriceFeed:
         self.refresh_s = refresh_s
         self._known: dict[str, Offer] = {}
         self._last: datetime | None = None
+        self._synced: datetime | None = None
 
     def start(self, repo: Repository, now: datetime) -> None:
         self._known = {}
         self._last = None
+        # Until a first fetch succeeds, the table holds what a previous run
+        # wrote: as old as this start at least.
+        self._synced = now
         self.tick(repo, now)
+
+    def synced_at(self) -> datetime | None:
+        """When the source last answered (``SyncedFeed``): a source that
+        keeps failing (credentials expired, the API down) leaves the offers
+        to age until the scout stops acting on them."""
+        return self._synced
 
     def tick(self, repo: Repository, now: datetime) -> int:
         if self._last is not None and (now - self._last).total_seconds() < self.refresh_s:
@@ -159,4 +169,5 @@ class AwsPriceFeed:
         if changed:
             repo.seed_offers(changed, now, overwrite=True)
         self._known = fresh
+        self._synced = now
         return len(changed)
