@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 import gpuscout
-from gpuscout.api.errors import install_error_handlers
+from gpuscout.api.errors import answers, install_error_handlers
+from gpuscout.api.openapi import install_openapi
 from gpuscout.api.routes import api_router, system
 from gpuscout.api.schemas import Health
 from gpuscout.dashboard import STATIC_DIR
@@ -56,6 +57,19 @@ def create_app(service: Service) -> FastAPI:
             return False
         return True
 
-    app.include_router(proxy_router(service.plane.ctx.router, job_exists))
+    # The proxy answers what the job's own service answers (any status), and
+    # these when it cannot reach it; it asks no token of its callers.
+    app.include_router(proxy_router(service.plane.ctx.router, job_exists), responses={
+        200: {"description": "the job's own service's answer, forwarded as it is"},
+        "default": {"description": "the job's own service's answer, forwarded as it is"},
+        **answers({
+            400: "the request cannot be forwarded as it is",
+            404: "no job with this id",
+            502: "the job's instance is unreachable",
+            503: "the job has no running instance right now (Retry-After: 2)",
+            504: "the job's instance did not answer in time",
+        }),
+    })
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="dashboard")
+    install_openapi(app)
     return app

@@ -20,7 +20,15 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gpuscout.controllers.plane import ControlPlane
 from gpuscout.service import Service
 
-_bearer = HTTPBearer(auto_error=False, description="the token in $GPUSCOUT_HOME/api_token")
+_bearer = HTTPBearer(
+    auto_error=False, scheme_name="HTTPBearer",
+    description="the token in $GPUSCOUT_HOME/api_token: needed by every call that changes "
+                "state, and by reads from outside the loopback interface")
+# The same token, as require_token asks it: a scheme of its own only so that
+# the OpenAPI FastAPI generates tells the operations that need it apart from
+# those that read it when given (api/openapi.py states the first "the token",
+# the others "none, or the token", and folds this scheme into the first).
+_bearer_required = HTTPBearer(auto_error=False, scheme_name="HTTPBearerRequired")
 
 
 def get_service(request: Request) -> Service:
@@ -37,6 +45,7 @@ def get_plane(service: ServiceDep) -> ControlPlane:
 
 PlaneDep = Annotated[ControlPlane, Depends(get_plane)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+RequiredCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_required)]
 
 
 def _token_ok(service: Service, credentials: HTTPAuthorizationCredentials | None) -> bool:
@@ -49,7 +58,7 @@ def _unauthorized(message: str) -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_token(service: ServiceDep, credentials: Credentials) -> None:
+def require_token(service: ServiceDep, credentials: RequiredCredentials) -> None:
     """For calls that change state."""
     if credentials is None:
         raise _unauthorized("this call changes state and needs the API token: "

@@ -1,22 +1,30 @@
 """Domain errors become HTTP answers here, and only here (the edge).
 
-Contract: every 4xx is JSON ``{"detail": ...}``. Validation errors (422)
-carry a list of ``{"loc", "field", "msg", "type"}`` where ``field`` is the
-dotted name inside the body or query (``resources.gpus``), so a client can
-name the problem without knowing where FastAPI put it. An unexpected error
-is a 500 with a one-line JSON detail; the traceback goes to the log only.
+Contract: every 4xx is JSON ``{"detail": ...}`` (``ErrorPublic``). Validation
+errors (422, ``ValidationErrorPublic``) carry a list of ``{"loc", "field",
+"msg", "type"}`` where ``field`` is the dotted name inside the body or query
+(``resources.gpus``), so a client can name the problem without knowing where
+FastAPI put it. An unexpected error is a 500 with a one-line JSON detail; the
+traceback goes to the log only.
+
+Each operation lists in the OpenAPI the error statuses it can answer, with
+``answers``; tests/integration/test_api_contract.py holds the API to them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpuscout.api.schemas import ErrorPublic, ValidationErrorPublic
 from gpuscout.controllers.plane import Conflict, InvalidRequest
 from gpuscout.db import ConcurrentChange, NotFound
 from gpuscout.domain import IllegalTransition
@@ -25,6 +33,19 @@ log = logging.getLogger("gpuscout.api")
 
 # Where FastAPI says the value came from; not part of the field's name.
 _SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+def answers(why: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: each error status it can answer, and
+    when, with its body's model."""
+    return {code: {"model": ValidationErrorPublic if code == 422 else ErrorPublic,
+                   "description": text}
+            for code, text in why.items()}
+
+
+# FastAPI answers 400 itself when a body is not even text (not UTF-8); JSON
+# that does not parse is a 422 (json_invalid), like any other bad value.
+UNREADABLE_BODY = "the body cannot be read (not UTF-8)"
 
 
 def field_name(loc: Sequence[Any]) -> str:
@@ -54,7 +75,30 @@ def validation_detail(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return [_error(e) for e in errors]
 
 
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """The methods the OpenAPI documents for ``path``, as a 405's ``Allow``
+    must list them (RFC 9110 15.5.6)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        pattern = re.sub(r"\\\{[^}]*\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    # A method an API path does not have falls through to the dashboard's
+    # mount at "/" (which matches every path): a 404 for GET, a 405 with
+    # "Allow: GET, HEAD" for others. It is a 405 listing the path's methods.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> Response:
+        if err.status_code in (404, 405):
+            allowed = allowed_methods(app, request.url.path)
+            if allowed and request.method not in allowed:
+                return JSONResponse({"detail": "Method Not Allowed"}, status_code=405,
+                                    headers={"Allow": ", ".join(allowed)})
+        return await http_exception_handler(request, err)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, err: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": validation_detail(err.errors())}, status_code=422)

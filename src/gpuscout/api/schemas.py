@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpuscout.db import Event
 from gpuscout.domain import (
@@ -159,7 +159,7 @@ class MigrateRequest(_Input):
         description="target offer; if omitted, the offer that saves most per work hour "
                     "(409 when none saves)")
     confirm_dearer: bool = Field(
-        default=False,
+        default=False, strict=True,
         description="move to offer_id even though it costs more per work hour "
                     "(409 without it)")
 
@@ -318,10 +318,16 @@ MAX_PRICE_PER_HOUR = 1e4  # USD
 class OfferUpdate(_Input):
     """The body of ``PATCH /offers/{offer_id}``: at least one field."""
 
+    # What _something_to_change checks, stated in the JSON schema.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["price_per_hour"], "properties": {"price_per_hour": {"type": "number"}}},
+        {"required": ["available"], "properties": {"available": {"type": "boolean"}}},
+    ]})
+
     # Bounded so that a price per work hour (price / relative speed) stays
     # finite: the dearest cloud machines cost a few hundred dollars an hour.
     price_per_hour: float | None = Field(default=None, gt=0, le=MAX_PRICE_PER_HOUR)
-    available: bool | None = None
+    available: bool | None = Field(default=None, strict=True)  # not 0/1 or "yes"
 
     @field_validator("price_per_hour", mode="before")
     @classmethod
@@ -363,6 +369,32 @@ class InstancePublic(BaseModel):
 class InstancesPublic(BaseModel):
     data: list[InstancePublic]
     count: int
+
+
+# --- errors ------------------------------------------------------------------
+# The bodies of the error answers (api/errors.py makes them; each operation
+# lists the statuses it can answer in the OpenAPI with these models).
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer but a validation error: 400, 401, 404, 409, 500."""
+
+    detail: str = Field(description="one line, for a person")
+
+
+class FieldErrorPublic(BaseModel):
+    loc: list[str | int] = Field(description="where FastAPI found the value, e.g. "
+                                             '["body", "resources", "gpus"]')
+    field: str = Field(description='the dotted name inside the body or query, e.g. '
+                                   '"resources.gpus"')
+    msg: str
+    type: str
+
+
+class ValidationErrorPublic(BaseModel):
+    """422: the request is well formed, but a value in it is refused."""
+
+    detail: list[FieldErrorPublic]
 
 
 # --- system ------------------------------------------------------------------

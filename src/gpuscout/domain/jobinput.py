@@ -32,6 +32,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from gpuscout.domain.models import Capacity, JobSpec, OnBudget, Resources, WorkloadType
 
@@ -64,6 +65,19 @@ _BOOL_AS_TEXT = ("must be text, not true/false (YAML reads yes, no, on and off a
                  "quote it)")
 # Unicode categories that end or break a line: controls (\n, \t, ESC), U+2028, U+2029.
 _LINE_BREAKING = ("Cc", "Zl", "Zp")
+
+
+# The same rules as JSON Schema (in the OpenAPI, for clients; the validators
+# below enforce them, with their own messages).
+_BREAK = r"\u0000-\u001f\u007f-\u009f\u2028\u2029"  # _LINE_BREAKING's characters
+_ONE_LINE: JsonDict = {"pattern": rf"^[^{_BREAK}]*$"}
+_ONE_LINE_NOT_BLANK: JsonDict = {"pattern": rf"^[^{_BREAK}]*[^\s{_BREAK}][^{_BREAK}]*$"}
+_SCRIPT: JsonDict = {"pattern": r"^[^\u0000]*$"}
+_SCRIPT_NOT_BLANK: JsonDict = {"pattern": r"^[^\u0000]*[^\s\u0000][^\u0000]*$"}
+_VARIABLES: JsonDict = {
+    "propertyNames": {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$", "not": {"pattern": "^GPUSCOUT_"}},
+    "additionalProperties": {"type": "string", "maxLength": MAX_SCRIPT, **_SCRIPT},
+}
 
 
 def _check_text(value: str, *, one_line: bool) -> str:
@@ -100,9 +114,9 @@ class ResourcesIn(InputModel):
     capacity: Capacity | None = Field(
         default=None, description="spot or on-demand only; GPU Scout chooses if omitted")
     instance_type: str | None = Field(default=None, max_length=MAX_WORD,
-                                      description="e.g. g4dn.xlarge")
-    region: str | None = Field(default=None, max_length=MAX_WORD)
-    zone: str | None = Field(default=None, max_length=MAX_WORD)
+                                      description="e.g. g4dn.xlarge", json_schema_extra=_ONE_LINE)
+    region: str | None = Field(default=None, max_length=MAX_WORD, json_schema_extra=_ONE_LINE)
+    zone: str | None = Field(default=None, max_length=MAX_WORD, json_schema_extra=_ONE_LINE)
 
     @field_validator("gpus", "cpus", "memory_gb", mode="before")
     @classmethod
@@ -166,10 +180,11 @@ class JobCreate(InputModel):
     given as ``context={"now": datetime, "now_name": str}`` to
     ``model_validate`` (the simulator passes the job's ``submit_at``)."""
 
-    name: str = Field(min_length=1, max_length=MAX_NAME)
+    name: str = Field(min_length=1, max_length=MAX_NAME, json_schema_extra=_ONE_LINE_NOT_BLANK)
     command: str = Field(min_length=1, max_length=MAX_SCRIPT,
-                         description="shell command run on the instance")
-    model: str = Field(default="", max_length=MAX_WORD)
+                         description="shell command run on the instance",
+                         json_schema_extra=_SCRIPT_NOT_BLANK)
+    model: str = Field(default="", max_length=MAX_WORD, json_schema_extra=_ONE_LINE)
     dataset_size_gb: float = Field(default=0.0, ge=0, le=MAX_DATASET_GB)
     workload_type: WorkloadType = WorkloadType.TRAINING
     expected_duration_hours: float = Field(default=1.0, gt=0, le=MAX_HOURS)
@@ -187,13 +202,14 @@ class JobCreate(InputModel):
         description="the packed project folder, as POST /api/v1/workdirs answered "
                     "(\"sha256:<hex>\"); unpacked as the working folder on every instance")
     setup: str | None = Field(
-        default=None, max_length=MAX_SCRIPT,
+        default=None, max_length=MAX_SCRIPT, json_schema_extra=_SCRIPT,
         description="shell command run once per instance before the command, "
                     "in the working folder (e.g. pip install -r requirements.txt)")
     envs: dict[str, str] = Field(default_factory=dict, max_length=MAX_VARIABLES,
-                                 description="environment variables of setup and command")
+                                 description="environment variables of setup and command",
+                                 json_schema_extra=_VARIABLES)
     secrets: dict[str, str] = Field(
-        default_factory=dict, max_length=MAX_VARIABLES,
+        default_factory=dict, max_length=MAX_VARIABLES, json_schema_extra=_VARIABLES,
         description="environment variables whose values are never shown back, logged or "
                     "put in user-data")
     max_restarts_on_errors: int = Field(

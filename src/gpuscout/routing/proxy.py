@@ -5,13 +5,15 @@ A request resolves the route once, holds a lease on that address until its
 response has been streamed out, and so completes on the instance it started
 on even if the route is switched meanwhile (the old instance is terminated
 only after its leases drain). A job with no route answers 503 with a JSON
-error, an unknown job 404: a missing value is an answer, never a crash.
+error, an unknown job 404, a request that cannot be forwarded 400: a missing
+value is an answer, never a crash.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Request
@@ -20,6 +22,11 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from gpuscout.routing.router import NoRoute, Router
+
+# Left as they are in the forwarded path: what RFC 3986 allows in one
+# (unreserved, sub-delims, ":", "@", "/"). The path arrives decoded, so a
+# "%" in it is a percent sign, escaped again as "%25".
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 # Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
 HOP_BY_HOP = frozenset({
@@ -58,7 +65,9 @@ def proxy_router(
             return JSONResponse(
                 {"detail": f"job {job_id} has no running instance to serve it right now"},
                 status_code=503, headers={"Retry-After": "2"})
-        url = f"http://{address}/{path}"
+        # The path arrives percent-decoded: escaped again, a path with
+        # spaces, control or non-ASCII characters is still a URL.
+        url = f"http://{address}/{quote(path, safe=PATH_SAFE)}"
         if request.url.query:
             url += f"?{request.url.query}"
 
@@ -66,9 +75,14 @@ def proxy_router(
             async for chunk in request.stream():
                 yield chunk
 
-        upstream_request = client().build_request(
-            request.method, url, headers=_forward_headers(dict(request.headers)),
-            content=body())
+        try:
+            upstream_request = client().build_request(
+                request.method, url, headers=_forward_headers(dict(request.headers)),
+                content=body())
+        except httpx.InvalidURL as err:  # a header value httpx refuses, say
+            stack.close()
+            return JSONResponse({"detail": f"cannot forward this request: {err}"},
+                                status_code=400)
         try:
             upstream = await client().send(upstream_request, stream=True)
         except httpx.TimeoutException:
@@ -80,6 +94,9 @@ def proxy_router(
             return JSONResponse(
                 {"detail": f"instance of job {job_id} is unreachable: {type(err).__name__}"},
                 status_code=502)
+        except BaseException:
+            stack.close()  # never leak the lease: the move waits for it
+            raise
 
         async def close() -> None:
             await upstream.aclose()
@@ -93,6 +110,6 @@ def proxy_router(
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
         api.add_api_route(
             "/endpoints/{job_id}/{path:path}", forward, methods=[method],
-            operation_id=f"forward_{method.lower()}",
+            operation_id=f"forward_{method.lower()}", response_class=Response,
             summary=f"{method} on the job's current instance (the user proxy)")
     return api

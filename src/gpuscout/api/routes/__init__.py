@@ -2,9 +2,13 @@
 
 from fastapi import APIRouter
 
+from gpuscout.api.errors import answers
 from gpuscout.api.routes import instances, jobs, offers, system, workdirs
 
-api_router = APIRouter()
+# Every operation under /api/v1 takes a parameter or a body, and so can
+# refuse one (the statuses of its own are on each route).
+api_router = APIRouter(responses=answers({
+    422: "a parameter or the body is refused; each problem names its field"}))
 api_router.include_router(jobs.router)
 api_router.include_router(offers.router)
 api_router.include_router(instances.router)

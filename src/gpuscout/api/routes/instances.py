@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, status
 
 from gpuscout.api.deps import PlaneDep, Reader, ServiceDep, Writer
+from gpuscout.api.errors import answers
 from gpuscout.api.schemas import InstancePublic, InstancesPublic
 
 router = APIRouter(prefix="/instances", tags=["instances"], dependencies=[Reader])
@@ -25,7 +26,10 @@ def list_instances(
 
 @router.post("/{instance_id}/interrupt", status_code=status.HTTP_202_ACCEPTED,
              dependencies=[Writer],
-             summary="Deliver a spot interruption notice (409 if the provider cannot)")
+             summary="Deliver a spot interruption notice (409 if the provider cannot)",
+             responses=answers({404: "no instance with this id",
+                                409: "the instance is not live, or its provider cannot "
+                                     "deliver a notice"}))
 def interrupt_instance(instance_id: str, plane: PlaneDep) -> InstancePublic:
     # 202: the notice is delivered; the control plane answers it on its next
     # pass (checkpoint, then a move out of the zone): follow the job's

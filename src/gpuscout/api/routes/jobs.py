@@ -7,11 +7,12 @@ import mimetypes
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Response, status
+from fastapi import APIRouter, Body, Path, Query, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gpuscout.api.deps import PlaneDep, Reader, ServiceDep, Writer
+from gpuscout.api.errors import UNREADABLE_BODY, answers
 from gpuscout.api.schemas import (
     DecisionPublic,
     DecisionsPublic,
@@ -24,8 +25,10 @@ from gpuscout.api.schemas import (
     MigrationPublic,
     MigrationsPublic,
 )
+from gpuscout.controllers.plane import InvalidRequest
 from gpuscout.domain import JobStatus
 from gpuscout.joblog import LogFollower
+from gpuscout.store import check_key
 
 # How often a followed log is read again from the store (logs are shipped
 # every 2 s by the agents, so a line shows about 1-3 s after it is printed).
@@ -33,10 +36,24 @@ FOLLOW_POLL_S = 1.0
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Reader])
 
+NO_JOB = {404: "no job with this id"}
+# A file the job stored at the top of its artifacts: what plane.artifact and
+# the store's keys accept (no "/", no leading ".", no backslash or NUL).
+ARTIFACT_NAME = r"^[^./\\\u0000][^/\\\u0000]*$"
+
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=[Writer],
-             summary="Submit a job")
-def submit_job(body: JobCreate, plane: PlaneDep) -> JobPublic:
+             summary="Submit a job", responses=answers({400: UNREADABLE_BODY}))
+def submit_job(
+    body: Annotated[JobCreate, Body(openapi_examples={
+        "gpu": {"summary": "a training job on one GPU",
+                "value": {"name": "digits", "command": "python train.py",
+                          "resources": {"gpus": 1}, "expected_duration_hours": 2}},
+        "cpu": {"summary": "a CPU job with a budget",
+                "value": {"name": "etl", "command": "python etl.py", "budget_usd": 5}},
+    })],
+    plane: PlaneDep,
+) -> JobPublic:
     return JobPublic.from_domain(plane.submit(body.to_spec(), body.secrets))
 
 
@@ -50,18 +67,21 @@ def list_jobs(
     return JobsPublic(data=[JobPublic.from_domain(j) for j in jobs], count=len(jobs))
 
 
-@router.get("/{job_id}", summary="One job")
+@router.get("/{job_id}", summary="One job", responses=answers(NO_JOB))
 def get_job(job_id: str, service: ServiceDep) -> JobPublic:
     return JobPublic.from_domain(service.repo.get_job(job_id))
 
 
 @router.delete("/{job_id}", dependencies=[Writer],
-               summary="Cancel a job (409 if it already finished)")
+               summary="Cancel a job (409 if it already finished)",
+               responses=answers({**NO_JOB, 409: "the job has already finished, or changed "
+                                                 "under this call"}))
 def cancel_job(job_id: str, plane: PlaneDep) -> JobPublic:
     return JobPublic.from_domain(plane.cancel(job_id))
 
 
-@router.get("/{job_id}/migrations", summary="The job's moves, oldest first")
+@router.get("/{job_id}/migrations", summary="The job's moves, oldest first",
+            responses=answers(NO_JOB))
 def list_migrations(job_id: str, service: ServiceDep) -> MigrationsPublic:
     service.repo.get_job(job_id)  # 404 for an unknown job, not an empty list
     migrations = service.repo.list_migrations(job_id=job_id)
@@ -69,7 +89,8 @@ def list_migrations(job_id: str, service: ServiceDep) -> MigrationsPublic:
                             count=len(migrations))
 
 
-@router.get("/{job_id}/events", summary="The job's latest events, oldest first")
+@router.get("/{job_id}/events", summary="The job's latest events, oldest first",
+            responses=answers(NO_JOB))
 def list_events(
     job_id: str, service: ServiceDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
@@ -80,7 +101,11 @@ def list_events(
 
 
 @router.post("/{job_id}/migrate", status_code=status.HTTP_202_ACCEPTED, dependencies=[Writer],
-             summary="Move a running job now (to offer_id, or to the best other offer)")
+             summary="Move a running job now (to offer_id, or to the best other offer)",
+             responses=answers({
+                 400: UNREADABLE_BODY, **NO_JOB,
+                 409: "the job is not running or is moving already; no other offer saves; "
+                      "offer_id is dearer without confirm_dearer, or would break the budget"}))
 def migrate_job(
     job_id: str, plane: PlaneDep,
     body: Annotated[MigrateRequest | None, Body()] = None,
@@ -93,7 +118,8 @@ def migrate_job(
 
 
 @router.get("/{job_id}/decisions",
-            summary="The scout's latest decision for the job, with its reason and numbers")
+            summary="The scout's latest decision for the job, with its reason and numbers",
+            responses=answers(NO_JOB))
 def list_decisions(job_id: str, service: ServiceDep) -> DecisionsPublic:
     service.repo.get_job(job_id)
     # The scout keeps only its latest decision per job, in memory: empty
@@ -105,8 +131,18 @@ def list_decisions(job_id: str, service: ServiceDep) -> DecisionsPublic:
 
 @router.get("/{job_id}/artifacts/{name}", summary="A file the job stored, e.g. model.json",
             response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}})
-def get_artifact(job_id: str, name: str, plane: PlaneDep) -> Response:
+            responses={200: {"content": {"*/*": {"schema": {"type": "string",
+                                                             "format": "binary"}}},
+                             "description": "the file, its type guessed from its name"},
+                       **answers({404: "no job with this id, or no such file"})})
+def get_artifact(
+    job_id: str, plane: PlaneDep,
+    name: Annotated[str, Path(json_schema_extra={"pattern": ARTIFACT_NAME})],
+) -> Response:
+    try:
+        check_key(name)  # what no store can hold (a backslash, a NUL) is no file's name
+    except ValueError:
+        raise InvalidRequest("name", f"bad artifact name {name!r}") from None
     content = plane.artifact(job_id, name)
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     return Response(content, media_type=media_type)
@@ -114,7 +150,7 @@ def get_artifact(job_id: str, name: str, plane: PlaneDep) -> Response:
 
 @router.get("/{job_id}/logs", summary="The job's setup and command output, across its moves",
             response_class=PlainTextResponse,
-            responses={200: {"content": {"text/plain": {}}}})
+            responses={200: {"content": {"text/plain": {}}}, **answers(NO_JOB)})
 def get_logs(
     job_id: str, plane: PlaneDep,
     tail: Annotated[int | None, Query(ge=0, description="only the last N lines")] = None,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Body
 
 from gpuscout.api.deps import PlaneDep, Reader, Writer
+from gpuscout.api.errors import UNREADABLE_BODY, answers
 from gpuscout.api.schemas import OfferPublic, OffersPublic, OfferUpdate
 from gpuscout.domain import Capacity
 
@@ -27,8 +30,17 @@ def list_offers(
 
 @router.patch("/{offer_id}", dependencies=[Writer],
               summary="Set an offer's price and/or availability (manual market only; 409 "
-                      "otherwise)")
-def update_offer(offer_id: str, body: OfferUpdate, plane: PlaneDep) -> OfferPublic:
+                      "otherwise)",
+              responses=answers({400: UNREADABLE_BODY, 404: "no offer with this id",
+                                 409: "the market is not manual, or the offer is one of the "
+                                      "demo's scripted offers"}))
+def update_offer(
+    offer_id: str, plane: PlaneDep,
+    body: Annotated[OfferUpdate, Body(openapi_examples={
+        "price": {"summary": "a new price", "value": {"price_per_hour": 0.42}},
+        "gone": {"summary": "capacity gone", "value": {"available": False}},
+    })],
+) -> OfferPublic:
     offer = plane.update_offer(offer_id, price_per_hour=body.price_per_hour,
                                available=body.available)
     return OfferPublic.from_domain(offer)

@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 import gpuscout
 from gpuscout.api.deps import Reader, ServiceDep
+from gpuscout.api.errors import answers
 from gpuscout.api.schemas import Health
 
 router = APIRouter(tags=["system"])
@@ -34,11 +35,12 @@ def health(service: ServiceDep) -> Health | JSONResponse:
 # Open to everyone (load balancers probe it); it reveals no job data.
 router.add_api_route("/healthz", health, methods=["GET"], response_model=Health,
                      summary="Liveness and readiness: 200 when the database answers, else 503",
-                     responses={503: {"description": "the database does not answer"}})
+                     responses=answers({503: "the database does not answer"}))
 
 
 @router.get("/metrics", dependencies=[Reader], response_class=Response,
-            summary="Prometheus metrics (text exposition format)")
+            summary="Prometheus metrics (text exposition format)",
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
 def metrics(service: ServiceDep) -> Response:
     service.plane.refresh_gauges()
     return Response(service.ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)

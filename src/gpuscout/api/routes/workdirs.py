@@ -11,17 +11,22 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi import APIRouter, Header, HTTPException, Path, Request, status
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from gpuscout import workdir
 from gpuscout.api.deps import Reader, ServiceDep, Writer
+from gpuscout.api.errors import answers
 
 router = APIRouter(prefix="/workdirs", tags=["workdirs"], dependencies=[Reader])
+
+# What workdir.parse_ref accepts; stated in the OpenAPI, checked by parse_ref
+# (whose messages say what is wrong with a ref).
+REF_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
 class WorkdirPublic(BaseModel):
@@ -31,18 +36,21 @@ class WorkdirPublic(BaseModel):
     uploaded: bool = Field(default=False, description="false when it was stored already")
 
 
-def _bad(message: str) -> HTTPException:
+def _bad(message: str, loc: tuple[str, str] = ("body", "workdir")) -> HTTPException:
     return HTTPException(422,
-                         detail=[{"loc": ["body"], "field": "workdir", "msg": message,
+                         detail=[{"loc": list(loc), "field": loc[1], "msg": message,
                                   "type": "value_error"}])
 
 
-@router.get("/{ref}", summary="Whether a packed workdir is stored (404 if not)")
-def get_workdir(ref: str, service: ServiceDep) -> WorkdirPublic:
+@router.get("/{ref}", summary="Whether a packed workdir is stored (404 if not)",
+            responses=answers({404: "no workdir with this ref is stored"}))
+def get_workdir(
+    ref: Annotated[str, Path(json_schema_extra={"pattern": REF_PATTERN})], service: ServiceDep,
+) -> WorkdirPublic:
     try:
         key = workdir.key_of(ref)
     except ValueError as err:
-        raise _bad(str(err)) from None
+        raise _bad(str(err), ("path", "ref")) from None
     if not service.plane.ctx.store.exists(key):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"workdir {ref} is not stored")
     return WorkdirPublic(ref=ref)
@@ -74,7 +82,7 @@ async def upload_workdir(
         if size == 0:
             raise _bad("the body is empty: send the packed folder (a .tar.gz)")
         try:
-            files = await run_in_threadpool(workdir.check_archive, Path(path))
+            files = await run_in_threadpool(workdir.check_archive, FilePath(path))
         except ValueError as err:
             raise _bad(str(err).replace("workdir archive upload", "the archive")) from None
         ref = f"sha256:{digest.hexdigest()}"
