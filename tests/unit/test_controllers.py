@@ -861,3 +861,12 @@ def test_an_offer_priced_at_zero_or_less_is_no_offer(service: Service) -> None:
     job = service.plane.submit(SPEC)
     run_until(service, job.id, JobStatus.RUNNING)
     assert service.repo.get_job(job.id).offer_id != G4_SPOT_B
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "../model.json", "a/b", "a\\b", "nul\0"])
+def test_an_artifact_name_the_store_cannot_hold_is_refused_naming_the_field(
+        service: Service, name: str) -> None:
+    job_id = service.plane.submit(SPEC).id
+    with pytest.raises(InvalidRequest) as refused:
+        service.plane.artifact(job_id, name)
+    assert refused.value.field == "name"

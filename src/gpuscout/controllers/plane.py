@@ -461,7 +461,7 @@ class ControlPlane:
 
     def artifact(self, job_id: str, name: str) -> bytes:
         self.ctx.repo.get_job(job_id)
-        if not name or "/" in name or name.startswith("."):
+        if not name or name.startswith(".") or any(c in name for c in "/\\\0"):
             raise InvalidRequest("name", f"bad artifact name {name!r}")
         try:
             return self.ctx.store.get(f"{artifacts_prefix(job_id)}/{name}")
