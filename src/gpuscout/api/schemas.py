@@ -3,30 +3,36 @@
 Inputs (``JobCreate``, ``OfferUpdate``, ``MigrateRequest``) forbid unknown
 fields and validate every bound, so bad input is a 422 that names the field
 before anything is written. Outputs (``*Public``) are built from the domain
-values with ``from_domain``; list endpoints answer ``{"data": [...], "count": N}``.
+values by ``Public.from_domain``, which reads the value's attributes
+(``from_attributes``): a field added to a domain value and to its schema
+here needs no mapping; where a name differs, the field says where it comes
+from (``validation_alias``). List endpoints answer ``{"data": [...], "count": N}``.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
-from gpuscout.db import Event
 from gpuscout.domain import (
     Capacity,
-    Instance,
     InstanceStatus,
-    Job,
-    JobSpec,
     JobStatus,
-    Migration,
     MigrationPhase,
     MigrationReason,
     MigrationStatus,
-    Offer,
     OnBudget,
+    Resources,
     WorkloadType,
 )
 
@@ -36,12 +42,24 @@ from gpuscout.domain import (
 from gpuscout.domain.jobinput import InputModel as _Input
 from gpuscout.domain.jobinput import JobCreate as JobCreate
 from gpuscout.domain.jobinput import ResourcesIn as ResourcesIn
-from gpuscout.policy import MoveDecision
+
+# --- outputs --------------------------------------------------------------------
+
+
+class Public(BaseModel):
+    """An output, read from a domain value's attributes."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    @classmethod
+    def from_domain(cls, value: object) -> Self:
+        return cls.model_validate(value)
+
 
 # --- jobs: output -----------------------------------------------------------
 
 
-class ResourcesPublic(BaseModel):
+class ResourcesPublic(Public):
     gpus: int
     gpu_type: str | list[str] | None
     cpus: float
@@ -51,8 +69,17 @@ class ResourcesPublic(BaseModel):
     region: str | None
     zone: str | None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_gpu_type_field(cls, value: Any) -> Any:
+        """``gpu_type`` answers the list of types when the job accepts any of several."""
+        if isinstance(value, Resources) and value.gpu_types:
+            return {**{name: getattr(value, name) for name in cls.model_fields},
+                    "gpu_type": list(value.gpu_types)}
+        return value
 
-class JobSpecPublic(BaseModel):
+
+class JobSpecPublic(Public):
     """The spec as submitted, echoed back."""
 
     name: str
@@ -68,43 +95,24 @@ class JobSpecPublic(BaseModel):
     workdir: str | None
     setup: str | None
     envs: dict[str, str]
-    secrets: list[str] = Field(description="the names of the job's secrets (never values)")
+    secrets: list[str] = Field(validation_alias="secret_names",
+                               description="the names of the job's secrets (never values)")
     max_restarts_on_errors: int
     checkpoint_keep: int
     checkpoint_keep_finished: int
     savings_threshold: float | None
     scout_interval_s: float | None
 
-    @classmethod
-    def from_domain(cls, spec: JobSpec) -> JobSpecPublic:
-        r = spec.resources
-        return cls(
-            name=spec.name, command=spec.command, model=spec.model,
-            dataset_size_gb=spec.dataset_size_gb, workload_type=spec.workload_type,
-            expected_duration_hours=spec.expected_duration_hours, budget_usd=spec.budget_usd,
-            on_budget=spec.on_budget, deadline=spec.deadline,
-            resources=ResourcesPublic(
-                gpus=r.gpus, gpu_type=list(r.gpu_types) if r.gpu_types else r.gpu_type,
-                cpus=r.cpus, memory_gb=r.memory_gb, capacity=r.capacity,
-                instance_type=r.instance_type, region=r.region, zone=r.zone),
-            workdir=spec.workdir, setup=spec.setup, envs=dict(spec.envs),
-            secrets=list(spec.secret_names),
-            max_restarts_on_errors=spec.max_restarts_on_errors,
-            checkpoint_keep=spec.checkpoint_keep,
-            checkpoint_keep_finished=spec.checkpoint_keep_finished,
-            savings_threshold=spec.savings_threshold, scout_interval_s=spec.scout_interval_s,
-        )
 
-
-class ProgressPublic(BaseModel):
+class ProgressPublic(Public):
     step: int
     total_steps: int | None
     loss: float | None
 
 
-class JobPublic(BaseModel):
+class JobPublic(Public):
     id: str
-    name: str
+    name: str = Field(validation_alias=AliasPath("spec", "name"))
     status: JobStatus
     offer_id: str | None
     instance_id: str | None
@@ -113,7 +121,6 @@ class JobPublic(BaseModel):
     savings_usd: float = Field(
         description="what the job would have cost on its first offer, less what it cost")
     baseline_cost_usd: float
-    endpoint: str = Field(description="the job's stable URL path (the user proxy)")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -123,19 +130,10 @@ class JobPublic(BaseModel):
                                       "(spec.max_restarts_on_errors)")
     spec: JobSpecPublic
 
-    @classmethod
-    def from_domain(cls, job: Job) -> JobPublic:
-        p = job.progress
-        return cls(
-            id=job.id, name=job.spec.name, status=job.status, offer_id=job.offer_id,
-            instance_id=job.instance_id,
-            progress=ProgressPublic(step=p.step, total_steps=p.total_steps, loss=p.loss),
-            cost_usd=job.cost_usd, savings_usd=job.savings_usd,
-            baseline_cost_usd=job.baseline_cost_usd, endpoint=endpoint_path(job.id),
-            created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-            last_migration_at=job.last_migration_at, error=job.error, restarts=job.restarts,
-            spec=JobSpecPublic.from_domain(job.spec),
-        )
+    @computed_field(description="the job's stable URL path (the user proxy)")  # type: ignore[prop-decorator]
+    @property
+    def endpoint(self) -> str:
+        return endpoint_path(self.id)
 
 
 def endpoint_path(job_id: str) -> str:
@@ -164,7 +162,7 @@ class MigrateRequest(_Input):
                     "(409 without it)")
 
 
-class MigrationPublic(BaseModel):
+class MigrationPublic(Public):
     id: str
     job_id: str
     status: MigrationStatus
@@ -187,19 +185,6 @@ class MigrationPublic(BaseModel):
     switched_at: datetime | None
     finished_at: datetime | None
 
-    @classmethod
-    def from_domain(cls, m: Migration) -> MigrationPublic:
-        return cls(
-            id=m.id, job_id=m.job_id, status=m.status, phase=m.phase, reason=m.reason,
-            from_instance_id=m.from_instance_id, to_instance_id=m.to_instance_id,
-            from_offer_id=m.from_offer_id, to_offer_id=m.to_offer_id,
-            expected_savings=m.expected_savings, checkpoint_step=m.checkpoint_step,
-            resume_step=m.resume_step, downtime_s=m.downtime_s, error=m.error,
-            started_at=m.started_at, replacement_ready_at=m.replacement_ready_at,
-            checkpointed_at=m.checkpointed_at, resumed_at=m.resumed_at,
-            switched_at=m.switched_at, finished_at=m.finished_at,
-        )
-
 
 class MigrationsPublic(BaseModel):
     data: list[MigrationPublic]
@@ -209,7 +194,7 @@ class MigrationsPublic(BaseModel):
 # --- events and decisions -------------------------------------------------------
 
 
-class EventPublic(BaseModel):
+class EventPublic(Public):
     id: int
     job_id: str | None
     time: datetime
@@ -217,18 +202,13 @@ class EventPublic(BaseModel):
     message: str
     data: dict[str, Any] | None
 
-    @classmethod
-    def from_domain(cls, e: Event) -> EventPublic:
-        return cls(id=e.id, job_id=e.job_id, time=e.time, kind=e.kind, message=e.message,
-                   data=e.data)
-
 
 class EventsPublic(BaseModel):
     data: list[EventPublic]
     count: int
 
 
-class DecisionPublic(BaseModel):
+class DecisionPublic(Public):
     """One decision of the scout, moving or not, with the numbers behind it:
     a placement (a job without an instance), a price or deadline move, or the
     answer to a preemption notice."""
@@ -239,7 +219,7 @@ class DecisionPublic(BaseModel):
     reason: str
     decided_at: datetime | None
     current_offer_id: str | None
-    target_offer_id: str | None
+    target_offer_id: str | None = Field(None, validation_alias=AliasPath("target", "id"))
     current_cost_per_work_hour: float | None
     target_cost_per_work_hour: float | None
     savings: float = Field(description="fraction of the current cost per work hour")
@@ -255,19 +235,6 @@ class DecisionPublic(BaseModel):
         description="seconds to spare at the deadline if the job stays (for a placement: "
                     "on the chosen offer)")
 
-    @classmethod
-    def from_domain(cls, d: MoveDecision) -> DecisionPublic:
-        return cls(
-            job_id=d.job_id, move=d.move, trigger=d.trigger, reason=d.reason,
-            decided_at=d.decided_at, current_offer_id=d.current_offer_id,
-            target_offer_id=d.target.id if d.target else None,
-            current_cost_per_work_hour=d.current_cost_per_work_hour,
-            target_cost_per_work_hour=d.target_cost_per_work_hour, savings=d.savings,
-            threshold=d.threshold, remaining_work_hours=d.remaining_work_hours,
-            expected_saving_usd=d.expected_saving_usd, move_cost_usd=d.move_cost_usd,
-            budget_left_usd=d.budget_left_usd, deadline_slack_s=d.deadline_slack_s,
-        )
-
 
 class DecisionsPublic(BaseModel):
     data: list[DecisionPublic]
@@ -277,7 +244,7 @@ class DecisionsPublic(BaseModel):
 # --- offers -------------------------------------------------------------------
 
 
-class OfferPublic(BaseModel):
+class OfferPublic(Public):
     id: str
     provider: str
     region: str
@@ -294,17 +261,6 @@ class OfferPublic(BaseModel):
     cost_per_work_hour: float = Field(description="price per hour / relative speed")
     interruptions_per_day: float = Field(
         0.0, description="spot capacity losses per day seen on this offer in the last day")
-
-    @classmethod
-    def from_domain(cls, o: Offer) -> OfferPublic:
-        return cls(
-            id=o.id, provider=o.provider, region=o.region, zone=o.zone,
-            instance_type=o.instance_type, capacity=o.capacity, gpus=o.gpus,
-            gpu_type=o.gpu_type, vcpus=o.vcpus, memory_gb=o.memory_gb,
-            price_per_hour=o.price_per_hour, available=o.available,
-            relative_speed=o.relative_speed, cost_per_work_hour=o.cost_per_work_hour,
-            interruptions_per_day=o.interruptions_per_day,
-        )
 
 
 class OffersPublic(BaseModel):
@@ -346,7 +302,7 @@ class OfferUpdate(_Input):
 # --- instances -----------------------------------------------------------------
 
 
-class InstancePublic(BaseModel):
+class InstancePublic(Public):
     id: str
     job_id: str
     offer_id: str
@@ -356,14 +312,6 @@ class InstancePublic(BaseModel):
     provider_ref: str | None
     created_at: datetime | None
     terminated_at: datetime | None
-
-    @classmethod
-    def from_domain(cls, i: Instance) -> InstancePublic:
-        return cls(
-            id=i.id, job_id=i.job_id, offer_id=i.offer_id, provider=i.provider,
-            status=i.status, address=i.address, provider_ref=i.provider_ref,
-            created_at=i.created_at, terminated_at=i.terminated_at,
-        )
 
 
 class InstancesPublic(BaseModel):
