@@ -131,6 +131,16 @@ class CapacityHistory:
             del losses[: len(losses) - recent]
         return recent * DAY_S / self.window_s
 
+    def points(self, offer_id: str) -> list[tuple[float, float, bool]]:
+        """``offer_id``'s (time, price, available) as seen, one point per
+        change, oldest first (about the last window: older points are
+        pruned as the history is worked out); a copy, for display."""
+        track = self._prices.get(offer_id)
+        if track is None:
+            return []
+        return list(zip(list(track.times), list(track.prices), list(track.available),
+                        strict=False))
+
     def price_history(self, offer_id: str, t: float) -> PriceHistory | None:
         """How ``offer_id``'s price moved in the window before its latest
         change (``PriceHistory``; the first price seen counts from when it
