@@ -28,8 +28,7 @@ from typing import Annotated, Any, TypeVar
 import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse
 
 from gpuscout import workdir
 from gpuscout.agent import ckptdir, core, imds, jobenv
@@ -52,6 +51,7 @@ from gpuscout.agent.protocol import (
 )
 from gpuscout.agent.supervisor import Supervisor
 from gpuscout.joblog import LogShipper
+from gpuscout.routing.forward import relay, request_headers
 from gpuscout.store import open_store
 from gpuscout.store.base import ObjectStore
 from gpuscout.workload.checkpoint import CheckpointStore
@@ -66,11 +66,6 @@ MAX_LONG_POLL_S = 300.0
 # Forwarding to the workload's server: connecting is loopback, so a slow
 # connect means it is not up; a slow answer is the workload's business.
 FORWARD_TIMEOUT = httpx.Timeout(60.0, connect=2.0, pool=5.0)
-# Headers that describe one hop, not the message (RFC 9110, 7.6.1).
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "host",
-})
 
 
 # How long a finished process's pipes are read after it exits (a process
@@ -640,26 +635,19 @@ async def _forward(agent: Agent, request: Request) -> Response:
     target = raw_path.decode("latin-1")
     if request.url.query:
         target += "?" + request.url.query
-    headers = [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower()
-               not in _HOP_BY_HOP and k.lower() != b"content-length"]
     upstream = agent.client.build_request(
-        request.method, target, headers=headers, content=await request.body()
-    )
-    try:
-        answer = await agent.client.send(upstream, stream=True)
-    except httpx.ConnectError:
-        return error(503, "the workload's server is not up", state=agent.status.state.value)
-    except httpx.TimeoutException:
-        return error(504, "the workload's server did not answer in time")
-    except httpx.HTTPError as exc:
-        return error(502, f"forwarding to the workload failed: {exc}")
-    response = StreamingResponse(
-        answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
-    )
-    response.raw_headers = [
-        (k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in _HOP_BY_HOP
-    ] + [(b"x-gpuscout-instance-id", agent.config.instance_id.encode())]
-    return response
+        request.method, target, headers=request_headers(request.headers.raw),
+        content=await request.body())
+
+    def failed(err: httpx.HTTPError) -> Response:
+        if isinstance(err, httpx.ConnectError):
+            return error(503, "the workload's server is not up", state=agent.status.state.value)
+        if isinstance(err, httpx.TimeoutException):
+            return error(504, "the workload's server did not answer in time")
+        return error(502, f"forwarding to the workload failed: {err}")
+
+    return await relay(agent.client, upstream, on_error=failed, extra_headers=[
+        (b"x-gpuscout-instance-id", agent.config.instance_id.encode())])
 
 
 _background_tasks: set[asyncio.Task[Any]] = set()

@@ -17,27 +17,16 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from gpuscout.routing.forward import relay, request_headers
 from gpuscout.routing.router import NoRoute, Router
 
 # Left as they are in the forwarded path: what RFC 3986 allows in one
 # (unreserved, sub-delims, ":", "@", "/"). The path arrives decoded, so a
 # "%" in it is a percent sign, escaped again as "%25".
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
-
-# Hop-by-hop headers (RFC 9110 7.6.1) are not forwarded.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-})
-
-
-def _forward_headers(headers: httpx.Headers | dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-
 
 def proxy_router(
     router: Router, job_exists: Callable[[str], bool], *,
@@ -77,35 +66,25 @@ def proxy_router(
 
         try:
             upstream_request = client().build_request(
-                request.method, url, headers=_forward_headers(dict(request.headers)),
+                request.method, url, headers=request_headers(request.headers.raw),
                 content=body())
         except httpx.InvalidURL as err:  # a header value httpx refuses, say
             stack.close()
             return JSONResponse({"detail": f"cannot forward this request: {err}"},
                                 status_code=400)
-        try:
-            upstream = await client().send(upstream_request, stream=True)
-        except httpx.TimeoutException:
-            stack.close()
-            return JSONResponse({"detail": f"instance of job {job_id} timed out"},
-                                status_code=504)
-        except httpx.HTTPError as err:
-            stack.close()
+
+        def failed(err: httpx.HTTPError) -> Response:
+            if isinstance(err, httpx.TimeoutException):
+                return JSONResponse({"detail": f"instance of job {job_id} timed out"},
+                                    status_code=504)
             return JSONResponse(
                 {"detail": f"instance of job {job_id} is unreachable: {type(err).__name__}"},
                 status_code=502)
-        except BaseException:
-            stack.close()  # never leak the lease: the move waits for it
-            raise
 
-        async def close() -> None:
-            await upstream.aclose()
-            stack.close()  # release the lease only when the response is out
-
-        headers = _forward_headers(upstream.headers)
-        headers["x-gpuscout-instance"] = address
-        return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code,
-                                 headers=headers, background=BackgroundTask(close))
+        # The lease is released only when the answer is out: a move waits for it.
+        return await relay(client(), upstream_request, on_error=failed,
+                           extra_headers=[(b"x-gpuscout-instance", address.encode())],
+                           release=stack.close)
 
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
         api.add_api_route(
