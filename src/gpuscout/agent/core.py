@@ -31,7 +31,6 @@ from gpuscout.agent.protocol import (
     CheckpointResult,
     Health,
     ProgressAction,
-    SkippedCheckpoint,
 )
 
 # Lines of a failed command's stderr kept in its error, and at most this
@@ -133,21 +132,12 @@ class AgentStatus:
         return self.state in LIVE_STATES
 
     def health(self) -> Health:
-        """The body of GET /agent/health (protocol.Health)."""
-        return Health(
-            instance_id=self.instance_id, job_id=self.job_id, state=self.state,
-            step=self.step, total_steps=self.total_steps, loss=self.loss,
-            last_checkpoint_step=self.last_checkpoint_step,
-            last_checkpoint_key=self.last_checkpoint_key, first_step=self.first_step,
-            first_step_at=self.first_step_at, last_step_at=self.last_step_at,
-            exit_code=self.exit_code, error=self.error,
-            interruption_notice=self.interruption_notice,
-            awaiting_secrets=self.awaiting_secrets, setup_s=self.setup_s,
-            failed_phase=self.failed_phase, restore_waiting=self.restore_waiting,
-            checkpoint_mode=self.checkpoint_mode,
-            skipped_checkpoints=tuple(SkippedCheckpoint(key=key, reason=reason)
-                                      for key, reason in self.skipped_checkpoints),
-        )
+        """The body of GET /agent/health (protocol.Health): the status's
+        fields of the same names, so a field added to both needs no mapping."""
+        values = {name: getattr(self, name) for name in Health.model_fields}
+        values["skipped_checkpoints"] = [{"key": key, "reason": reason}
+                                         for key, reason in self.skipped_checkpoints]
+        return Health.model_validate(values)
 
 
 def initial(instance_id: str, job_id: str, *, standby: bool, preparing: bool = False,

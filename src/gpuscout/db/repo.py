@@ -8,6 +8,7 @@ are compare-and-set (``transition``), so two controllers racing on one job
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -85,14 +86,16 @@ def new_id(prefix: str) -> str:
 # --- row <-> value ---------------------------------------------------------
 
 
+# The Offer fields the offers table keeps (the others are seen, not stored:
+# interruptions per day, the price's recent moves): a field added to both
+# needs no mapping here.
+_OFFER_COLUMNS = tuple(f.name for f in dataclasses.fields(Offer)
+                       if f.name in OfferRow.__table__.columns)
+
+
 def _offer(row: OfferRow) -> Offer:
-    return Offer(
-        id=row.id, provider=row.provider, region=row.region, zone=row.zone,
-        instance_type=row.instance_type, capacity=Capacity(row.capacity), gpus=row.gpus,
-        gpu_type=row.gpu_type, vcpus=row.vcpus, memory_gb=row.memory_gb,
-        price_per_hour=row.price_per_hour, available=row.available,
-        relative_speed=row.relative_speed,
-    )
+    values = {name: getattr(row, name) for name in _OFFER_COLUMNS}
+    return Offer(**{**values, "capacity": Capacity(row.capacity)})
 
 
 def _job(row: JobRow) -> Job:
@@ -442,10 +445,5 @@ class Repository:
 
 
 def _offer_fields(offer: Offer) -> dict[str, Any]:
-    return {
-        "id": offer.id, "provider": offer.provider, "region": offer.region, "zone": offer.zone,
-        "instance_type": offer.instance_type, "capacity": offer.capacity.value,
-        "gpus": offer.gpus, "gpu_type": offer.gpu_type, "vcpus": offer.vcpus,
-        "memory_gb": offer.memory_gb, "price_per_hour": offer.price_per_hour,
-        "available": offer.available, "relative_speed": offer.relative_speed,
-    }
+    values = {name: getattr(offer, name) for name in _OFFER_COLUMNS}
+    return {**values, "capacity": offer.capacity.value}
