@@ -7,7 +7,8 @@ real PostgreSQL at 127.0.0.1:5432, where one fresh database is created per
 test session and dropped at its end; each test starts from empty tables.
 A PostgreSQL that cannot be reached fails the tests rather than skipping them.
 
-Import the fixtures a test module uses: ``from tests.api_fixtures import ...``.
+Registered for every test by ``tests/conftest.py`` (``pytest_plugins``);
+the unit tier's own ``agents``, ``provider`` and ``service`` win there.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from gpuscout.agent.fake import FakeAgents
+from gpuscout.agent.fake import FakeAgents, fake_address
 from gpuscout.api import create_app
 from gpuscout.config import Settings
 from gpuscout.controllers.context import Timeouts
 from gpuscout.db.tables import Base
 from gpuscout.domain import JobStatus
-from gpuscout.providers.base import LaunchRequest
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
 
@@ -45,9 +45,7 @@ P3_SPOT_A = "local:us-east-1a:p3.2xlarge:spot"
 G4_SPOT_B = "local:us-east-1b:g4dn.xlarge:spot"
 
 
-def address_for(request: LaunchRequest, n: int) -> str:
-    # FakeAgents starts agents at an address containing "standby" in standby.
-    return f"{'standby' if request.standby else 'run'}-{request.instance_id}"
+address_for = fake_address
 
 
 class GatedAgents(FakeAgents):

@@ -37,15 +37,11 @@ from tests.integration.aws_moto import (
     TEST_SECRET,
     TEST_STORE_URL,
     AgentAwsProvider,
-    aws_env,
     ec2_client,
     launch_request,
-    moto_server,
     new_config,
     stopping,
 )
-
-__all__ = ["aws_env", "moto_server"]  # fixtures used here
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 

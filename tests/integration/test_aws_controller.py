@@ -32,13 +32,9 @@ from tests.integration.aws_moto import (
     TEST_STORE_URL,
     AgentAwsProvider,
     FaultyEc2,
-    aws_env,
     ec2_client,
-    moto_server,
     new_config,
 )
-
-__all__ = ["aws_env", "moto_server"]  # fixtures used here
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 

@@ -10,9 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpuscout.cli.main import app
-from tests.integration.aws_moto import aws_env, ec2_client, moto_server
-
-__all__ = ["aws_env", "moto_server"]  # fixtures used here
+from tests.integration.aws_moto import ec2_client
 
 JOB = """\
 name: resnet

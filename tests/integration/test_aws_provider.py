@@ -37,17 +37,12 @@ from gpuscout.providers.bootstrap import MAX_USER_DATA_BYTES
 from tests.integration.aws_moto import (
     TEST_SECRET,
     FaultyEc2,
-    aws_env,
     dropping_proxy,
     ec2_client,
-    instant_retries,
     launch_request,
-    moto_server,
     new_config,
 )
 from tests.s3_servers import S3Endpoint
-
-__all__ = ["aws_env", "instant_retries", "moto_server"]  # fixtures used here
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 

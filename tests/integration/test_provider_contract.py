@@ -32,9 +32,7 @@ from gpuscout.providers.base import (
 )
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.providers.local import LocalProvider
-from tests.integration.aws_moto import aws_env, launch_request, moto_server, new_config
-
-__all__ = ["aws_env", "moto_server"]  # fixtures used here
+from tests.integration.aws_moto import launch_request, new_config
 
 PROVIDERS = ["fake", "local", "aws-on-moto"]
 

@@ -22,7 +22,7 @@ import pytest
 from gpuscout.agent.protocol import checkpoint_prefix
 from gpuscout.store import FileStore, ObjectStore
 from gpuscout.workload.checkpoint import CheckpointStore
-from tests.s3_servers import S3Endpoint, moto_server, s3rver_server  # noqa: F401
+from tests.s3_servers import S3Endpoint
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -77,7 +77,6 @@ def test_naive_moves_at_twenty_percent_by_price_alone(new_price: float, moves: i
     assert r.migrations == moves
 
 
-
 @pytest.mark.parametrize("policy", [NaivePolicy, SkyPilotPolicy])
 def test_naive_and_skypilot_with_a_deadline_take_a_type_fast_enough_for_it(policy) -> None:  # type: ignore[no-untyped-def]
     # g4dn spot (T4, half a V100) is cheaper per work hour, but 2 h of work

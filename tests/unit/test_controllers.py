@@ -5,17 +5,15 @@ recovery and the reaper. Real processes are in tests/e2e."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from gpuscout.agent.fake import FakeAgents
+from gpuscout.agent.fake import FakeAgents, fake_address
 from gpuscout.agent.protocol import AgentState, checkpoint_prefix
 from gpuscout.config import Settings
-from gpuscout.controllers.context import Timeouts
 from gpuscout.controllers.plane import Conflict, InvalidRequest, ManualMarketOnly
 from gpuscout.domain import (
     Capacity,
@@ -40,30 +38,7 @@ G4_SPOT_B = "local:us-east-1b:g4dn.xlarge:spot"
 P3_SPOT_B = "local:us-east-1b:p3.2xlarge:spot"
 
 
-def address_for(request: LaunchRequest, n: int) -> str:
-    return f"{'standby' if request.standby else 'run'}-{request.instance_id}"
-
-
-@pytest.fixture
-def agents() -> FakeAgents:
-    return FakeAgents()
-
-
-@pytest.fixture
-def provider() -> FakeProvider:
-    return FakeProvider(address_for=address_for)
-
-
-@pytest.fixture
-def service(tmp_path: Path, provider: FakeProvider, agents: FakeAgents) -> Iterator[Service]:
-    settings = Settings(home=tmp_path, scout_interval_s=120, api_token="t")
-    svc = build_service(settings, provider=provider, agents=agents)
-    svc.ctx.timeouts = Timeouts(health_s=0.5, checkpoint_s=1, resume_s=0.5, drain_s=0.5,
-                                lost_s=0.0)
-    svc.ctx.poll_interval_s = 0.005
-    svc.plane.feed.start(svc.repo, svc.ctx.clock.now())
-    yield svc
-    svc.plane.stop()
+address_for = fake_address
 
 
 SPEC = JobSpec(name="train", command="python train.py", resources=Resources(gpus=1))

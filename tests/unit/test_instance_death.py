@@ -26,17 +26,7 @@ from gpuscout.controllers.context import Timeouts
 from gpuscout.domain import InstanceStatus, JobStatus, MigrationStatus
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service, build_service
-from tests.unit.test_controllers import G4_SPOT_B, address_for, running_job
-
-
-@pytest.fixture
-def agents() -> FakeAgents:
-    return FakeAgents()
-
-
-@pytest.fixture
-def provider() -> FakeProvider:
-    return FakeProvider(address_for=address_for)
+from tests.unit.test_controllers import G4_SPOT_B, running_job
 
 
 @pytest.fixture

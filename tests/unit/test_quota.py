@@ -4,10 +4,6 @@ job's resources" when offers fit but are out for now."""
 
 from __future__ import annotations
 
-from tests.unit.test_controllers import agents, provider, service
-
-__all__ = ["agents", "provider", "service"]  # test_controllers' fixtures
-
 
 def test_a_quota_refusal_is_named_as_the_accounts_limit_not_the_jobs_resources(
         service, provider) -> None:  # type: ignore[no-untyped-def]

@@ -105,7 +105,6 @@ def test_the_scout_moves_nothing_on_offers_older_than_the_bound(
     assert (m.status.value, m.to_offer_id) == ("completed", P3_SPOT_B)
 
 
-
 def test_the_aws_feed_is_synced_when_its_source_last_answered(tmp_path: Path) -> None:
     """A price source that keeps failing (expired credentials, the EC2 API
     down) leaves the offers to age: the AWS feed's sync time is its last

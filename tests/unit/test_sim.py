@@ -66,7 +66,6 @@ def test_emergency_checkpoint_in_the_notice_window() -> None:
     assert r.finished_at == at(4620 + (2 - saved) * 3600)
 
 
-
 def test_a_policy_told_of_a_preemption_sees_the_work_the_emergency_checkpoint_keeps() -> None:
     seen: list[float] = []
 

@@ -15,9 +15,7 @@ from gpuscout.config import Settings
 from gpuscout.service import build_service
 from gpuscout.store import FileStore
 from gpuscout.workload.checkpoint import CheckpointStore, NoCheckpoint
-from tests.unit.test_controllers import agents, provider, running_job, service
-
-__all__ = ["agents", "provider", "service"]  # test_controllers' fixtures
+from tests.unit.test_controllers import running_job
 
 
 def test_the_agent_records_each_skipped_checkpoint_once() -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gpuscout.agent.protocol import AgentState, CheckpointResult, Health, SkippedCheckpoint
 from gpuscout.controllers.agent_client import AgentError
+from gpuscout.providers.base import LaunchRequest
 
 
 @dataclass
@@ -33,6 +34,12 @@ class FakeAgent:
     reachable: bool = True
     notice: bool = False
     skipped: tuple[tuple[str, str], ...] = ()  # checkpoints its restore skipped
+
+
+def fake_address(request: LaunchRequest, n: int) -> str:
+    """The address FakeProvider gives a launched instance, for FakeAgents
+    (``FakeProvider(address_for=fake_address)``): in standby for a replacement."""
+    return f"{'standby' if request.standby else 'run'}-{request.instance_id}"
 
 
 class FakeAgents:

@@ -29,7 +29,7 @@ from gpuscout.joblog import (
     read_job_log,
 )
 from gpuscout.store import FileStore, ObjectStore
-from tests.s3_servers import S3Endpoint, moto_server, s3rver_server  # noqa: F401
+from tests.s3_servers import S3Endpoint
 
 JOB = "j-1"
 CANARY = "sk-canary-0123456789abcdef"

@@ -25,7 +25,7 @@ from gpuscout.workload.checkpoint import (
     NoCheckpoint,
     new_version,
 )
-from tests.s3_servers import S3Endpoint, moto_server, s3rver_server  # noqa: F401
+from tests.s3_servers import S3Endpoint
 
 PREFIX = checkpoint_prefix("j-42")
 

@@ -13,18 +13,7 @@ import pytest
 
 from gpuscout import workdir
 from gpuscout.joblog import format_line
-from tests.api_fixtures import (
-    AUTH,
-    TestClient,
-    agents,
-    client,
-    database_url,
-    pg_database,
-    provider,
-    service,
-)
-
-__all__ = ["agents", "client", "database_url", "pg_database", "provider", "service"]
+from tests.api_fixtures import AUTH, TestClient
 
 JOB: dict[str, Any] = {"name": "n", "command": "python train.py",
                        "resources": {"gpus": 1, "cpus": 1, "memory_gb": 1}}

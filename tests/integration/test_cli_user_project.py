@@ -14,12 +14,11 @@ from gpuscout.domain import Capacity
 from gpuscout.joblog import format_line
 from gpuscout.service import Service
 from gpuscout.workdir import key_of
-from tests.api_fixtures import agents
-from tests.unit.test_cli import cli, invoke, server, service, write
+from tests.integration.test_cli import cli, invoke, server, service, write
 
-__all__ = ["agents", "cli", "server", "service"]
+__all__ = ["cli", "server", "service"]  # test_cli's fixtures
 
-SKYPILOT = Path(__file__).parent / "data" / "skypilot"
+SKYPILOT = Path(__file__).parents[1] / "unit" / "data" / "skypilot"
 
 
 def job_of(output: str) -> str:

@@ -35,18 +35,10 @@ from tests.api_fixtures import (
     TOKEN,
     TestClient,
     address_for,
-    agents,
-    client,
     close_service,
-    database_url,
     make_service,
-    pg_database,
-    provider,
-    service,
 )
 from tests.unit.test_sim_helpers import row
-
-__all__ = ["agents", "client", "database_url", "pg_database", "provider", "service"]
 
 # What the tester fed `simulate`, `submit` and the API, as YAML lines of a job
 # file, and the field each must be refused for.

@@ -9,9 +9,6 @@ from alembic.migration import MigrationContext
 
 from gpuscout.db import make_engine, migrate, open_repository
 from gpuscout.db.tables import Base
-from tests.api_fixtures import database_url, pg_database
-
-__all__ = ["database_url", "pg_database"]  # fixtures used here
 
 
 def test_migrations_create_exactly_the_tables_the_code_uses(tmp_path: Path) -> None:

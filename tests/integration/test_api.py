@@ -22,19 +22,11 @@ from tests.api_fixtures import (
     P3_SPOT_A,
     GatedAgents,
     TestClient,
-    agents,
-    client,
     close_service,
-    database_url,
     make_g4_spot_unavailable,
     make_service,
-    pg_database,
-    provider,
     run_until,
-    service,
 )
-
-__all__ = ["agents", "client", "database_url", "pg_database", "provider", "service"]
 
 JOB: dict[str, Any] = {
     "name": "train-linreg",

@@ -37,7 +37,7 @@ from gpuscout.store import (
     open_store,
 )
 from gpuscout.store.fs import TMP_PREFIX
-from tests.s3_servers import S3Endpoint, moto_server, s3rver_server  # noqa: F401
+from tests.s3_servers import S3Endpoint
 
 MiB = 1024 * 1024
 # Lowered so a 20 MiB object goes multipart (S3's minimum part is 5 MiB).

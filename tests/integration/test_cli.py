@@ -27,14 +27,11 @@ from tests.api_fixtures import (
     TOKEN,
     GatedAgents,
     address_for,
-    agents,
     close_service,
     make_g4_spot_unavailable,
     make_service,
     run_until,
 )
-
-__all__ = ["agents"]
 
 GPUSCOUT = Path(sys.executable).parent / "gpuscout"
 

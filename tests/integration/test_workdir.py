@@ -27,8 +27,8 @@ from gpuscout.workdir import (
     parse_ref,
     upload,
 )
-from tests.s3_servers import S3Endpoint, moto_server  # noqa: F401
-from tests.unit.test_checkpoint import RecordingStore
+from tests.integration.test_checkpoint import RecordingStore
+from tests.s3_servers import S3Endpoint
 
 
 def write(root: Path, rel: str, data: bytes | str = b"x", mode: int | None = None) -> Path:
