@@ -21,10 +21,8 @@ import pytest
 from gpuscout import workdir
 from gpuscout.agent import protocol as p
 from gpuscout.workload.checkpoint import CheckpointStore
-from tests.e2e.conftest import E2E, e2e
+from tests.e2e.conftest import E2E
 from tests.e2e.test_migration_e2e import G4_SPOT_B, P3_SPOT_A, assert_clean_move, no_g4dn_spot
-
-__all__ = ["e2e"]
 
 torch = pytest.importorskip("torch")  # installed by `make test` (torch==2.13.0, CPU)
 

@@ -22,9 +22,7 @@ import httpx
 import pytest
 
 from gpuscout.providers.code_bundle import build_wheel
-from tests.e2e.conftest import e2e, wait
-
-__all__ = ["e2e"]
+from tests.e2e.conftest import wait
 
 pytestmark = pytest.mark.e2e
 
