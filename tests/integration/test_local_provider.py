@@ -380,6 +380,16 @@ def test_instances_get_distinct_ports_and_their_files(provider: LocalProvider) -
     assert (folder / "instance.json").is_file()
 
 
+def test_agent_ports_lie_below_the_ephemeral_range(provider: LocalProvider) -> None:
+    """The agent binds its port after the boot delay: one from the range the
+    kernel gives outgoing connections could be taken meanwhile (a boot that
+    failed with "Address already in use" under load)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    launched = [provider.launch(_request()) for _ in range(3)]
+    ports = [int(i.address.rsplit(":", 1)[1]) for i in launched]
+    assert all(20000 <= port < low for port in ports), ports
+
+
 def test_the_command_runs_byte_for_byte_and_sees_no_control_plane_secrets(
     provider: LocalProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

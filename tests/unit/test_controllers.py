@@ -341,6 +341,36 @@ def test_restart_rolls_back_a_move_left_before_the_switch(
     service.plane.repair()
     assert_rolled_back(service, provider, job_id, old)
     assert agents.agents[f"run-{old}"].state == AgentState.RUNNING
+    # The restart ended the move, not the offer: it stays open to every job.
+    assert next(o for o in service.ctx.offers() if o.id == G4_SPOT_B).available
+
+
+def test_restart_after_the_replacement_launched_but_before_its_move_named_it(
+        service: Service, provider: FakeProvider, agents: FakeAgents) -> None:
+    """A control plane killed inside LAUNCHING, between the launch and the
+    next phase: the replacement's id is on the migration from before the
+    launch, so the repair terminates it (it was left running, for the
+    reaper to find as an orphan)."""
+    job_id = running_job(service)
+    job = service.repo.get_job(job_id)
+    old = job.instance_id or ""
+    target = service.plane.update_offer(G4_SPOT_B, available=True)
+    m = service.plane.executor.begin(job, target, MigrationReason.MANUAL, 0.5)
+    launch = service.ctx.launch
+
+    def launch_then_die(*args, **kwargs):  # type: ignore[no-untyped-def]
+        launch(*args, **kwargs)
+        raise SystemExit("killed")  # the process dies before the phase is written
+
+    service.ctx.launch = launch_then_die  # type: ignore[method-assign]
+    with pytest.raises(SystemExit):
+        service.plane.executor.run(m.id)
+    service.ctx.launch = launch  # type: ignore[method-assign]
+    left = service.repo.get_migration(m.id)
+    assert left.phase == MigrationPhase.LAUNCHING and left.to_instance_id is not None
+    assert len(provider.running_ids()) == 2
+    service.plane.repair()
+    assert_rolled_back(service, provider, job_id, old)
 
 
 def test_restart_rolls_forward_a_move_left_after_the_switch(

@@ -232,15 +232,17 @@ class Context:
 
     # --- instances -------------------------------------------------------------
 
-    def launch(self, job: Job, offer: Offer, *, standby: bool) -> tuple[Instance, ProviderInstance]:
+    def launch(self, job: Job, offer: Offer, *, standby: bool,
+               instance_id: str | None = None) -> tuple[Instance, ProviderInstance]:
         """Record a new instance, then ask the provider for it.
 
         The row is written first so that a crash between the two leaves a
-        record the reaper and the restart repair can act on.
+        record the reaper and the restart repair can act on. ``instance_id``:
+        an id chosen (and recorded elsewhere, on a migration) beforehand.
         """
         instance = Instance(
-            id=new_id("i"), job_id=job.id, offer_id=offer.id, provider=self.provider.name,
-            status=InstanceStatus.PROVISIONING,
+            id=instance_id or new_id("i"), job_id=job.id, offer_id=offer.id,
+            provider=self.provider.name, status=InstanceStatus.PROVISIONING,
         )
         token = secrets.token_urlsafe(24)
         self.repo.add_instance(instance, offer.price_per_hour, self.clock.now(), token)

@@ -13,9 +13,11 @@ FoundationDB's buggify. Never set it on a control plane that matters.
 
 ``<phase>`` is a ``MigrationPhase`` value (launching, booting, checkpointing,
 restoring, switching, terminating). The migration executor persists LAUNCHING
-when the move is recorded and DONE without a phase change, so ``launching``
-and ``terminating:end`` never fire; ``launching:end`` (the replacement has
-been launched, its migration does not name it yet) and ``terminating`` do.
+when it records the move, and DONE, not through a phase change: so
+``launching`` never fires, nor does ``terminating:end`` in a move that runs
+through (only in a repair that finishes a move left in TERMINATING), while
+``launching:end`` (the replacement is launched, its migration does not name
+it yet) and ``terminating`` do.
 
 The process kills itself with SIGKILL, as ``kill -9`` would: no handler, no
 ``finally`` and no buffered write runs.

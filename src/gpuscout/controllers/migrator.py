@@ -199,8 +199,12 @@ class MigrationExecutor:
             self._emergency_checkpoint(m, old.address)
 
         # LAUNCHING: the replacement starts in standby; the job keeps training.
+        # Its id is on the migration before it exists: a control plane killed
+        # in between knows which instance to undo.
+        planned = new_id("i")
+        m = ctx.repo.update_migration(m.id, to_instance_id=planned)
         try:
-            new, _ = ctx.launch(job, target, standby=True)
+            new, _ = ctx.launch(job, target, standby=True, instance_id=planned)
         except CapacityError:
             ctx.mark_unavailable(target.id)
             raise
@@ -404,7 +408,9 @@ class MigrationExecutor:
             if m.phase.rolls_forward:
                 self._finish_forward(m)
             else:
-                self.rollback(m, f"control plane restarted during {m.phase.value}")
+                # The restart, not the target offer, ended the move.
+                self.rollback(m, f"control plane restarted during {m.phase.value}",
+                              offer_fault=False)
 
     # --- helpers -----------------------------------------------------------
 

@@ -33,6 +33,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -409,9 +410,15 @@ class LocalProvider:
     def _free_port(self) -> int:
         """A port free on ``host`` now and not given to a live instance here.
 
-        Another program may still take it before the agent binds it; the
-        agent then fails to start and the instance never becomes healthy,
-        which the control plane already handles.
+        The agent binds it only after the boot delay, seconds later. A port
+        from the kernel's ephemeral range (what binding port 0 gives) may be
+        taken meanwhile by any outgoing connection on the machine, which
+        then fails the instance's boot ("Address already in use"; seen under
+        load, failing a move). So the port is drawn below that range, where
+        only an explicit bind can take it; where the range is unknown or
+        leaves no room below, from port 0 as before. Another program may
+        still bind it first; the agent then fails to start and the instance
+        never becomes healthy, which the control plane already handles.
         """
         taken = set()
         for instance_id in self._instance_ids():
@@ -419,9 +426,16 @@ class LocalProvider:
                 record = self._read(instance_id)
                 if record.state != ProviderState.TERMINATED:
                     taken.add(record.port)
+        ports = _agent_ports()
         for _ in range(50):
+            port = random.choice(ports) if ports else 0
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((self.host, 0))
+                try:
+                    sock.bind((self.host, port))
+                except OSError:
+                    if not ports:
+                        raise
+                    continue  # in use: draw again
                 port = int(sock.getsockname()[1])
             if port not in taken:
                 return port
@@ -466,6 +480,24 @@ class LocalProvider:
                     f"instance {record.instance_id}: processes survive SIGKILL: "
                     f"{_scan(record, hunt_escapees=True)}"
                 )
+
+
+# --- ports -------------------------------------------------------------------
+
+# Where the kernel draws ports for outgoing connections and for port 0.
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_AGENT_PORTS_FROM = 20000  # agents' ports: from here to the ephemeral range
+
+
+def _agent_ports() -> range:
+    """Ports below the ephemeral range for agents to listen on; empty if
+    the range is unknown (not Linux) or leaves fewer than 1000 below it."""
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    ports = range(_AGENT_PORTS_FROM, low)
+    return ports if len(ports) >= 1000 else range(0)
 
 
 # --- processes ---------------------------------------------------------------
