@@ -644,3 +644,20 @@ def test_interrupt_unknown_is_404_and_gone_or_unsupported_is_409(
     client.delete(f"/api/v1/jobs/{job_id}", headers=AUTH)
     response = client.post(f"/api/v1/instances/{instance_id}/interrupt", headers=AUTH)
     assert response.status_code == 409 and "already terminated" in response.json()["detail"]
+
+
+def test_a_jobs_history_is_recorded_for_its_charts_with_no_dashboard_open(
+        client: TestClient, service: Service) -> None:
+    make_g4_spot_unavailable(service)
+    job_id = client.post("/api/v1/jobs", json=JOB, headers=AUTH).json()["id"]
+    run_until(service, job_id, JobStatus.RUNNING)
+    response = client.get(f"/api/v1/jobs/{job_id}/history")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] >= 1
+    point = body["data"][-1]
+    offers = client.get("/api/v1/offers").json()["data"]
+    p3 = next(o for o in offers if o["id"] == P3_SPOT_A)
+    assert point["cost_per_work_hour"] == pytest.approx(p3["cost_per_work_hour"])
+    assert point["best_cost_per_work_hour"] is not None
+    assert client.get("/api/v1/jobs/job-nope/history").status_code == 404

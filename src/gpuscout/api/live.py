@@ -17,9 +17,9 @@ subscribed (and ``LINGER_S`` after the last one leaves):
 Each tick's changes go to every subscriber as a few batched messages (one
 per kind), so 500 jobs changing at once are one message, not 500. The feed
 also keeps, in memory, each live job's recent history (step, loss, cost, its
-cost per work hour and the best available offer's) for the job page's
-charts: what this control plane process saw while a page was open, since
-nothing else records it; a restart starts it afresh.
+cost per work hour and the best available offer's) at a finer grain than the
+points the control plane records for the whole run (``record_history``,
+every 30 s or on a price move): the job page charts both.
 """
 
 from __future__ import annotations

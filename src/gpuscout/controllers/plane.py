@@ -27,7 +27,7 @@ from gpuscout.controllers.context import Conflict, Context, InvalidRequest, log
 from gpuscout.controllers.lifecycle import Lifecycle
 from gpuscout.controllers.migrator import MigrationExecutor
 from gpuscout.controllers.reaper import Reaper
-from gpuscout.db import ConcurrentChange, NotFound, new_id
+from gpuscout.db import ConcurrentChange, NotFound, Sample, new_id
 from gpuscout.domain import (
     Capacity,
     Instance,
@@ -72,6 +72,13 @@ _REASON_OF_TRIGGER = {
 }
 # A cancel that races the loops' own changes of the job tries this often.
 _CANCEL_TRIES = 5
+# A live job's history (its charts, ``record_history``): a point whenever
+# its offer or the prices it is weighed by move, else one per this when its
+# progress or cost moved; the market is read for it at most every
+# HISTORY_PASS_S. 30 s: a day's run is under 3,000 points.
+HISTORY_SAMPLE_S = 30.0
+HISTORY_PASS_S = 5.0
+_HISTORY_STATUSES = (S.RUNNING, S.MIGRATING, S.RECOVERING)
 
 
 def with_setup(costs: MoveCosts, setup_s: float | None) -> MoveCosts:
@@ -130,6 +137,9 @@ class ControlPlane:
         self._threads: list[threading.Thread] = []
         self._last_reap: datetime | None = None
         self._last_error: dict[str, str] = {}  # per job, to record each error once
+        self._last_history: datetime | None = None
+        # Per job: when its last history point was recorded, and what it said.
+        self._sampled: dict[str, tuple[datetime, tuple[object, ...]]] = {}
 
     # --- lifecycle of the control plane itself ------------------------------
 
@@ -193,7 +203,64 @@ class ControlPlane:
             self._last_reap = now
             self.reaper.reap()
             self.ctx.repo.forget_expired(now)  # what the control plane learnt, once expired
+        if self._last_history is None or (
+            (now - self._last_history).total_seconds() >= HISTORY_PASS_S
+        ):
+            try:
+                self.record_history(now)
+            except Exception:  # the charts miss a point; the jobs are not held back
+                log.exception("recording the jobs' history failed")
+            # The next look in HISTORY_PASS_S, once a job is live to look at.
+            self._last_history = now if self._sampled else None
         self.refresh_gauges()
+
+    def record_history(self, now: datetime) -> list[Sample]:
+        """A history point for each live job whose offer or prices moved, or
+        whose progress or cost moved ``HISTORY_SAMPLE_S`` after its last:
+        step, loss, cost so far, and its cost per work hour against the best
+        available offer's (as the job sees the market). Returns them."""
+        jobs = self.ctx.repo.list_jobs(list(_HISTORY_STATUSES))
+        live = {job.id for job in jobs}
+        for gone in [j for j in self._sampled if j not in live]:
+            del self._sampled[gone]
+        if not jobs:
+            return []
+        offers = self.ctx.offers()
+        # Jobs with the same needs over the same offers share their market.
+        markets: dict[tuple[object, ...], tuple[dict[str, Offer], Offer | None]] = {}
+        samples = []
+        for job in jobs:
+            mine = self.ctx.scope_offers(job.id, offers)
+            key = (job.spec.resources, tuple(o.id for o in mine))
+            if key not in markets:
+                seen = offers_for(job.spec.resources, mine)
+                markets[key] = ({o.id: o for o in seen},
+                                seen.available().compatible(job.spec.resources).cheapest())
+            by_id, best = markets[key]
+            current = by_id.get(job.offer_id or "")
+            sample = Sample(
+                job_id=job.id, time=now, step=job.progress.step, loss=job.progress.loss,
+                cost_usd=job.cost_usd,
+                cost_per_work_hour=current.cost_per_work_hour if current else None,
+                best_cost_per_work_hour=best.cost_per_work_hour if best else None,
+                best_offer_id=best.id if best else None)
+            said = (job.offer_id, sample.cost_per_work_hour, sample.best_cost_per_work_hour,
+                    sample.step, round(sample.cost_usd, 6))
+            last = self._sampled.get(job.id)
+            if last is not None and (last[1] == said or (
+                    last[1][:3] == said[:3]
+                    and (now - last[0]).total_seconds() < HISTORY_SAMPLE_S)):
+                continue
+            self._sampled[job.id] = (now, said)
+            samples.append(sample)
+        if samples:
+            self.ctx.repo.add_samples(samples)
+        return samples
+
+    def history(self, job_id: str) -> list[Sample]:
+        """The job's history points, oldest first; NotFound for an unknown job."""
+        self.ctx.repo.get_job(job_id)
+        return self.ctx.repo.list_samples(job_id)
 
     def scout_once(self, *, force: bool = False) -> list[MoveDecision]:
         """Decide for every running job whose scout interval has passed.

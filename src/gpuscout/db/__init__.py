@@ -1,9 +1,17 @@
 from gpuscout.db.engine import make_engine, migrate
-from gpuscout.db.repo import ConcurrentChange, Event, Memory, NotFound, Repository, new_id
+from gpuscout.db.repo import (
+    ConcurrentChange,
+    Event,
+    Memory,
+    NotFound,
+    Repository,
+    Sample,
+    new_id,
+)
 
 __all__ = [
-    "ConcurrentChange", "Event", "Memory", "NotFound", "Repository", "make_engine", "migrate",
-    "new_id",
+    "ConcurrentChange", "Event", "Memory", "NotFound", "Repository", "Sample", "make_engine",
+    "migrate", "new_id",
 ]
 
 

@@ -28,6 +28,7 @@ from gpuscout.db.tables import (
     MemoryRow,
     MigrationRow,
     OfferRow,
+    SampleRow,
 )
 from gpuscout.domain import (
     Capacity,
@@ -66,6 +67,25 @@ class Event:
     kind: str
     message: str
     data: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A point of a job's history (``job_samples``): at ``time``, ``step``
+    steps done, its loss, its cost so far (USD), its offer's cost per work
+    hour and the best available offer's (USD per work hour)."""
+
+    job_id: str
+    time: datetime
+    step: int
+    loss: float | None
+    cost_usd: float
+    cost_per_work_hour: float | None
+    best_cost_per_work_hour: float | None
+    best_offer_id: str | None
+
+
+_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +404,20 @@ class Repository:
     ) -> None:
         with self.session() as s:
             s.add(EventRow(job_id=job_id, time=now, kind=kind, message=message, data=data))
+
+    def add_samples(self, samples: Iterable[Sample]) -> None:
+        with self.session() as s:
+            s.add_all(SampleRow(**{name: getattr(x, name) for name in _SAMPLE_FIELDS})
+                      for x in samples)
+
+    def list_samples(self, job_id: str, limit: int = 5000) -> list[Sample]:
+        """The job's history, oldest first (the newest ``limit`` points)."""
+        query = (select(SampleRow).where(SampleRow.job_id == job_id)
+                 .order_by(SampleRow.id.desc()).limit(limit))
+        with self.session() as s:
+            rows = list(s.scalars(query))
+        return [Sample(**{**{name: getattr(r, name) for name in _SAMPLE_FIELDS},
+                          "time": utc(r.time)}) for r in reversed(rows)]
 
     def list_events(self, job_id: str | None = None, limit: int = 500,
                     kind: str | None = None) -> list[Event]:

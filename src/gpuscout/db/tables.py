@@ -120,6 +120,25 @@ class EventRow(Base):
     data: Mapped[dict[str, Any] | None]
 
 
+class SampleRow(Base):
+    """A point of a live job's history, for its charts: progress, cost, and
+    its cost per work hour against the best available offer's, recorded by
+    the control plane when they move (``ControlPlane.record_history``)."""
+
+    __tablename__ = "job_samples"
+    __table_args__ = (Index("ix_job_samples_job_time", "job_id", "time"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40))
+    time: Mapped[datetime]
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float] = mapped_column(Float)
+    cost_per_work_hour: Mapped[float | None] = mapped_column(Float)
+    best_cost_per_work_hour: Mapped[float | None] = mapped_column(Float)
+    best_offer_id: Mapped[str | None] = mapped_column(String(200))
+
+
 class MemoryRow(Base):
     """What the control plane learnt that must outlive its process (read
     back at start, ``Context.load_memory``): a zone or offer to avoid until a

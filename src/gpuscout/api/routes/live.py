@@ -153,13 +153,21 @@ class HistoryPublic(BaseModel):
 
 
 @router.get("/jobs/{job_id}/history", dependencies=[Reader],
-            summary="The job's progress, cost and prices as this control plane saw them "
-                    "while a dashboard was open (in memory)",
+            summary="The job's progress, cost and prices over its run: the points the "
+                    "control plane recorded (each move of its offer or prices, else every "
+                    "30 s), then the finer ones seen since by an open dashboard",
             responses=answers(NO_JOB))
 def job_history(job_id: str, request: Request, service: ServiceDep) -> HistoryPublic:
-    service.repo.get_job(job_id)
-    points = live_feed(request, service).history(job_id)
-    return HistoryPublic(data=[HistoryPoint(**p) for p in points], count=len(points))
+    recorded = [HistoryPoint(t=p.time.timestamp(), step=p.step, loss=p.loss,
+                             cost_usd=p.cost_usd, cost_per_work_hour=p.cost_per_work_hour,
+                             best_cost_per_work_hour=p.best_cost_per_work_hour,
+                             best_offer_id=p.best_offer_id)
+                for p in service.plane.history(job_id)]
+    since = recorded[-1].t if recorded else 0.0
+    seen = [HistoryPoint(**p) for p in live_feed(request, service).history(job_id)
+            if p["t"] > since]
+    points = recorded + seen
+    return HistoryPublic(data=points, count=len(points))
 
 
 class ArtifactPublic(BaseModel):
