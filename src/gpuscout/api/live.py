@@ -47,7 +47,7 @@ from gpuscout.clock import utc
 from gpuscout.db import Event
 from gpuscout.db.tables import EventRow, JobRow
 from gpuscout.domain import Job, JobStatus, Migration, Offer
-from gpuscout.policy import MoveDecision, offers_for
+from gpuscout.policy import MoveDecision
 from gpuscout.service import Service
 
 log = logging.getLogger("gpuscout.api.live")
@@ -255,25 +255,14 @@ class LiveFeed:
         """A point for each live job whose progress, cost or prices moved
         (at most one per SAMPLE_S for progress alone)."""
         now = time.time()
-        scoped = self.service.plane.ctx.scope_offers
-        # Jobs with the same needs over the same offers share their best offer.
-        cheapest: dict[tuple[Any, ...], tuple[dict[str, Offer], Offer | None]] = {}
+        live = [job for job in self._specs.values()
+                if job.status in (JobStatus.RUNNING, JobStatus.MIGRATING, JobStatus.RECOVERING)
+                and job.id in self._jobs]
+        markets = self.service.plane.job_markets(live, offers)
         out = []
-        for job_id, job in self._specs.items():
-            if job.status not in (JobStatus.RUNNING, JobStatus.MIGRATING,
-                                  JobStatus.RECOVERING):
-                continue
-            columns = self._jobs.get(job_id)
-            if columns is None:
-                continue
-            mine = scoped(job_id, offers)
-            key = (job.spec.resources, tuple(o.id for o in mine))
-            if key not in cheapest:
-                seen = offers_for(job.spec.resources, mine)
-                cheapest[key] = ({o.id: o for o in seen},
-                                 seen.available().compatible(job.spec.resources).cheapest())
-            by_id, best = cheapest[key]
-            current = by_id.get(job.offer_id or "")
+        for job in live:
+            job_id, columns = job.id, self._jobs[job.id]
+            current, best = markets[job_id]
             point = {
                 "t": round(now, 3), "step": columns[4], "loss": columns[6],
                 "cost_usd": columns[7],

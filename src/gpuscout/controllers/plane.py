@@ -225,19 +225,10 @@ class ControlPlane:
             del self._sampled[gone]
         if not jobs:
             return []
-        offers = self.ctx.offers()
-        # Jobs with the same needs over the same offers share their market.
-        markets: dict[tuple[object, ...], tuple[dict[str, Offer], Offer | None]] = {}
+        markets = self.job_markets(jobs, self.ctx.offers())
         samples = []
         for job in jobs:
-            mine = self.ctx.scope_offers(job.id, offers)
-            key = (job.spec.resources, tuple(o.id for o in mine))
-            if key not in markets:
-                seen = offers_for(job.spec.resources, mine)
-                markets[key] = ({o.id: o for o in seen},
-                                seen.available().compatible(job.spec.resources).cheapest())
-            by_id, best = markets[key]
-            current = by_id.get(job.offer_id or "")
+            current, best = markets[job.id]
             sample = Sample(
                 job_id=job.id, time=now, step=job.progress.step, loss=job.progress.loss,
                 cost_usd=job.cost_usd,
@@ -256,6 +247,24 @@ class ControlPlane:
         if samples:
             self.ctx.repo.add_samples(samples)
         return samples
+
+    def job_markets(self, jobs: Sequence[Job], offers: Sequence[Offer]
+                    ) -> dict[str, tuple[Offer | None, Offer | None]]:
+        """Per job, its offer and the cheapest available offer that fits it,
+        as the job sees them (its scope; a CPU job's priced by the hour).
+        Jobs with the same needs over the same offers share the work."""
+        shared: dict[tuple[object, ...], tuple[dict[str, Offer], Offer | None]] = {}
+        out = {}
+        for job in jobs:
+            mine = self.ctx.scope_offers(job.id, offers)
+            key = (job.spec.resources, tuple(o.id for o in mine))
+            if key not in shared:
+                seen = offers_for(job.spec.resources, mine)
+                shared[key] = ({o.id: o for o in seen},
+                               seen.available().compatible(job.spec.resources).cheapest())
+            by_id, best = shared[key]
+            out[job.id] = (by_id.get(job.offer_id or ""), best)
+        return out
 
     def history(self, job_id: str) -> list[Sample]:
         """The job's history points, oldest first; NotFound for an unknown job."""
