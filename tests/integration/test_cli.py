@@ -379,3 +379,14 @@ def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_migrate_to_a_named_offer_says_first_when_the_job_cannot_move(
+        cli: CliRunner, service: Service) -> None:
+    job_id = running_mover(service)
+    service.plane.cancel(job_id)
+    said = invoke(cli, "migrate", job_id, "--to", P3_ON_DEMAND_A, code=1)
+    assert f"job {job_id} is cancelled; only a running job can move" in said
+    assert "confirmation" not in said
+    assert "job job-nope not found" in invoke(cli, "migrate", "job-nope", "--to",
+                                              P3_ON_DEMAND_A, code=1)

@@ -239,7 +239,12 @@ def test_a_job_from_the_form_through_moves_logs_and_cancel(
         expect(target.locator(".verdict")).to_have_text(re.compile(r"^(saves|costs) \$"))
         expect(dialog.locator("label.target").filter(has_text="p3.2xlarge").first
                .locator(".verdict")).to_contain_text("more")
+        # A dearer target is confirmed by name, as --yes and confirm_dearer are.
+        dialog.locator("label.target").filter(has_text="p3.2xlarge").first.locator(
+            "input").check()
+        expect(dialog.locator("#migrate-confirm")).to_contain_text("more per work hour")
         target.locator("input").check()
+        expect(dialog.locator("#migrate-confirm")).to_have_text("Move")
         dialog.get_by_role("button", name="Move").click()
         expect(dialog).to_be_hidden()
         manual = page.locator("#timeline li.t-move").filter(has_text="move (manual)")

@@ -875,3 +875,31 @@ def test_an_artifact_name_the_store_cannot_hold_is_refused_naming_the_field(
     with pytest.raises(InvalidRequest) as refused:
         service.plane.artifact(job_id, name)
     assert refused.value.field == "name"
+
+
+def test_a_price_set_by_hand_is_taken_to_hold_and_the_scout_moves_at_once(
+        tmp_path: Path, provider: FakeProvider, agents: FakeAgents) -> None:
+    """Prices set by hand minutes after the control plane started (a new
+    user trying a move): one change is no market that keeps changing, so
+    a 60% cheaper offer is taken at the next pass."""
+    clock = ManualClock()
+    service = build_service(Settings(home=tmp_path, scout_interval_s=120, api_token="t"),
+                            provider=provider, agents=agents, clock=clock)  # type: ignore[arg-type]
+    service.ctx.poll_interval_s = 0.005
+    service.plane.feed.start(service.repo, clock.now())
+    try:
+        service.ctx.offers()  # the scout sees the market from the start...
+        clock.sleep(133)
+        service.plane.update_offer(P3_SPOT_B, price_per_hour=0.10)  # ...a user sets prices
+        job_id = running_job(service)
+        assert service.repo.get_job(job_id).offer_id == P3_SPOT_B
+        service.plane.update_offer(G4_SPOT_B, available=True)
+        clock.sleep(41)
+        service.ctx.offers()
+        service.plane.update_offer(G4_SPOT_B, price_per_hour=0.02)  # then drops another
+        clock.sleep(10)
+        (decision,) = service.plane.scout_once(force=True)
+        assert decision.move and decision.target is not None, decision.reason
+        assert decision.target.id == G4_SPOT_B
+    finally:
+        service.plane.stop()

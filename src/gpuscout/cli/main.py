@@ -569,6 +569,9 @@ def migrate(
     with friendly_errors(), _client(ctx, url, token) as api:
         confirmed = False
         if to is not None:
+            status = api.job(job)["status"]  # a job that cannot move says so first
+            if status != "running":
+                fail(f"job {job} is {status}; only a running job can move")
             if not yes and not _interactive():
                 fail(f"not moving {job} to {to} without confirmation: no terminal to ask on "
                      "(pass --yes to confirm)")
@@ -715,8 +718,11 @@ def plan(
     """Show where a job would run and what it would cost, without launching.
 
     Every offer, cheapest per unit of work first, with why an offer is
-    excluded; then the placement the control plane would choose now and the
-    expected cost: expected_duration_hours / relative speed x price per hour.
+    excluded; then the placement the control plane's policy would choose on
+    these offers and the expected cost: expected_duration_hours / relative
+    speed x price per hour. The offers are the provider's catalog (local) or
+    EC2's live ones (aws), not a running control plane's market: prices set
+    with `gpuscout market set` are not seen here.
     """
     from datetime import UTC
 

@@ -471,8 +471,8 @@ class ControlPlane:
                     f"no other offer saves: the cheapest, {candidate.id} at "
                     f"${candidate.cost_per_work_hour:.4f} per work hour, is no cheaper "
                     f"than {current.id} at "
-                    f"${current.cost_per_work_hour:.4f}; to move anyway, name the target "
-                    "(offer_id) with confirm_dearer")
+                    f"${current.cost_per_work_hour:.4f}; to move anyway, name the target and "
+                    "confirm (CLI: --to OFFER --yes; API: offer_id with confirm_dearer)")
             target = candidate
         savings = _savings(current, target)
         if current is not None and savings < -1e-9:

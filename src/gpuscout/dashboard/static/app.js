@@ -601,6 +601,7 @@ async function openMigrate() {
   const box = $("#migrate-targets");
   $("#migrate-error").textContent = "";
   $("#migrate-confirm").disabled = true;
+  $("#migrate-confirm").textContent = "Move";
   box.replaceChildren(el("legend", {}, "Target"), el("p", { class: "muted" }, "Weighing the offers…"));
   dialog.showModal();
   try {
@@ -981,7 +982,15 @@ $("#cancel-yes").addEventListener("click", cancelJob);
 $("#migrate-open").addEventListener("click", openMigrate);
 $("#migrate-close").addEventListener("click", () => $("#migrate-dialog").close());
 $("#migrate-confirm").addEventListener("click", confirmMigrate);
-$("#migrate-targets").addEventListener("change", () => { $("#migrate-confirm").disabled = false; });
+$("#migrate-targets").addEventListener("change", () => {
+  // A dearer target is confirmed by name, as the API's confirm_dearer and the CLI's --yes.
+  const picked = document.querySelector("#migrate-targets input[name=target]:checked");
+  const target = picked && state.page && state.page.targets ? state.page.targets[Number(picked.value)] : null;
+  const button = $("#migrate-confirm");
+  button.disabled = !target;
+  button.textContent = target && target.savings < 0
+    ? `Move, paying ${percent(-target.savings)} more per work hour` : "Move";
+});
 window.addEventListener("hashchange", route);
 window.addEventListener("resize", () => {
   if (state.page) for (const [key, chart] of Object.entries(state.page.charts)) {
