@@ -157,6 +157,8 @@ def test_a_restarted_demo_keeps_one_demo_job_and_resumes_its_script(home: Home) 
     mine = svc.plane.submit(replace(demo_job_spec(), resources=MINE.resources)).id
     run_until(svc, demo.id, JobStatus.RUNNING)
     assert not svc.repo.get_offer(DEMO_G4_SPOT_B).available
+    # The market shown holds the demo's offers while its job lives.
+    assert DEMO_G4_SPOT_B in {o.id for o in svc.plane.market()}
     home.clock.sleep(60)  # 45 s in, g4dn.xlarge spot returns in us-east-1b
     svc.plane.reconcile_once()
     assert svc.repo.get_offer(DEMO_G4_SPOT_B).available
@@ -186,5 +188,9 @@ def test_a_restarted_demo_keeps_one_demo_job_and_resumes_its_script(home: Home) 
     try:
         assert all(not o.id.startswith(f"{DEMO_PROVIDER}:")
                    for o in plain.ctx.scope_offers(mine, plain.ctx.offers()))
+        # ...and, their job over, they are not shown as a market: frozen rows
+        # nobody may use (a new user saw twelve of them listed "available").
+        shown = plain.plane.market()
+        assert shown and all(o.provider != DEMO_PROVIDER for o in shown)
     finally:
         plain.plane.stop()

@@ -319,6 +319,19 @@ class ControlPlane:
         self.ctx.metrics.scout_passes.inc()
         return decisions
 
+    def market(self) -> list[Offer]:
+        """The offers as users are shown them (``ctx.offers``): a reserved
+        market (the demo's) only while a live job is confined to it; after
+        that, or on a control plane started without the demo, its offers
+        are frozen rows nobody else may use."""
+        offers = self.ctx.offers()
+        reserved = {o.provider for o in offers if self.ctx.is_reserved(o)}
+        if not reserved:
+            return offers
+        live = {j.id for j in self.ctx.repo.list_jobs([s for s in S if s not in TERMINAL])}
+        shown = {p for p in reserved if live.intersection(self.ctx.confined_jobs(p))}
+        return [o for o in offers if o.provider not in reserved or o.provider in shown]
+
     def placement(self, job: Job) -> PlacementDecision:
         """Where a job without an instance goes now (lifecycle asks)."""
         now = self.ctx.clock.now()

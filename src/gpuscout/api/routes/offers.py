@@ -18,10 +18,11 @@ router = APIRouter(prefix="/offers", tags=["offers"], dependencies=[Reader])
 def list_offers(
     plane: PlaneDep, available: bool | None = None, capacity: Capacity | None = None,
 ) -> OffersPublic:
-    # ctx.offers(), not repo.list_offers(): an offer that just failed to
-    # launch is shown unavailable while the scout skips it.
+    # The market as the scout sees it, not repo.list_offers(): an offer that
+    # just failed to launch is shown unavailable while the scout skips it,
+    # and the demo's offers only while its job lives.
     offers = [
-        o for o in plane.ctx.offers()
+        o for o in plane.market()
         if (available is None or o.available == available)
         and (capacity is None or o.capacity == capacity)
     ]
