@@ -80,6 +80,19 @@ _VARIABLES: JsonDict = {
 }
 
 
+def _gpu_type_schema(schema: JsonDict) -> None:
+    """``gpu_type``'s JSON Schema: one type, or a list of them (the rules its
+    validator enforces)."""
+    word: JsonDict = {"type": "string", "maxLength": MAX_WORD, **_ONE_LINE}
+    schema.pop("anyOf", None)
+    schema["anyOf"] = [
+        word,
+        {"type": "array", "items": {**word, **_ONE_LINE_NOT_BLANK}, "minItems": 1,
+         "maxItems": MAX_GPU_TYPES},
+        {"type": "null"},
+    ]
+
+
 def _check_text(value: str, *, one_line: bool) -> str:
     for char in value:
         kind = unicodedata.category(char)
@@ -108,7 +121,7 @@ class ResourcesIn(InputModel):
     gpus: int = Field(default=0, ge=0, le=MAX_GPUS, description="GPUs the job needs (0: CPU only)")
     gpu_type: str | list[str] | None = Field(
         default=None, description="e.g. V100, T4, or a list of types any of which will do; "
-                                  "any if omitted")
+                                  "any if omitted", json_schema_extra=_gpu_type_schema)
     cpus: float = Field(default=1, gt=0, le=MAX_CPUS)
     memory_gb: float = Field(default=1, gt=0, le=MAX_MEMORY_GB)
     capacity: Capacity | None = Field(
