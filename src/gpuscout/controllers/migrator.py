@@ -216,11 +216,8 @@ class MigrationExecutor:
             # BOOTING: wait for the replacement's agent to boot, unpack the
             # job's workdir and run its setup (the job keeps training
             # meanwhile, and the old instance is watched), and wait in standby.
-            ready = self._wait_for_standby(m, new.id, new.address,
-                                           watch=(old_live, old.address))
-            ctx.repo.update_instance(new.id, status=InstanceStatus.RUNNING,
-                                     ready_at=ctx.clock.now(), setup_s=ready.setup_s)
-            m = self._phase(m, P.CHECKPOINTING, replacement_ready_at=ctx.clock.now())
+            m = self._replacement_ready(m, new.id, new.address,
+                                        watch=(old_live, old.address))
             self._check_job(m)
 
             # CHECKPOINTING: the old instance saves at its next step boundary
@@ -271,10 +268,7 @@ class MigrationExecutor:
                   f"terminated and its replacement {new.id} takes over from {since}",
                   instance_id=lost.instance_id, migration_id=m.id)
         if m.phase in (P.LAUNCHING, P.BOOTING):
-            ready = self._wait_for_standby(m, new.id, new.address)
-            ctx.repo.update_instance(new.id, status=InstanceStatus.RUNNING,
-                                     ready_at=ctx.clock.now(), setup_s=ready.setup_s)
-            m = self._phase(m, P.CHECKPOINTING, replacement_ready_at=ctx.clock.now())
+            m = self._replacement_ready(m, new.id, new.address)
         m = self._phase(m, P.RESTORING, checkpoint_step=latest.step if latest else None)
         self._check_job(m)
         ctx.agents.restore(new.address, None)  # the latest verified checkpoint
@@ -425,6 +419,16 @@ class MigrationExecutor:
 
     def _elapsed_s(self, since: datetime) -> float:
         return (self.ctx.clock.now() - since).total_seconds()
+
+    def _replacement_ready(self, m: Migration, instance_id: str, address: str, *,
+                           watch: tuple[Liveness, str] | None = None) -> Migration:
+        """Wait for the replacement in standby, record it running, and move
+        the migration on to CHECKPOINTING."""
+        ready = self._wait_for_standby(m, instance_id, address, watch=watch)
+        now = self.ctx.clock.now()
+        self.ctx.repo.update_instance(instance_id, status=InstanceStatus.RUNNING,
+                                      ready_at=now, setup_s=ready.setup_s)
+        return self._phase(m, P.CHECKPOINTING, replacement_ready_at=now)
 
     def _wait_for_standby(self, m: Migration, instance_id: str, address: str, *,
                           watch: tuple[Liveness, str] | None = None) -> AgentHealth:
