@@ -117,6 +117,9 @@ def main() -> int:
     parser.add_argument("--step-sleep", type=float, default=0.05)
     parser.add_argument("--state-mib", type=int, default=0,
                         help="move a real torch state of this size (bench/state_job.py)")
+    parser.add_argument("--keep-gradients", action="store_true",
+                        help="with --state-mib: train the classic way, every gradient held "
+                             "(default: each Adam update in the backward pass, see state_job.py)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -134,7 +137,8 @@ def main() -> int:
         reports.mkdir()
         if args.state_mib:
             command = (f"{sys.executable} {STATE_JOB} --state-mib {args.state_mib} "
-                       f"--steps {steps} --report-dir {reports}")
+                       f"--steps {steps} --report-dir {reports}"
+                       + (" --keep-gradients" if args.keep_gradients else ""))
         else:
             command = (f"{sys.executable} -m gpuscout.examples.linreg --steps {steps} "
                        f"--step-sleep {args.step_sleep} --seed 3 --checkpoint-every 50")
@@ -184,7 +188,8 @@ def main() -> int:
         training = max((m["first_step_peak"] for m in peaks_of.values()  # type: ignore[attr-defined]
                         if m["fresh"]), default=0)
         extra["training_peak"] = training
-        print(f"training alone (weights, gradients, Adam, the torch runtime; the first "
+        held = "every gradient" if args.keep_gradients else "one layer's gradient"
+        print(f"training alone (weights, {held}, Adam, the torch runtime; the first "
               f"instance after its first step, before any checkpoint): {training / MiB:.0f} MiB")
         for instance, peaks in sorted(peaks_of.items()):  # type: ignore[attr-defined]
             limit = peaks["state_bytes"] + 512 * MiB
@@ -197,7 +202,8 @@ def main() -> int:
     if args.json:
         print(json.dumps({"boot_delay_s": args.boot_delay, "make_before_break_s": mbb,
                           "stop_then_start_s": sts, "ratio": ratio, "runs": results,
-                          "state_mib": args.state_mib, **extra}))
+                          "state_mib": args.state_mib,
+                          "keep_gradients": args.keep_gradients, **extra}))
     return 0
 
 

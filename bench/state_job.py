@@ -5,7 +5,17 @@ each), checkpointed and restored through ``gpuscout.workload.torch``.
     python bench/state_job.py --state-mib 1024 --steps 1000000 --report-dir DIR
 
 Every step is one forward and backward pass on a small batch and one Adam
-update of the whole state. Once a second (and at exit) it writes
+update of the whole state. By default each weight's Adam update runs in the
+backward pass as soon as its gradient is ready, and the gradient is freed
+at once (PyTorch's "optimizer step in backward",
+https://pytorch.org/tutorials/intermediate/optimizer_step_in_backward_tutorial.html):
+the process holds the state, one layer's gradient and the torch runtime,
+as memory-conscious training of large models does. ``--keep-gradients``
+trains the classic way (``backward()`` then ``step()``), which holds every
+gradient too: a third more than the state. The optimizer is one ``Adam``
+either way, so its ``state_dict`` (what a checkpoint saves) is the same.
+
+Once a second (and at exit) it writes
 ``DIR/<instance id>.json``: the peak resident memory (VmHWM, bytes) of its
 own process and of its agent (its parent), and its own peak after its first
 step (before any checkpoint on a fresh start: what training alone takes),
@@ -54,6 +64,8 @@ def main() -> int:
     parser.add_argument("--state-mib", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--report-dir", required=True)
+    parser.add_argument("--keep-gradients", action="store_true",
+                        help="backward() then step(): every gradient held at once")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)  # the other core is the agent's and the store's
@@ -78,6 +90,14 @@ def main() -> int:
 
     model = build(args.state_mib)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    if not args.keep_gradients:
+        def step_in_backward(param: torch.Tensor) -> None:
+            # Adam skips parameters without a gradient: this steps this one alone.
+            optimizer.step()
+            param.grad = None
+
+        for param in model.parameters():
+            param.register_post_accumulate_grad_hook(step_in_backward)
     params = sum(p.numel() for p in model.parameters())
     state_bytes = params * 4 * 3
     signal.signal(signal.SIGTERM, on_term)
@@ -89,10 +109,13 @@ def main() -> int:
         resumed = gs_torch.resume(run, model=model, optimizer=optimizer)
         step = resumed[0] if resumed else 0
         while step < args.steps:
-            optimizer.zero_grad(set_to_none=False)
             loss = model(x).pow(2).mean()
-            loss.backward()
-            optimizer.step()
+            if args.keep_gradients:
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                optimizer.step()
+            else:
+                loss.backward()  # each weight updated and its gradient freed on the way
             step += 1
             if not first:  # training alone (a fresh start), or restore and training
                 first.update(first_step_peak=peak_rss(os.getpid()), fresh=resumed is None)

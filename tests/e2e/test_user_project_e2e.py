@@ -145,6 +145,18 @@ def _cli(plane: dict[str, Any], *args: str, cwd: Path, **extra_env: str) -> str:
     return done.stdout
 
 
+def _the_jobs_own(lines: list[str]) -> list[str]:
+    """A job's log lines without the markers and without what a rolled-back
+    replacement ran (it is logged under its own "rolled back" marker)."""
+    kept, own = True, []
+    for line in lines:
+        if line.startswith("-- "):
+            kept = "rolled back" not in line
+        elif kept:
+            own.append(line)
+    return own
+
+
 def test_a_users_project_runs_moves_and_completes_with_its_logs(
         plane: dict[str, Any], tmp_path: Path) -> None:
     api: httpx.Client = plane["api"]
@@ -230,22 +242,20 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     assert any("the secret is ***" in line for line in lines) and CANARY not in text
     # Each step once, in order (what a rolled-back replacement ran is not the
     # job's: it is under its own marker).
-    steps, kept = [], True
-    for line in lines:
-        if line.startswith("-- "):
-            kept = "rolled back" not in line
-        elif " step " in line and kept:
-            steps.append(int(line.split("step ")[1].split()[0]))
+    steps = [int(line.split("step ")[1].split()[0]) for line in _the_jobs_own(lines)
+             if " step " in line]
     assert steps == sorted(steps) and steps[-1] == STEPS and len(set(steps)) == len(steps), (
         [m["error"] for m in moves], text)
-    assert lines[-1].endswith("done")
+    # The job's last line is its own "done" (a replacement rolled back after
+    # the job ended logs after it, under its marker).
+    assert _the_jobs_own(lines)[-1].endswith("done"), text
     tail = _cli(plane, "logs", job_id, "--tail", "3", cwd=elsewhere).splitlines()
     assert tail == lines[-3:]
 
     # --follow streamed the same lines as they came, and ended with the job.
     follower.join(30)
     assert not follower.is_alive()
-    assert followed[-1].endswith("done") and "-- moved from" in "\n".join(followed)
+    assert _the_jobs_own(followed)[-1].endswith("done") and "-- moved from" in "\n".join(followed)
 
     # The canary secret is nowhere but in the job's environment.
     home: Path = plane["home"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import shlex
 import signal
@@ -74,9 +75,16 @@ def aws_env(moto_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpo
     return moto_server
 
 
+@functools.cache
+def _session() -> Any:
+    """One boto3 session for the tests' clients: a client of a new session
+    parses EC2's service model again (0.2 s each), and tests make hundreds."""
+    return boto3.session.Session()
+
+
 def ec2_client() -> Any:
     """A client as the provider makes one (botocore's standard retries)."""
-    return provider_ec2_client(AwsConfig(region="us-east-1"))
+    return provider_ec2_client(AwsConfig(region="us-east-1"), session=_session())
 
 
 _AMIS: dict[str, str] = {}
@@ -251,8 +259,13 @@ def dropping_proxy(target_url: str, drops: int | None) -> Iterator[tuple[str, li
         yield f"http://127.0.0.1:{listener.getsockname()[1]}", dropped
     finally:
         stop.set()
+        # close() alone does not wake the accept() waiting in serve (it would
+        # hold join for its whole timeout); shutdown does.
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
         listener.close()
         thread.join(5)
+        assert not thread.is_alive()
 
 
 @pytest.fixture
