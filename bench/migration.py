@@ -22,7 +22,10 @@ job's checkpoints go), one step's time, the physical floor of a move (the
 write and the read of the state at that throughput, plus one step), the
 ratio of make-before-break's downtime to that floor (target <= 1.5), and
 the peak resident memory (VmHWM) of each instance's workload and agent
-against the state size (target: at most the state + 512 MiB).
+against the state size (target: at most the state + 512 MiB). The job
+steps Adam in the backward pass and runs with a fixed glibc mmap threshold,
+as memory-conscious training does (see state_job.py and the comment at the
+job's envs); ``--keep-gradients`` and ``--default-malloc`` undo each.
 
     .venv/bin/python bench/migration.py [--boot-delay 5] [--rounds 3] [--state-mib N] [--json]
 """
@@ -120,6 +123,9 @@ def main() -> int:
     parser.add_argument("--keep-gradients", action="store_true",
                         help="with --state-mib: train the classic way, every gradient held "
                              "(default: each Adam update in the backward pass, see state_job.py)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="with --state-mib: leave glibc's mmap threshold dynamic (default: "
+                             "MALLOC_MMAP_THRESHOLD_=65536 for the job)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -142,7 +148,14 @@ def main() -> int:
         else:
             command = (f"{sys.executable} -m gpuscout.examples.linreg --steps {steps} "
                        f"--step-sleep {args.step_sleep} --seed 3 --checkpoint-every 50")
-        spec = JobSpec(name="bench", resources=Resources(gpus=1), command=command)
+        # glibc raises its mmap threshold to the size of each large block freed
+        # (up to 32 MiB), so the freed 16 MiB gradients and temporaries are then
+        # served from the heap, which keeps what it frees: +330 MiB of resident
+        # memory for a 1 GiB state, none of it live. A fixed threshold (any
+        # value turns the dynamic one off: mallopt(3)) returns them to the OS.
+        envs = ({} if args.default_malloc or not args.state_mib
+                else {"MALLOC_MMAP_THRESHOLD_": "65536"})
+        spec = JobSpec(name="bench", resources=Resources(gpus=1), command=command, envs=envs)
         job = svc.plane.submit(spec)
         results: dict[str, list[float]] = {"make_before_break": [], "stop_then_start": []}
         extra: dict[str, object] = {}
@@ -203,7 +216,8 @@ def main() -> int:
         print(json.dumps({"boot_delay_s": args.boot_delay, "make_before_break_s": mbb,
                           "stop_then_start_s": sts, "ratio": ratio, "runs": results,
                           "state_mib": args.state_mib,
-                          "keep_gradients": args.keep_gradients, **extra}))
+                          "keep_gradients": args.keep_gradients,
+                          "default_malloc": args.default_malloc, **extra}))
     return 0
 
 
