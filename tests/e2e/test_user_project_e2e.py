@@ -146,12 +146,13 @@ def _cli(plane: dict[str, Any], *args: str, cwd: Path, **extra_env: str) -> str:
 
 
 def _the_jobs_own(lines: list[str]) -> list[str]:
-    """A job's log lines without the markers and without what a rolled-back
-    replacement ran (it is logged under its own "rolled back" marker)."""
+    """A job's log lines without the markers and without what a replacement
+    ran under a move that did not complete: "rolled back", or, in a
+    --follow stream that ended with the job, still "moving"."""
     kept, own = True, []
     for line in lines:
         if line.startswith("-- "):
-            kept = "rolled back" not in line
+            kept = "rolled back" not in line and not line.startswith("-- moving from")
         elif kept:
             own.append(line)
     return own
