@@ -3,6 +3,7 @@ control plane driven by hand) with the fake provider and in-memory agents."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,17 @@ import pytest
 from gpuscout.agent.protocol import artifacts_prefix
 from gpuscout.api import create_app
 from gpuscout.api.deps import is_loopback
+from gpuscout.api.routes import jobs as jobs_routes
 from gpuscout.demo import DEMO_TRACE
-from gpuscout.domain import InstanceStatus, JobStatus
+from gpuscout.domain import (
+    Instance,
+    InstanceStatus,
+    JobStatus,
+    Migration,
+    MigrationPhase,
+    MigrationReason,
+    MigrationStatus,
+)
 from gpuscout.providers.fake import FakeProvider
 from gpuscout.service import Service
 from tests.api_fixtures import (
@@ -321,6 +331,48 @@ def test_manual_migration_is_202_then_runs_make_before_break(
     job = client.get(f"/api/v1/jobs/{job_id}").json()
     assert (job["status"], job["offer_id"], job["instance_id"]) == (
         "running", G4_SPOT_B, done["to_instance_id"])
+
+
+def test_a_follow_stream_outlasts_the_end_of_its_job_until_its_move_settles(
+        client: TestClient, service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that ends while a move is in flight: `logs --follow` ends only
+    once the move has settled, so its last marker says how the move ended
+    (it read "moving" when the stream stopped at the job's end)."""
+    monkeypatch.setattr(jobs_routes, "FOLLOW_POLL_S", 0.05)
+    job_id = running_job(client, service)
+    job = service.repo.get_job(job_id)
+    # A move the job's end cuts short: its replacement launched, the migrator
+    # (not run here) yet to roll it back.
+    move = Migration(id="m-cut-short", job_id=job_id, status=MigrationStatus.IN_PROGRESS,
+                     phase=MigrationPhase.RESTORING, reason=MigrationReason.MANUAL,
+                     from_instance_id=job.instance_id or "", from_offer_id=P3_SPOT_A,
+                     to_offer_id=G4_SPOT_B, to_instance_id="i-replacement",
+                     started_at=datetime.now(UTC))
+    service.repo.add_migration(move)
+    service.repo.add_instance(Instance(id="i-replacement", job_id=job_id, offer_id=G4_SPOT_B,
+                                       provider="fake", status=InstanceStatus.RUNNING),
+                              0.1578, datetime.now(UTC))
+    service.repo.transition(job_id, JobStatus.COMPLETED)
+
+    lines: list[str] = []
+
+    def follow() -> None:
+        with client.stream("GET", f"/api/v1/jobs/{job_id}/logs",
+                           params={"follow": "true"}) as answer:
+            lines.extend(answer.iter_lines())
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    follower.join(1.0)
+    assert follower.is_alive()  # the job has ended, its move has not
+
+    service.repo.update_migration(move.id, status=MigrationStatus.FAILED,
+                                  phase=MigrationPhase.ROLLED_BACK, error="the job ended")
+    follower.join(10)
+    assert not follower.is_alive()
+    markers = [line for line in lines if line.startswith("-- ")]
+    assert markers[-1].startswith("-- move from") and "rolled back: the job ended" in (
+        markers[-1]), lines
 
 
 def test_migrate_without_a_body_picks_the_best_other_offer(

@@ -26,13 +26,17 @@ from gpuscout.api.schemas import (
     MigrationsPublic,
 )
 from gpuscout.controllers.plane import InvalidRequest
-from gpuscout.domain import JobStatus
+from gpuscout.domain import JobStatus, MigrationStatus
 from gpuscout.joblog import LogFollower
 from gpuscout.store import check_key
 
 # How often a followed log is read again from the store (logs are shipped
 # every 2 s by the agents, so a line shows about 1-3 s after it is printed).
 FOLLOW_POLL_S = 1.0
+# How long a follow stream waits, once its job has ended, for a move the end
+# cut short to be rolled back (the migrator notices within seconds), so the
+# stream's last marker says how the move ended rather than "moving".
+FOLLOW_SETTLE_S = 15.0
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Reader])
 
@@ -166,15 +170,28 @@ def get_logs(
     segments = plane.log_segments(job_id)  # 404 for an unknown job, before streaming
     follower = LogFollower(plane.ctx.store, job_id, tail=tail)
 
+    def settled() -> bool:
+        """The job has ended and no move of it is in flight (or has not
+        settled within FOLLOW_SETTLE_S of the end)."""
+        nonlocal ended_at
+        if not plane.ctx.repo.get_job(job_id).status.is_terminal():
+            return False
+        now = asyncio.get_running_loop().time()
+        ended_at = ended_at if ended_at is not None else now
+        return now - ended_at >= FOLLOW_SETTLE_S or not plane.ctx.repo.list_migrations(
+            job_id=job_id, status=MigrationStatus.IN_PROGRESS)
+
+    ended_at: float | None = None
+
     async def stream() -> AsyncIterator[str]:
         nonlocal segments
         while True:
-            done = plane.ctx.repo.get_job(job_id).status.is_terminal()
+            done = settled()
             lines = await run_in_threadpool(follower.poll, segments)
             for line in lines:
                 yield f"{line}\n"
             if done:
-                return  # the job had ended before this last read
+                return  # the job had ended (its moves settled) before this last read
             await asyncio.sleep(FOLLOW_POLL_S)
             segments = await run_in_threadpool(plane.log_segments, job_id)
 
