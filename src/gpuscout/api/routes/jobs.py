@@ -159,7 +159,7 @@ def get_logs(
     job_id: str, plane: PlaneDep,
     tail: Annotated[int | None, Query(ge=0, description="only the last N lines")] = None,
     follow: Annotated[bool, Query(description="keep the answer open and stream new lines "
-                                              "until the job ends")] = False,
+                                              "until the job ends and its moves settle")] = False,
 ) -> Response:
     """One continuous log: each line "<UTC time> <text>", and a marker line
     ("-- moved from i-a to i-b at step N --") where the job was placed,
@@ -169,6 +169,8 @@ def get_logs(
         return PlainTextResponse("".join(f"{line}\n" for line in lines))
     segments = plane.log_segments(job_id)  # 404 for an unknown job, before streaming
     follower = LogFollower(plane.ctx.store, job_id, tail=tail)
+
+    ended_at: float | None = None
 
     def settled() -> bool:
         """The job has ended and no move of it is in flight (or has not
@@ -180,8 +182,6 @@ def get_logs(
         ended_at = ended_at if ended_at is not None else now
         return now - ended_at >= FOLLOW_SETTLE_S or not plane.ctx.repo.list_migrations(
             job_id=job_id, status=MigrationStatus.IN_PROGRESS)
-
-    ended_at: float | None = None
 
     async def stream() -> AsyncIterator[str]:
         nonlocal segments
