@@ -84,7 +84,7 @@ def test_killed_standalone_run_resumes_and_ends_identical(
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     assert not (out / "model.pt").exists()
-    assert sorted(latest.files) == ["trainer.json", "trainer.pt", "weights.pt"]
+    assert sorted(latest.files) == ["model.pt", "optimizer.pt", "trainer.json", "trainer.pt"]
 
     second = run_digits(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr

@@ -153,12 +153,48 @@ def test_files_and_their_formats(tmp_path: Path) -> None:
     t.step()
     gs_torch.save_state(tmp_path, model=t.model, optimizer=t.optimizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-        gs_torch.WEIGHTS_FILE, gs_torch.TRAINER_FILE, gs_torch.META_FILE])
+        gs_torch.MODEL_FILE, gs_torch.OPTIMIZER_FILE, gs_torch.TRAINER_FILE,
+        gs_torch.META_FILE])
     meta = json.loads((tmp_path / gs_torch.META_FILE).read_text())
-    assert meta["format"] == 1 and meta["parts"] == ["model", "optimizer"]
+    assert meta["format"] == 2 and meta["parts"] == ["model", "optimizer"]
     assert meta["sampler"] is None and meta["extra"] == {}
-    for name in (gs_torch.WEIGHTS_FILE, gs_torch.TRAINER_FILE):  # the safe loader reads both
-        torch.load(tmp_path / name, weights_only=True)
+    for name in (gs_torch.MODEL_FILE, gs_torch.OPTIMIZER_FILE, gs_torch.TRAINER_FILE):
+        torch.load(tmp_path / name, weights_only=True)  # the safe loader reads each
+
+
+def test_a_format_1_folder_one_weights_file_still_loads_exactly(tmp_path: Path) -> None:
+    """Checkpoints written before the model and the optimizer had a file
+    each (format 1: both in weights.pt) restore as before."""
+    t = Trainer(seed=1)
+    for _ in range(3):
+        t.step()
+    gs_torch.save_state(tmp_path, model=t.model, optimizer=t.optimizer)
+    both = {"model": torch.load(tmp_path / gs_torch.MODEL_FILE, weights_only=True),
+            "optimizer": torch.load(tmp_path / gs_torch.OPTIMIZER_FILE, weights_only=True)}
+    torch.save(both, tmp_path / gs_torch.WEIGHTS_FILE)
+    for name in (gs_torch.MODEL_FILE, gs_torch.OPTIMIZER_FILE):
+        (tmp_path / name).unlink()
+    meta = json.loads((tmp_path / gs_torch.META_FILE).read_text())
+    (tmp_path / gs_torch.META_FILE).write_text(json.dumps({**meta, "format": 1}))
+    def weights(t: Trainer) -> Any:
+        return clone({"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict()})
+
+    saved = weights(t)
+    other = Trainer(seed=2)
+    gs_torch.load_state(tmp_path, model=other.model, optimizer=other.optimizer)
+    assert_same(weights(other), saved)
+
+
+def test_a_missing_optimizer_file_is_refused_before_the_model_changes(tmp_path: Path) -> None:
+    t = Trainer(seed=1)
+    t.step()
+    gs_torch.save_state(tmp_path, model=t.model, optimizer=t.optimizer)
+    (tmp_path / gs_torch.OPTIMIZER_FILE).unlink()
+    other = Trainer(seed=2)
+    before = clone(other.model.state_dict())
+    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+        gs_torch.load_state(tmp_path, model=other.model, optimizer=other.optimizer)
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
 
 
 def test_asking_for_a_part_that_was_not_saved_is_refused(tmp_path: Path) -> None:

@@ -14,10 +14,14 @@
                       files=gs_torch.saver(model=model, optimizer=opt,
                                            scheduler=sched, sampler=sampler))
 
-A state folder holds three files:
+A state folder holds these files:
 
-- ``weights.pt``: ``torch.save({"model": ..., "optimizer": ...})``, the
-  state_dicts (the large part).
+- ``model.pt`` and ``optimizer.pt``: ``torch.save`` of the model's and the
+  optimizer's state_dicts (the large part), one file each so that a restore
+  holds no second copy of the model: ``model.pt`` is read through a memory
+  map, copied into the model's own tensors and unmapped before
+  ``optimizer.pt`` is read, whose tensors become the optimizer's state.
+  (Format 1 kept both in one ``weights.pt``; such folders still load.)
 - ``trainer.pt``: the LR scheduler's and the gradient scaler's state_dicts
   and the torch random generators (CPU, and every CUDA device when CUDA is
   available).
@@ -25,7 +29,7 @@ A state folder holds three files:
   and numpy's global generator, the sampler's position, and ``extra`` (a
   JSON object of the script's own, floats exact).
 
-Both .pt files load with ``weights_only=True`` (no code runs on load), and
+The .pt files load with ``weights_only=True`` (no code runs on load), and
 onto the CPU first (``map_location``): ``load_state_dict`` then copies each
 tensor onto the device of the model's or optimizer's own tensors, so a
 checkpoint written on a GPU loads on another machine.
@@ -62,8 +66,10 @@ from gpuscout.workload.runtime import Run, decode_state, encode_state
 
 log = logging.getLogger("gpuscout.workload.torch")
 
-FORMAT = 1
-WEIGHTS_FILE = "weights.pt"
+FORMAT = 2
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+WEIGHTS_FILE = "weights.pt"  # format 1: model and optimizer in one file (still read)
 TRAINER_FILE = "trainer.pt"
 META_FILE = "trainer.json"
 
@@ -276,7 +282,8 @@ def save_state(
     extra: Extra | None = None,
 ) -> None:
     """Write the training state into ``folder`` (created if absent):
-    ``weights.pt``, ``trainer.pt`` and ``trainer.json`` (see the module).
+    ``model.pt``, ``optimizer.pt`` (with an optimizer), ``trainer.pt`` and
+    ``trainer.json`` (see the module).
 
     ``scheduler``: an LR scheduler (anything with ``state_dict()``);
     ``scaler``: a ``torch.amp.GradScaler``; ``extra``: a JSON object of
@@ -287,9 +294,9 @@ def save_state(
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    weights: dict[str, Any] = {"model": model.state_dict()}
+    weights: dict[str, Any] = {MODEL_FILE: model.state_dict()}
     if optimizer is not None:
-        weights["optimizer"] = optimizer.state_dict()
+        weights[OPTIMIZER_FILE] = optimizer.state_dict()
     trainer: dict[str, Any] = {"torch_rng": _torch_rng()}
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
@@ -297,7 +304,8 @@ def save_state(
         trainer["scaler"] = scaler.state_dict()
     meta = {
         "format": FORMAT,
-        "parts": sorted([*weights, *(k for k in trainer if k != "torch_rng")]),
+        "parts": sorted([name.removesuffix(".pt") for name in weights]
+                        + [k for k in trainer if k != "torch_rng"]),
         "python_random": _python_rng(),
         "numpy_random": _numpy_rng(),
         "sampler": sampler.state_dict() if sampler is not None else None,
@@ -306,7 +314,8 @@ def save_state(
     }
     meta_bytes = encode_state(meta)  # before any file: a bad extra writes nothing
     with _without_crc32():
-        torch.save(weights, target / WEIGHTS_FILE)
+        for name, state in weights.items():
+            torch.save(state, target / name)
         torch.save(trainer, target / TRAINER_FILE)
     (target / META_FILE).write_bytes(meta_bytes)
 
@@ -353,12 +362,14 @@ def load_state(
     ones on as many devices as both machines have; a warning if the counts
     differ). ``weights_only=False`` only for a trusted folder whose
     scheduler state holds objects torch's safe loader refuses.
-    FileNotFoundError if a file is missing; ValueError if ``trainer.json``
-    has another format.
+    FileNotFoundError if a file is missing (before anything changes);
+    ValueError if ``trainer.json`` has another format. Peak memory: the
+    state once, plus the model's tensors mapped from ``model.pt`` while they
+    are copied in (file pages, dropped before the optimizer's are read).
     """
     source = Path(folder)
     meta = decode_state((source / META_FILE).read_bytes())
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (1, FORMAT):
         raise ValueError(f"{source / META_FILE}: format {meta.get('format')!r} != {FORMAT}")
     parts = set(meta.get("parts") or [])
     wanted = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
@@ -368,15 +379,29 @@ def load_state(
     if sampler is not None and meta.get("sampler") is None:
         raise StateMismatch(f"{source} holds no sampler position")
 
-    weights = torch.load(source / WEIGHTS_FILE, map_location=map_location,
-                         weights_only=weights_only)
-    trainer = torch.load(source / TRAINER_FILE, map_location=map_location,
-                         weights_only=weights_only)
+    def load(name: str, *, mmap: bool = False) -> Any:
+        return torch.load(source / name, map_location=map_location,
+                          weights_only=weights_only, mmap=mmap)
+
+    one_file = meta["format"] == 1
+    files = [WEIGHTS_FILE] if one_file else [
+        MODEL_FILE, *([OPTIMIZER_FILE] if optimizer is not None else [])]
+    for name in files:
+        if not (source / name).is_file():
+            raise FileNotFoundError(f"{source / name}: no such file")
+    trainer = load(TRAINER_FILE)
     if sampler is not None:
         sampler.load_state_dict(meta["sampler"])  # checked before anything changes
-    model.load_state_dict(weights["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(weights["optimizer"])
+    if one_file:
+        weights = load(WEIGHTS_FILE)
+        model.load_state_dict(weights["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(weights["optimizer"])
+        del weights
+    else:
+        model.load_state_dict(load(MODEL_FILE, mmap=True))  # unmapped on return
+        if optimizer is not None:
+            optimizer.load_state_dict(load(OPTIMIZER_FILE))
     if scheduler is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     if scaler is not None:
@@ -439,6 +464,7 @@ def resume(
 
 
 __all__ = [
-    "META_FILE", "TRAINER_FILE", "WEIGHTS_FILE", "ResumableSampler", "StateMismatch",
+    "META_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "TRAINER_FILE", "WEIGHTS_FILE",
+    "ResumableSampler", "StateMismatch",
     "load_state", "resumable_loader", "resume", "save_state", "saver",
 ]
