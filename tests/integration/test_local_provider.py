@@ -9,6 +9,7 @@ started, and each test checks in /proc that nothing of its instances is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -295,9 +296,17 @@ def test_an_instance_whose_processes_all_died_is_terminated(provider: LocalProvi
     launched = provider.launch(request)
     _wait_for(lambda: _health(launched.address), 20, "the agent's health")
     folder = provider.instance_dir(request.instance_id)
-    for pid in _marked(str(folder)):  # the machine crashes
-        os.kill(pid, signal.SIGKILL)
 
+    def crash() -> bool:
+        """Kill every process of the instance (the machine crashes), again
+        while any is left: the agent may start its job's process between
+        the listing and the kills."""
+        for pid in _marked(str(folder)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return not _marked(str(folder))
+
+    _wait_for(crash, 5, "every process of the instance to die")
     _wait_for(
         lambda: provider.get(request.instance_id).state == ProviderState.TERMINATED,
         5, "TERMINATED",
