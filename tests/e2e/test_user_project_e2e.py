@@ -147,8 +147,9 @@ def _cli(plane: dict[str, Any], *args: str, cwd: Path, **extra_env: str) -> str:
 
 def _the_jobs_own(lines: list[str]) -> list[str]:
     """A job's log lines without the markers and without what a replacement
-    ran under a move that did not complete: "rolled back", or, in a
-    --follow stream that ended with the job, still "moving"."""
+    ran under a move that did not complete: "rolled back", or still
+    "moving" when the log was read (a move the job's end cut short, not yet
+    rolled back)."""
     kept, own = True, []
     for line in lines:
         if line.startswith("-- "):
@@ -243,13 +244,13 @@ def test_a_users_project_runs_moves_and_completes_with_its_logs(
     assert any("the secret is ***" in line for line in lines) and CANARY not in text
     # Each step once, in order (what a rolled-back replacement ran is not the
     # job's: it is under its own marker).
-    steps = [int(line.split("step ")[1].split()[0]) for line in _the_jobs_own(lines)
-             if " step " in line]
+    own = _the_jobs_own(lines)
+    steps = [int(line.split("step ")[1].split()[0]) for line in own if " step " in line]
     assert steps == sorted(steps) and steps[-1] == STEPS and len(set(steps)) == len(steps), (
         [m["error"] for m in moves], text)
     # The job's last line is its own "done" (a replacement rolled back after
     # the job ended logs after it, under its marker).
-    assert _the_jobs_own(lines)[-1].endswith("done"), text
+    assert own[-1].endswith("done"), text
     tail = _cli(plane, "logs", job_id, "--tail", "3", cwd=elsewhere).splitlines()
     assert tail == lines[-3:]
 

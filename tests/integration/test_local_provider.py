@@ -97,6 +97,16 @@ def _marked(marker: str) -> set[int]:
     return found
 
 
+def _kill_marked(marker: str) -> set[int]:
+    """SIGKILL every live process carrying the instance's marker; the pids
+    it found (empty: none was left)."""
+    found = _marked(marker)
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError):  # it died meanwhile
+            os.kill(pid, signal.SIGKILL)
+    return found
+
+
 def _health(address: str | None) -> dict[str, object] | None:
     """The agent's health, or None while nothing answers."""
     try:
@@ -151,9 +161,7 @@ def make_provider(root: Path) -> Iterator[Callable[..., LocalProvider]]:
     for folder in folders:
         cleaner.terminate(folder.name)
     for folder in folders:
-        leftover = _marked(str(folder))
-        for pid in leftover:  # never leave a process behind, even on failure
-            os.kill(pid, signal.SIGKILL)
+        leftover = _kill_marked(str(folder))  # never leave a process behind, even on failure
         assert not leftover, f"processes of {folder.name} outlived the test"
 
 
@@ -297,16 +305,10 @@ def test_an_instance_whose_processes_all_died_is_terminated(provider: LocalProvi
     _wait_for(lambda: _health(launched.address), 20, "the agent's health")
     folder = provider.instance_dir(request.instance_id)
 
-    def crash() -> bool:
-        """Kill every process of the instance (the machine crashes), again
-        while any is left: the agent may start its job's process between
-        the listing and the kills."""
-        for pid in _marked(str(folder)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return not _marked(str(folder))
-
-    _wait_for(crash, 5, "every process of the instance to die")
+    # The machine crashes: every process of the instance is killed, again
+    # while any is left (the agent may start its job's process between a
+    # listing and the kills).
+    _wait_for(lambda: not _kill_marked(str(folder)), 5, "every process of the instance to die")
     _wait_for(
         lambda: provider.get(request.instance_id).state == ProviderState.TERMINATED,
         5, "TERMINATED",

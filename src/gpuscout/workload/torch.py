@@ -69,6 +69,7 @@ log = logging.getLogger("gpuscout.workload.torch")
 FORMAT = 2
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
+PART_FILES = {"model": MODEL_FILE, "optimizer": OPTIMIZER_FILE}
 WEIGHTS_FILE = "weights.pt"  # format 1: model and optimizer in one file (still read)
 TRAINER_FILE = "trainer.pt"
 META_FILE = "trainer.json"
@@ -294,9 +295,9 @@ def save_state(
     """
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
-    weights: dict[str, Any] = {MODEL_FILE: model.state_dict()}
+    weights: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
-        weights[OPTIMIZER_FILE] = optimizer.state_dict()
+        weights["optimizer"] = optimizer.state_dict()
     trainer: dict[str, Any] = {"torch_rng": _torch_rng()}
     if scheduler is not None:
         trainer["scheduler"] = scheduler.state_dict()
@@ -304,8 +305,7 @@ def save_state(
         trainer["scaler"] = scaler.state_dict()
     meta = {
         "format": FORMAT,
-        "parts": sorted([name.removesuffix(".pt") for name in weights]
-                        + [k for k in trainer if k != "torch_rng"]),
+        "parts": sorted([*weights, *(k for k in trainer if k != "torch_rng")]),
         "python_random": _python_rng(),
         "numpy_random": _numpy_rng(),
         "sampler": sampler.state_dict() if sampler is not None else None,
@@ -314,8 +314,8 @@ def save_state(
     }
     meta_bytes = encode_state(meta)  # before any file: a bad extra writes nothing
     with _without_crc32():
-        for name, state in weights.items():
-            torch.save(state, target / name)
+        for part, state in weights.items():
+            torch.save(state, target / PART_FILES[part])
         torch.save(trainer, target / TRAINER_FILE)
     (target / META_FILE).write_bytes(meta_bytes)
 
@@ -397,7 +397,6 @@ def load_state(
         model.load_state_dict(weights["model"])
         if optimizer is not None:
             optimizer.load_state_dict(weights["optimizer"])
-        del weights
     else:
         model.load_state_dict(load(MODEL_FILE, mmap=True))  # unmapped on return
         if optimizer is not None:
